@@ -1,0 +1,1 @@
+"""Analysis: the cost model (and, later, sweeps and reports)."""

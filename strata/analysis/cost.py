@@ -1,0 +1,208 @@
+"""Cost model: parameters, training FLOPs per token and inference cache bytes, from a config alone.
+
+Formulas follow brief §2 (per block, one sequence of length L):
+    attention   6·(H·d_qk + H·d_v)·pairs, pairs = L(L+1)/2      (= 12·d_model·L(L+1)/2 when H·d = d_model)
+    sliding     the same over pairs = L_w(L_w+1)/2 + L_w(L − L_w), L_w = window + sinks
+    Mamba-2     3·L·(9·d_ssm·d_state + 2·d_ssm)
+    cache       attention 2·N_kv·(d_qk + d_v)·L elements; Mamba-2 d_ssm·d_state + conv·(2·g·d_state + d_ssm)
+Training FLOPs per token = 6·(non-embedding params) + the mixers' sequence terms / L, the paper's
+convention (it matches the paper's budgets, e.g. Llama-1B × 60B tokens = 4.5e20);
+``flops_per_token_with_head`` adds the output head's 6·d_model·vocab, the compute actually spent.
+Parameter counts are exact; a test holds them equal to the built modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from strata.config import AttentionConfig, FFNConfig, HybridConfig, Mamba2Config, ModelConfig
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclass
+class BlockCost:
+    index: int
+    symbol: str
+    params: int
+    flops_per_token: float
+    cache_bytes: int
+
+
+@dataclass
+class ModelCost:
+    layout: str
+    context: int
+    dtype: str
+    params: int
+    non_embedding_params: int
+    flops_per_token: float
+    flops_per_token_with_head: float
+    cache_bytes: int
+    blocks: list[BlockCost] = field(default_factory=list)
+
+    @property
+    def cache_mib(self) -> float:
+        return self.cache_bytes / 2**20
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["cache_mib"] = self.cache_mib
+        return data
+
+
+# --- parameters ------------------------------------------------------------------------------
+
+
+def attention_params(d_model: int, attention: AttentionConfig, output_projection: bool = True) -> int:
+    q = d_model * attention.n_heads * attention.head_dim
+    k = d_model * attention.n_kv_heads * attention.head_dim
+    v = d_model * attention.n_kv_heads * attention.value_head_dim
+    o = attention.n_heads * attention.value_head_dim * d_model if output_projection else 0
+    return q + k + v + o
+
+
+def mamba_params(d_model: int, mamba: Mamba2Config, external_x: bool = False, output_projection: bool = True) -> int:
+    d_ssm = mamba.width(d_model)
+    heads = d_ssm // mamba.head_dim
+    bc = 2 * mamba.n_groups * mamba.d_state
+    in_proj = d_model * (d_ssm + (0 if external_x else d_ssm) + bc + heads)
+    conv = (d_ssm + bc) * (mamba.conv_kernel + 1)
+    per_head = 3 * heads  # dt_bias, A_log, D
+    norm = d_ssm
+    out_proj = d_ssm * d_model if output_projection else 0
+    return in_proj + conv + per_head + norm + out_proj
+
+
+def hybrid_params(d_model: int, hybrid: HybridConfig) -> int:
+    attention, mamba = hybrid.attention, hybrid.mamba
+    attn_width = attention.n_heads * attention.value_head_dim
+    ssm_width = mamba.width(d_model)
+    total = attention_params(d_model, attention, output_projection=False)
+    total += mamba_params(d_model, mamba, external_x=hybrid.share_value, output_projection=False)
+    if hybrid.norm == "group":
+        total += 2 * (attn_width + ssm_width)
+    if hybrid.scale == "vector":
+        total += attn_width + ssm_width
+    elif hybrid.scale == "scalar":
+        total += 1
+    elif hybrid.scale == "gate":
+        gates = attention.n_heads + mamba.n_heads(d_model)
+        total += (d_model + 1) * gates
+    if hybrid.out_proj == "separate":
+        total += (attn_width + ssm_width) * d_model
+    else:
+        total += (attn_width + ssm_width if hybrid.fusion == "concat" else ssm_width) * d_model
+    return total
+
+
+def ffn_params(d_model: int, ffn: FFNConfig) -> int:
+    if ffn.kind == "none":
+        return 0
+    if ffn.kind == "swiglu":
+        return 3 * d_model * ffn.d_ffn
+    moe = ffn.moe
+    return d_model * moe.n_experts + (moe.n_experts + moe.n_shared) * 3 * d_model * ffn.expert_width
+
+
+def mixer_params(symbol: str, config: ModelConfig) -> int:
+    if symbol in "AW":
+        return attention_params(config.d_model, config.attention)
+    if symbol == "M":
+        return mamba_params(config.d_model, config.mamba)
+    return hybrid_params(config.d_model, config.hybrid)
+
+
+def block_params(symbol: str, config: ModelConfig) -> int:
+    norms = config.d_model * (2 if config.ffn.kind != "none" else 1)
+    return norms + mixer_params(symbol, config) + ffn_params(config.d_model, config.ffn)
+
+
+# --- FLOPs -----------------------------------------------------------------------------------
+
+
+def causal_pairs(length: int, window: int | None = None) -> float:
+    """(query, key) pairs a causal (optionally windowed) attention computes over a sequence."""
+    if window is None or window >= length:
+        return length * (length + 1) / 2
+    return window * (window + 1) / 2 + window * (length - window)
+
+
+def attention_sequence_flops(attention: AttentionConfig, length: int, window: int | None = None) -> float:
+    width = attention.n_heads * (attention.head_dim + attention.value_head_dim)
+    return 6 * width * causal_pairs(length, window)
+
+
+def mamba_sequence_flops(d_ssm: int, d_state: int, length: int) -> float:
+    return 3 * length * (9 * d_ssm * d_state + 2 * d_ssm)
+
+
+def mixer_sequence_flops(symbol: str, config: ModelConfig, length: int) -> float:
+    """The training FLOPs of one sequence beyond 6·params·L (brief §2)."""
+    if symbol == "A":
+        return attention_sequence_flops(config.attention, length)
+    if symbol == "W":
+        window = config.sliding_window
+        return attention_sequence_flops(config.attention, length, window.window + window.sinks)
+    if symbol == "M":
+        return mamba_sequence_flops(config.mamba.width(config.d_model), config.mamba.d_state, length)
+    hybrid = config.hybrid
+    return attention_sequence_flops(hybrid.attention, length) + mamba_sequence_flops(
+        hybrid.mamba.width(config.d_model), hybrid.mamba.d_state, length
+    )
+
+
+# --- cache -----------------------------------------------------------------------------------
+
+
+def attention_cache_elements(attention: AttentionConfig, tokens: int) -> int:
+    return attention.n_kv_heads * (attention.head_dim + attention.value_head_dim) * tokens
+
+
+def mamba_cache_elements(d_model: int, mamba: Mamba2Config) -> int:
+    d_ssm = mamba.width(d_model)
+    return d_ssm * mamba.d_state + mamba.conv_kernel * (2 * mamba.n_groups * mamba.d_state + d_ssm)
+
+
+def mixer_cache_elements(symbol: str, config: ModelConfig, length: int) -> int:
+    if symbol == "A":
+        return attention_cache_elements(config.attention, length)
+    if symbol == "W":
+        window = config.sliding_window
+        return attention_cache_elements(config.attention, min(length, window.window + window.sinks))
+    if symbol == "M":
+        return mamba_cache_elements(config.d_model, config.mamba)
+    hybrid = config.hybrid
+    return attention_cache_elements(hybrid.attention, length) + mamba_cache_elements(config.d_model, hybrid.mamba)
+
+
+# --- whole model -----------------------------------------------------------------------------
+
+
+def model_cost(config: ModelConfig, context: int | None = None, dtype: str = "bf16") -> ModelCost:
+    """Every figure ``strata info`` prints, per block and in total, without allocating weights."""
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}")
+    length = context or config.context_length
+    element_bytes = DTYPE_BYTES[dtype]
+    blocks = []
+    for index, symbol in enumerate(config.layout, start=1):
+        params = block_params(symbol, config)
+        flops = 6 * params + mixer_sequence_flops(symbol, config, length) / length
+        cache = element_bytes * mixer_cache_elements(symbol, config, length)
+        blocks.append(BlockCost(index, symbol, params, flops, cache))
+    embedding = config.vocab_size * config.d_model
+    head = 0 if config.tie_embeddings else embedding
+    non_embedding = sum(b.params for b in blocks) + config.d_model  # final norm
+    flops = sum(b.flops_per_token for b in blocks) + 6 * config.d_model
+    return ModelCost(
+        layout=config.layout,
+        context=length,
+        dtype=dtype,
+        params=non_embedding + embedding + head,
+        non_embedding_params=non_embedding,
+        flops_per_token=flops,
+        flops_per_token_with_head=flops + 6 * config.d_model * config.vocab_size,
+        cache_bytes=sum(b.cache_bytes for b in blocks),
+        blocks=blocks,
+    )

@@ -1,0 +1,378 @@
+"""Typed, validated configuration: YAML files plus ``key.sub=value`` overrides.
+
+Every section is a pydantic model that forbids unknown keys, so a typo stops the run with the key's
+dotted path. Sizes that must agree (heads dividing widths, a section per layout symbol) are checked
+here, once, instead of failing deep inside a module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from strata.layout import PLACEMENTS, check_layout, make_layout
+
+
+class ConfigError(ValueError):
+    """A bad configuration; ``str()`` is one line that names the file and the key."""
+
+
+class _KeyedError(ValueError):
+    """A cross-field error that names the key to blame, relative to the section that raised it."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+        self.message = message
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, frozen=False)
+
+
+class RopeScaling(Strict):
+    """Llama-3 frequency scaling: long wavelengths are slowed by ``factor``, short ones kept."""
+
+    factor: float = Field(32.0, gt=0)
+    low_freq_factor: float = Field(1.0, gt=0)
+    high_freq_factor: float = Field(4.0, gt=0)
+    original_context: int = Field(8192, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError("high_freq_factor must exceed low_freq_factor")
+        return self
+
+
+class RopeConfig(Strict):
+    theta: float = Field(500_000.0, gt=0)
+    scaling: RopeScaling | None = None
+
+
+class AttentionConfig(Strict):
+    """GQA causal self-attention. ``head_dim`` defaults to ``d_model / n_heads``, ``v_head_dim`` to ``head_dim``."""
+
+    n_heads: int = Field(gt=0)
+    n_kv_heads: int = Field(gt=0)
+    head_dim: int | None = Field(None, gt=0)
+    v_head_dim: int | None = Field(None, gt=0)
+    rope: RopeConfig = RopeConfig()
+
+    @model_validator(mode="after")
+    def _gqa(self):
+        if self.n_heads % self.n_kv_heads:
+            raise _KeyedError("n_heads", f"{self.n_heads} is not a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim is not None and self.head_dim % 2:
+            raise _KeyedError("head_dim", f"{self.head_dim} is odd; rotary embeddings need an even head_dim")
+        return self
+
+    @property
+    def value_head_dim(self) -> int:
+        return self.v_head_dim or self.head_dim
+
+
+class SlidingWindowConfig(Strict):
+    """Settings of ``W`` blocks: attention to the last ``window`` tokens plus the first ``sinks``."""
+
+    window: int = Field(512, gt=0)
+    sinks: int = Field(64, ge=0)
+    rope_theta: float = Field(10_000.0, gt=0)
+
+
+class Mamba2Config(Strict):
+    """The Mamba-2 (SSD) mixer. ``d_ssm`` defaults to ``expand * d_model``."""
+
+    d_ssm: int | None = Field(None, gt=0)
+    expand: int = Field(2, gt=0)
+    d_state: int = Field(128, gt=0)
+    head_dim: int = Field(64, gt=0)
+    n_groups: int = Field(1, gt=0)
+    conv_kernel: int = Field(4, gt=0)
+    chunk_size: int = Field(64, gt=0)
+    a_init_range: tuple[float, float] = (0.01, 2.0)
+    dt_min: float = Field(1e-3, gt=0)
+    dt_max: float = Field(1e-1, gt=0)
+    dt_init_floor: float = Field(1e-4, gt=0)
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        low, high = self.a_init_range
+        if not 0 < low <= high:
+            raise ValueError(f"a_init_range must satisfy 0 < low <= high, got {self.a_init_range}")
+        if self.dt_min > self.dt_max:
+            raise ValueError(f"dt_min ({self.dt_min}) must not exceed dt_max ({self.dt_max})")
+        return self
+
+    def width(self, d_model: int) -> int:
+        return self.d_ssm if self.d_ssm is not None else self.expand * d_model
+
+    def n_heads(self, d_model: int) -> int:
+        return self.width(d_model) // self.head_dim
+
+
+class HybridConfig(Strict):
+    """The intra-layer hybrid mixer (brief §5): an attention branch and a Mamba-2 branch side by side.
+
+    The attention branch has reduced Q/K (``attention.n_heads * attention.head_dim``) and, by
+    default, full-width values (``v_head_dim = mamba.d_ssm / attention.n_heads``) so both branches
+    produce ``d_ssm`` channels. The defaults are the paper's final recipe.
+    """
+
+    attention: AttentionConfig
+    mamba: Mamba2Config
+    norm: Literal["none", "group"] = "group"
+    scale: Literal["none", "vector", "scalar", "gate"] = "none"
+    fusion: Literal["add", "diff", "concat"] = "diff"
+    share_value: bool = False
+    out_proj: Literal["joint", "separate"] = "separate"
+
+    @model_validator(mode="after")
+    def _combination(self):
+        if self.fusion == "concat" and self.out_proj == "separate":
+            raise ValueError(
+                "fusion=concat with out_proj=separate is the same function as fusion=add with "
+                "out_proj=separate; choose one of those"
+            )
+        if self.mamba.d_ssm is None:
+            raise ValueError("mamba.d_ssm must be given for the hybrid's Mamba branch")
+        return self
+
+
+class MoEConfig(Strict):
+    """Shared + top-k routed experts, sigmoid router, bias-based (aux-loss-free) balancing."""
+
+    n_experts: int = Field(8, gt=0)
+    top_k: int = Field(1, gt=0)
+    n_shared: int = Field(1, ge=0)
+    d_expert: int | None = Field(None, gt=0)
+    bias_update_rate: float = Field(1e-3, ge=0)
+
+    @model_validator(mode="after")
+    def _top_k(self):
+        if self.top_k > self.n_experts:
+            raise ValueError(f"top_k ({self.top_k}) exceeds n_experts ({self.n_experts})")
+        return self
+
+
+class FFNConfig(Strict):
+    """The feed-forward half of every block: SwiGLU, MoE of SwiGLU experts, or none."""
+
+    kind: Literal["swiglu", "moe", "none"] = "swiglu"
+    d_ffn: int = Field(0, ge=0)
+    moe: MoEConfig | None = None
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        if self.kind != "none" and self.d_ffn == 0:
+            raise ValueError(f"d_ffn must be positive for kind={self.kind}")
+        if self.kind == "moe" and self.moe is None:
+            self.moe = MoEConfig()
+        return self
+
+    @property
+    def expert_width(self) -> int:
+        """Routed experts are half the dense width unless set (brief §7)."""
+        assert self.moe is not None
+        return self.moe.d_expert or self.d_ffn // 2
+
+
+class LayoutSpec(Strict):
+    """A layout given by ratio and placement instead of spelled out; resolved to a string."""
+
+    layers: int = Field(gt=0)
+    ratio: str = "1:5"
+    placement: str | list[int] = "middle"
+    special: str = "A"
+    base: str = "M"
+
+    @field_validator("placement")
+    @classmethod
+    def _known(cls, value):
+        if isinstance(value, str) and value not in PLACEMENTS:
+            raise ValueError(f"unknown placement {value!r}; known: {', '.join(PLACEMENTS)}")
+        return value
+
+
+class ModelConfig(Strict):
+    vocab_size: int = Field(gt=0)
+    d_model: int = Field(gt=0)
+    layout: str
+    context_length: int = Field(2048, gt=0)
+    tie_embeddings: bool = True
+    norm_eps: float = Field(1e-5, gt=0)
+    init_std: float = Field(0.02, gt=0)
+    attention: AttentionConfig | None = None
+    sliding_window: SlidingWindowConfig | None = None
+    mamba: Mamba2Config | None = None
+    hybrid: HybridConfig | None = None
+    ffn: FFNConfig = FFNConfig(kind="none")
+
+    @field_validator("layout", mode="before")
+    @classmethod
+    def _resolve_layout(cls, value: Any) -> str:
+        if isinstance(value, dict):
+            spec = LayoutSpec.model_validate(value)
+            return make_layout(spec.layers, spec.ratio, spec.placement, spec.special, spec.base)
+        if isinstance(value, str):
+            return check_layout(value.strip())
+        raise ValueError("layout must be a string of block symbols or a mapping {layers, ratio, placement}")
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layout)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        symbols = set(self.layout)
+        needs = {"A": "attention", "W": "attention", "M": "mamba", "H": "hybrid"}
+        for symbol, section in needs.items():
+            if symbol in symbols and getattr(self, section) is None:
+                raise _KeyedError(section, f"layout uses {symbol!r} blocks but the '{section}' section is missing")
+        if "W" in symbols and self.sliding_window is None:
+            self.sliding_window = SlidingWindowConfig()
+        if self.attention is not None:
+            if self.attention.head_dim is None:
+                if self.d_model % self.attention.n_heads:
+                    raise _KeyedError(
+                        "attention.n_heads",
+                        f"{self.attention.n_heads} does not divide d_model ({self.d_model}); set head_dim or change n_heads",
+                    )
+                self.attention.head_dim = self.d_model // self.attention.n_heads
+            if self.attention.v_head_dim not in (None, self.attention.head_dim):
+                raise _KeyedError("attention.v_head_dim", "must equal head_dim for A/W blocks")
+        if self.mamba is not None:
+            self._check_mamba(self.mamba, "mamba")
+        if self.hybrid is not None:
+            self._check_mamba(self.hybrid.mamba, "hybrid.mamba")
+            attention = self.hybrid.attention
+            d_ssm = self.hybrid.mamba.d_ssm
+            if attention.head_dim is None:
+                raise _KeyedError("hybrid.attention.head_dim", "required: the Q/K head width of the attention branch")
+            if attention.v_head_dim is None:
+                if d_ssm % attention.n_heads:
+                    raise _KeyedError(
+                        "hybrid.attention.n_heads",
+                        f"{attention.n_heads} does not divide hybrid.mamba.d_ssm ({d_ssm}), the value width",
+                    )
+                attention.v_head_dim = d_ssm // attention.n_heads
+            v_width = attention.n_heads * attention.value_head_dim
+            if self.hybrid.fusion in ("add", "diff") and self.hybrid.out_proj == "joint" and v_width != d_ssm:
+                raise _KeyedError(
+                    "hybrid.attention.v_head_dim",
+                    f"joint {self.hybrid.fusion} fusion needs equal branch widths: attention values "
+                    f"{v_width} vs mamba d_ssm {d_ssm}",
+                )
+            if self.hybrid.share_value and v_width != d_ssm:
+                raise _KeyedError("hybrid.share_value", f"needs attention value width {v_width} == d_ssm {d_ssm}")
+        if self.ffn.kind == "moe" and self.ffn.expert_width < 1:
+            raise _KeyedError("ffn.moe.d_expert", "expert width must be positive")
+        return self
+
+    def _check_mamba(self, mamba: Mamba2Config, key: str) -> None:
+        width = mamba.width(self.d_model)
+        if width % mamba.head_dim:
+            raise _KeyedError(f"{key}.head_dim", f"{mamba.head_dim} does not divide d_ssm ({width})")
+        n_heads = width // mamba.head_dim
+        if n_heads % mamba.n_groups:
+            raise _KeyedError(f"{key}.n_groups", f"{mamba.n_groups} does not divide the {n_heads} SSM heads")
+
+
+class Config(Strict):
+    """A whole strata configuration file."""
+
+    description: str = ""
+    model: ModelConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None) -> Config:
+    """Read a YAML config (or a dict), apply ``key.sub=value`` overrides, validate.
+
+    Raises ConfigError with a one-line message naming the file and the offending key.
+    """
+    source = str(path) if path is not None else "<config>"
+    if data is None:
+        if path is None:
+            raise ConfigError("load_config needs a path or data")
+        data = _read_yaml(Path(path))
+    else:
+        data = _deep_copy(data)
+    for override in overrides or []:
+        _apply_override(data, override, source)
+    return validate_config(data, source)
+
+
+def validate_config(data: dict, source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(str(part) for part in first["loc"] if not str(part).startswith("function-after"))
+        message = first["msg"].removeprefix("Value error, ")
+        cause = (first.get("ctx") or {}).get("error")
+        if isinstance(cause, _KeyedError):
+            key = f"{key}.{cause.key}" if key else cause.key
+            message = cause.message
+        elif first["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif first["type"] == "missing":
+            message = "required key is missing"
+        elif "input" in first and not isinstance(first["input"], (dict, list)):
+            message += f" (got {first['input']!r})"
+        raise ConfigError(f"{source}: {key or '<top level>'}: {message}") from None
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.exists():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where}: YAML syntax error: {error.problem}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read as YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _apply_override(data: dict, override: str, source: str) -> None:
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r}: expected key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    node = data
+    for index, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"{source}: {'.'.join(parts[: index + 1])}: is a value, cannot set {key} below it")
+        node = child
+    node[parts[-1]] = value
+
+
+def _deep_copy(value):
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def config_to_dict(config: Config) -> dict:
+    """The fully resolved config (layout spelled out, defaults filled) as plain data for YAML."""
+    return config.model_dump(mode="json")

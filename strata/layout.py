@@ -1,0 +1,118 @@
+"""The layout language: one symbol per block, and the papers' placements from a ratio.
+
+A stack is a string such as ``MMMAMMMAMMMMM``: ``A`` attention, ``W`` sliding-window attention,
+``M`` Mamba-2, ``H`` intra-layer hybrid. This module is pure string logic (no torch) so that
+config validation, the cost model and the model builder all read layouts the same way.
+"""
+
+from __future__ import annotations
+
+import math
+
+BLOCK_SYMBOLS = {
+    "A": "attention",
+    "W": "sliding-window attention",
+    "M": "Mamba-2",
+    "H": "intra-layer hybrid (attention + Mamba-2 heads)",
+}
+
+PLACEMENTS = ("front", "middle", "end", "scatter", "cluster", "sandwich")
+
+
+def check_layout(layout: str) -> str:
+    """Return ``layout`` if every symbol is known, else raise ValueError naming the first bad one."""
+    if not layout:
+        raise ValueError("layout is empty")
+    for index, symbol in enumerate(layout):
+        if symbol not in BLOCK_SYMBOLS:
+            known = ", ".join(f"{s} ({name})" for s, name in BLOCK_SYMBOLS.items())
+            raise ValueError(f"unknown layout symbol {symbol!r} at block {index + 1}; known: {known}")
+    return layout
+
+
+def parse_ratio(ratio: str) -> tuple[int, int]:
+    """``"1:5"`` -> (1, 5): special blocks to base blocks."""
+    parts = ratio.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"ratio must look like '1:5' (special:base), got {ratio!r}")
+    special, base = int(parts[0]), int(parts[1])
+    if special + base == 0:
+        raise ValueError("ratio 0:0 has no blocks")
+    return special, base
+
+
+def special_count(layers: int, ratio: str) -> int:
+    """How many of ``layers`` blocks are special at ``ratio``, rounding halves up (13 at 1:1 -> 7)."""
+    special, base = parse_ratio(ratio)
+    if special == 0:
+        return 0
+    return max(1, min(layers, math.floor(layers * special / (special + base) + 0.5)))
+
+
+def placement_positions(layers: int, count: int, placement: str) -> list[int]:
+    """1-indexed positions of ``count`` special blocks among ``layers`` for a named placement.
+
+    - ``middle``: evenly spread, rounding down (13, 2 -> 4, 8: the paper's inter-layer choice);
+    - ``scatter``: evenly spread, rounding up (13, 2 -> 5, 9: the paper's intra-layer choice);
+    - ``front``: the first block, the rest as in ``middle`` (13, 2 -> 1, 8);
+    - ``end``: the last block, the rest as in ``middle`` (13, 2 -> 4, 13);
+    - ``cluster``: consecutive blocks from two thirds of the way up (13, 2 -> 9, 10);
+    - ``sandwich``: first and last, the rest spread between (13, 3 -> 1, 7, 13).
+    """
+    if count == 0:
+        return []
+    if count > layers:
+        raise ValueError(f"cannot place {count} special blocks among {layers} layers")
+    spread_down = [math.floor(layers * j / (count + 1)) for j in range(1, count + 1)]
+    spread_up = [math.ceil(layers * j / (count + 1)) for j in range(1, count + 1)]
+    if placement == "middle":
+        positions = spread_down
+    elif placement == "scatter":
+        positions = spread_up
+    elif placement == "front":
+        positions = [1] + spread_down[1:]
+    elif placement == "end":
+        positions = spread_down[:-1] + [layers]
+    elif placement == "cluster":
+        start = min(math.ceil(2 * layers / 3), layers - count + 1)
+        positions = list(range(start, start + count))
+    elif placement == "sandwich":
+        if count == 1:
+            positions = [1]
+        else:
+            inner = count - 2
+            positions = [1] + [1 + math.floor((layers - 1) * j / (inner + 1)) for j in range(1, inner + 1)] + [layers]
+    else:
+        raise ValueError(f"unknown placement {placement!r}; known: {', '.join(PLACEMENTS)}")
+    positions = [max(1, p) for p in positions]
+    if len(set(positions)) != count:
+        raise ValueError(f"placement {placement!r} cannot fit {count} special blocks among {layers} layers")
+    return positions
+
+
+def make_layout(
+    layers: int,
+    ratio: str = "1:5",
+    placement: str | list[int] = "middle",
+    special: str = "A",
+    base: str = "M",
+) -> str:
+    """Build a layout string: ``make_layout(13, "1:5", "middle")`` -> ``"MMMAMMMAMMMMM"``.
+
+    ``placement`` is a named placement or an explicit list of 1-indexed positions (whose length
+    then sets the number of special blocks and ``ratio`` is ignored).
+    """
+    check_layout(special + base)
+    if layers < 1:
+        raise ValueError(f"layers must be at least 1, got {layers}")
+    if isinstance(placement, str):
+        positions = placement_positions(layers, special_count(layers, ratio), placement)
+    else:
+        positions = list(placement)
+        bad = [p for p in positions if not 1 <= p <= layers]
+        if bad:
+            raise ValueError(f"positions {bad} are outside 1..{layers}")
+        if len(set(positions)) != len(positions):
+            raise ValueError(f"positions {positions} repeat a layer")
+    chosen = set(positions)
+    return "".join(special if i in chosen else base for i in range(1, layers + 1))

@@ -1,0 +1,100 @@
+"""The language model: embedding -> blocks from a layout string -> final norm -> head."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from strata.config import Config, ModelConfig, RopeConfig
+from strata.nn.attention import Attention
+from strata.nn.hybrid import IntraLayerHybrid
+from strata.nn.mamba2 import Mamba2
+from strata.nn.mlp import MoE, build_ffn
+from strata.nn.norms import RMSNorm
+
+# Projections that write into the residual stream; initialised smaller so the stream's variance
+# does not grow with depth (GPT-2's 1/sqrt(2·layers) rule).
+RESIDUAL_PROJECTIONS = ("o_proj", "out_proj", "down", "attn_out", "ssm_out")
+
+
+def build_mixer(symbol: str, config: ModelConfig) -> nn.Module:
+    """The sequence mixer for one layout symbol."""
+    d_model = config.d_model
+    if symbol == "A":
+        return Attention(d_model, config.attention)
+    if symbol == "W":
+        window = config.sliding_window
+        return Attention(
+            d_model, config.attention, window=window.window, sinks=window.sinks, rope=RopeConfig(theta=window.rope_theta)
+        )
+    if symbol == "M":
+        return Mamba2(d_model, config.mamba, config.norm_eps)
+    if symbol == "H":
+        return IntraLayerHybrid(d_model, config.hybrid, config.norm_eps)
+    raise ValueError(f"unknown layout symbol {symbol!r}")
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x)) when the model has an FFN."""
+
+    def __init__(self, symbol: str, config: ModelConfig):
+        super().__init__()
+        self.symbol = symbol
+        self.mixer_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mixer = build_mixer(symbol, config)
+        self.ffn = build_ffn(config.d_model, config.ffn)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps) if self.ffn is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x))
+        if self.ffn is not None:
+            x = x + self.ffn(self.ffn_norm(x))
+        return x
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(symbol, config) for symbol in config.layout)
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * len(self.blocks))
+        nn.init.normal_(self.embed.weight, std=std)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_residual = name.rsplit(".", 1)[-1] in RESIDUAL_PROJECTIONS
+                nn.init.normal_(module.weight, std=residual_std if is_residual else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, vocab]."""
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        return self.head(x) if self.head is not None else x @ self.embed.weight.t()
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def update_balance_biases(self) -> None:
+        """Call after each optimiser step: aux-loss-free load balancing of every MoE layer."""
+        for moe in self.moe_layers():
+            moe.update_balance_bias()
+
+
+def build_model(config: Config | ModelConfig, device: str | torch.device | None = None) -> LanguageModel:
+    """A LanguageModel from a validated config (the ``model`` section or the whole file)."""
+    model_config = config.model if isinstance(config, Config) else config
+    with torch.device(device or "cpu"):
+        return LanguageModel(model_config)

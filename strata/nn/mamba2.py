@@ -1,0 +1,94 @@
+"""The Mamba-2 mixer: in-projection, causal depthwise conv, SSD scan, gated RMSNorm, out-projection."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from strata.config import Mamba2Config
+from strata.nn.norms import GatedRMSNorm
+from strata.nn.ssd import ssd_chunked
+
+
+class Mamba2(nn.Module):
+    """Mamba-2 with the in-projection laid out as [z, x, B, C, dt] (as mamba_ssm and HF order it).
+
+    ``mix`` returns the gated, normalised scan output [B, T, d_ssm] before the out-projection, so
+    the intra-layer hybrid can fuse it with the attention branch. With ``external_x`` the
+    projection makes no x: the caller passes it (the hybrid's value sharing).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        config: Mamba2Config,
+        norm_eps: float = 1e-5,
+        external_x: bool = False,
+        output_projection: bool = True,
+    ):
+        super().__init__()
+        self.d_ssm = config.width(d_model)
+        self.head_dim = config.head_dim
+        self.n_heads = self.d_ssm // config.head_dim
+        self.n_groups = config.n_groups
+        self.d_state = config.d_state
+        self.chunk_size = config.chunk_size
+        self.external_x = external_x
+        self.conv_dim = self.d_ssm + 2 * config.n_groups * config.d_state
+        x_width = 0 if external_x else self.d_ssm
+        bc_width = 2 * config.n_groups * config.d_state
+        self.in_proj = nn.Linear(d_model, self.d_ssm + x_width + bc_width + self.n_heads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, config.conv_kernel, groups=self.conv_dim, bias=True)
+        self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
+        self.A_log = nn.Parameter(torch.empty(self.n_heads))
+        self.D = nn.Parameter(torch.empty(self.n_heads))
+        self.norm = GatedRMSNorm(self.d_ssm, config.n_groups, norm_eps)
+        self.out_proj = nn.Linear(self.d_ssm, d_model, bias=False) if output_projection else None
+        self.init_ssm_parameters(config)
+
+    @torch.no_grad()
+    def init_ssm_parameters(self, config: Mamba2Config) -> None:
+        """A ~ U[a_init_range] (the paper's [0.01, 2]); dt log-uniform in [dt_min, dt_max] stored
+        through the inverse softplus in dt_bias; D = 1."""
+        low, high = config.a_init_range
+        self.A_log.copy_(torch.empty(self.n_heads).uniform_(low, high).log())
+        dt = torch.exp(torch.rand(self.n_heads) * (math.log(config.dt_max) - math.log(config.dt_min)) + math.log(config.dt_min))
+        dt = dt.clamp(min=config.dt_init_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.D.fill_(1.0)
+
+    def split_projection(self, u: torch.Tensor, x: torch.Tensor | None = None):
+        """(z, xBC, dt) from the block input; ``x`` [B, T, d_ssm] is required iff external_x."""
+        projected = self.in_proj(u)
+        z, rest = projected.split([self.d_ssm, projected.shape[-1] - self.d_ssm], dim=-1)
+        xbc, dt = rest.split([rest.shape[-1] - self.n_heads, self.n_heads], dim=-1)
+        if self.external_x:
+            xbc = torch.cat([x, xbc], dim=-1)
+        return z, xbc, dt
+
+    def split_conv_output(self, xbc: torch.Tensor):
+        bc = self.n_groups * self.d_state
+        x, B, C = xbc.split([self.d_ssm, bc, bc], dim=-1)
+        return (
+            x.unflatten(-1, (self.n_heads, self.head_dim)),
+            B.unflatten(-1, (self.n_groups, self.d_state)),
+            C.unflatten(-1, (self.n_groups, self.d_state)),
+        )
+
+    def mix(self, u: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        length = u.shape[1]
+        z, xbc, dt = self.split_projection(u, x)
+        xbc = F.conv1d(
+            xbc.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, padding=self.conv1d.kernel_size[0] - 1, groups=self.conv_dim
+        )[..., :length].transpose(1, 2)
+        xs, B, C = self.split_conv_output(F.silu(xbc))
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        A = -torch.exp(self.A_log.float())
+        y, _ = ssd_chunked(xs, dt, A, B, C, self.chunk_size, self.D)
+        return self.norm(y.flatten(-2), z)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(self.mix(u))

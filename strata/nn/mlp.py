@@ -1,0 +1,79 @@
+"""Feed-forward layers: SwiGLU, and a mixture of SwiGLU experts with aux-loss-free balancing."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from strata.config import FFNConfig
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))``; gate and up share one matmul (one pass over x)."""
+
+    def __init__(self, d_model: int, d_ffn: int):
+        super().__init__()
+        self.d_ffn = d_ffn
+        self.gate_up = nn.Linear(d_model, 2 * d_ffn, bias=False)
+        self.down = nn.Linear(d_ffn, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class MoE(nn.Module):
+    """Shared experts plus top-k of ``n_experts`` routed SwiGLU experts (brief §7).
+
+    The router scores experts with a sigmoid; a per-expert ``balance_bias`` is added to the
+    scores only to *choose* experts, never to weight them, and is nudged after each optimiser
+    step (``update_balance_bias``) towards experts that received fewer tokens: balancing without
+    an auxiliary loss. Routed weights are the chosen sigmoid scores normalised to sum to one.
+    """
+
+    def __init__(self, d_model: int, config: FFNConfig):
+        super().__init__()
+        moe = config.moe
+        self.top_k = moe.top_k
+        self.n_experts = moe.n_experts
+        self.bias_update_rate = moe.bias_update_rate
+        width = config.expert_width
+        self.router = nn.Linear(d_model, moe.n_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(d_model, width) for _ in range(moe.n_experts))
+        self.shared = nn.ModuleList(SwiGLU(d_model, width) for _ in range(moe.n_shared))
+        self.register_buffer("balance_bias", torch.zeros(moe.n_experts))
+        self.register_buffer("tokens_per_expert", torch.zeros(moe.n_experts), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        scores = torch.sigmoid(self.router(flat).float())
+        chosen = torch.topk(scores + self.balance_bias, self.top_k, dim=-1).indices
+        weights = scores.gather(-1, chosen)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        if self.training:
+            self.tokens_per_expert += torch.bincount(chosen.flatten(), minlength=self.n_experts).float()
+        out = torch.zeros_like(flat)
+        for expert_index, expert in enumerate(self.experts):
+            rows, slot = torch.where(chosen == expert_index)
+            if rows.numel():
+                out.index_add_(0, rows, expert(flat[rows]) * weights[rows, slot, None])
+        for expert in self.shared:
+            out = out + expert(flat)
+        return out.reshape(x.shape)
+
+    @torch.no_grad()
+    def update_balance_bias(self) -> None:
+        """After an optimiser step: raise the bias of under-loaded experts, lower over-loaded ones."""
+        load = self.tokens_per_expert
+        if load.sum() > 0:
+            self.balance_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        load.zero_()
+
+
+def build_ffn(d_model: int, config: FFNConfig) -> nn.Module | None:
+    if config.kind == "none":
+        return None
+    if config.kind == "moe":
+        return MoE(d_model, config)
+    return SwiGLU(d_model, config.d_ffn)
