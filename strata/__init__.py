@@ -1,8 +1,18 @@
-"""strata: hybrid attention + Mamba-2 and byte-level hierarchical language models."""
+"""strata: hybrid attention + Mamba-2 and byte-level hierarchical language models.
+
+The model exports are loaded on first use, so torch-free commands (``strata info``) start fast.
+"""
 
 from strata.config import Config, ConfigError, load_config
 from strata.layout import make_layout
-from strata.models.lm import LanguageModel, build_model
 
 __all__ = ["Config", "ConfigError", "LanguageModel", "build_model", "load_config", "make_layout"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in ("LanguageModel", "build_model"):
+        from strata.models import lm
+
+        return getattr(lm, name)
+    raise AttributeError(f"module 'strata' has no attribute {name!r}")

@@ -61,6 +61,16 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="strata", description="Hybrid attention + Mamba-2 language models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -68,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="parameters, FLOPs and cache size of a config")
     info.add_argument("config", help="YAML config file")
     info.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. model.d_model=512")
-    info.add_argument("--context", type=int, default=None, help="sequence length (default: model.context_length)")
+    info.add_argument("--context", type=positive_int, default=None, help="sequence length (default: model.context_length)")
     info.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="cache element type")
     info.add_argument("--json", action="store_true", help="one JSON object instead of tables")
     info.set_defaults(handler=run_info)
@@ -76,7 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also follow the options (strata info cfg --json key=value).
+    unknown = [item for item in extra if item.startswith("-") or "=" not in item]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.handler(args)
     except ConfigError as error:

@@ -33,7 +33,7 @@ def check_layout(layout: str) -> str:
 def parse_ratio(ratio: str) -> tuple[int, int]:
     """``"1:5"`` -> (1, 5): special blocks to base blocks."""
     parts = ratio.split(":")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    if len(parts) != 2 or not all(p.strip().isascii() and p.strip().isdigit() for p in parts):
         raise ValueError(f"ratio must look like '1:5' (special:base), got {ratio!r}")
     special, base = int(parts[0]), int(parts[1])
     if special + base == 0:
@@ -59,10 +59,14 @@ def placement_positions(layers: int, count: int, placement: str) -> list[int]:
     - ``cluster``: consecutive blocks from two thirds of the way up (13, 2 -> 9, 10);
     - ``sandwich``: first and last, the rest spread between (13, 3 -> 1, 7, 13).
     """
-    if count == 0:
-        return []
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown placement {placement!r}; known: {', '.join(PLACEMENTS)}")
     if count > layers:
         raise ValueError(f"cannot place {count} special blocks among {layers} layers")
+    if count == layers:
+        return list(range(1, layers + 1))
+    if count == 0:
+        return []
     spread_down = [math.floor(layers * j / (count + 1)) for j in range(1, count + 1)]
     spread_up = [math.ceil(layers * j / (count + 1)) for j in range(1, count + 1)]
     if placement == "middle":
@@ -84,9 +88,6 @@ def placement_positions(layers: int, count: int, placement: str) -> list[int]:
             positions = [1] + [1 + math.floor((layers - 1) * j / (inner + 1)) for j in range(1, inner + 1)] + [layers]
     else:
         raise ValueError(f"unknown placement {placement!r}; known: {', '.join(PLACEMENTS)}")
-    positions = [max(1, p) for p in positions]
-    if len(set(positions)) != count:
-        raise ValueError(f"placement {placement!r} cannot fit {count} special blocks among {layers} layers")
     return positions
 
 
@@ -102,7 +103,10 @@ def make_layout(
     ``placement`` is a named placement or an explicit list of 1-indexed positions (whose length
     then sets the number of special blocks and ``ratio`` is ignored).
     """
-    check_layout(special + base)
+    for role, symbol in (("special", special), ("base", base)):
+        if len(symbol) != 1:
+            raise ValueError(f"{role} must be one layout symbol, got {symbol!r}")
+        check_layout(symbol)
     if layers < 1:
         raise ValueError(f"layers must be at least 1, got {layers}")
     if isinstance(placement, str):

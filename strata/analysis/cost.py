@@ -183,7 +183,9 @@ def model_cost(config: ModelConfig, context: int | None = None, dtype: str = "bf
     """Every figure ``strata info`` prints, per block and in total, without allocating weights."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}")
-    length = context or config.context_length
+    length = config.context_length if context is None else context
+    if length < 1:
+        raise ValueError(f"context must be a positive number of tokens, got {length}")
     element_bytes = DTYPE_BYTES[dtype]
     blocks = []
     for index, symbol in enumerate(config.layout, start=1):

@@ -1,0 +1,149 @@
+"""Training-step throughput: strata vs HF transformers on identical shapes and weights, in one run.
+
+    python benchmarks/train_step.py [--batch 8] [--seq 256] [--repeats 7] [--json results.jsonl]
+
+A step is forward + cross-entropy + backward + AdamW. Each pair (strata, HF) is timed in
+alternation, repeat after repeat, and the median of each is compared, so machine noise hits both
+sides alike; the figure to read is the ratio, not the absolute time. The SSD scan is timed alone
+(forward + backward) against HF's pure-PyTorch ``mamba2_chunk_scan``. CPU runs use float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from strata import build_model, load_config
+from strata.nn.ssd import ssd_chunked
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def time_alternating(steps: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each callable, calling them in turn ``repeats`` times."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    samples = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def training_step(model, tokens, logits_of):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        logits = logits_of(model, tokens[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def strata_logits(model, tokens):
+    return model(tokens)
+
+
+def hf_logits(model, tokens):
+    return model(tokens).logits
+
+
+def peer_cases(batch: int, seq: int):
+    """(name, strata model, HF model) with identical weights; import transformers lazily."""
+    from strata.interop.hf import to_hf_llama, to_hf_mamba2
+
+    transformer = build_model(load_config(ROOT / "configs/tiny/transformer.yaml"))
+    yield "transformer vs HF Llama", transformer, to_hf_llama(transformer)
+    mamba = build_model(load_config(ROOT / "configs/tiny/mamba2.yaml", ["model.ffn.kind=none"]))
+    yield "mamba2 vs HF Mamba2", mamba, to_hf_mamba2(mamba)
+
+
+def scan_case(batch: int, seq: int, repeats: int) -> dict[str, float]:
+    from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
+
+    heads, head_dim, state, chunk = 8, 32, 32, 64
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, seq, heads, head_dim, generator=generator, requires_grad=True)
+    dt = torch.randn(batch, seq, heads, generator=generator).requires_grad_()
+    A = -torch.rand(heads, generator=generator).requires_grad_()
+    B = torch.randn(batch, seq, 1, state, generator=generator, requires_grad=True)
+    C = torch.randn(batch, seq, 1, state, generator=generator, requires_grad=True)
+    D = torch.randn(heads, generator=generator).requires_grad_()
+
+    def strata_scan():
+        y, _ = ssd_chunked(x, F.softplus(dt), A, B, C, chunk, D)
+        y.sum().backward()
+
+    def hf_scan():
+        y = mamba2_chunk_scan(x, dt, A, B, C, chunk, D=D, dt_softplus=True)
+        y.sum().backward()
+
+    return time_alternating({"strata": strata_scan, "hf": hf_scan}, repeats)
+
+
+def family_throughput(batch: int, seq: int, repeats: int) -> dict[str, float]:
+    """Tokens per second of a training step for every tiny preset, timed in alternation."""
+    steps = {}
+    for path in sorted((ROOT / "configs/tiny").glob("*.yaml")):
+        model = build_model(load_config(path))
+        tokens = torch.randint(0, model.config.vocab_size, (batch, seq + 1))
+        steps[path.stem] = training_step(model, tokens, strata_logits)
+    seconds = time_alternating(steps, repeats)
+    return {name: batch * seq / s for name, s in seconds.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", type=Path, help="append one JSON object per result to this file")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    results = []
+
+    for name, ours, theirs in peer_cases(args.batch, args.seq):
+        tokens = torch.randint(0, ours.config.vocab_size, (args.batch, args.seq + 1))
+        seconds = time_alternating(
+            {"strata": training_step(ours, tokens, strata_logits), "hf": training_step(theirs, tokens, hf_logits)},
+            args.repeats,
+        )
+        results.append(dict(case=name, strata_s=seconds["strata"], hf_s=seconds["hf"], speedup=seconds["hf"] / seconds["strata"]))
+
+    seconds = scan_case(args.batch, args.seq, args.repeats)
+    results.append(
+        dict(case="SSD scan fwd+bwd vs HF", strata_s=seconds["strata"], hf_s=seconds["hf"], speedup=seconds["hf"] / seconds["strata"])
+    )
+
+    print(f"CPU float32, {torch.get_num_threads()} threads, batch {args.batch} x {args.seq} tokens, median of {args.repeats}")
+    print(f"{'case':30s} {'strata ms':>10s} {'HF ms':>10s} {'speedup':>8s}")
+    for row in results:
+        print(f"{row['case']:30s} {row['strata_s'] * 1e3:10.1f} {row['hf_s'] * 1e3:10.1f} {row['speedup']:7.2f}x")
+
+    throughput = family_throughput(args.batch, args.seq, args.repeats)
+    reference = throughput["transformer"]
+    print(f"\n{'tiny preset':14s} {'tokens/s':>10s} {'vs transformer':>15s}")
+    for name, rate in throughput.items():
+        print(f"{name:14s} {rate:10.0f} {rate / reference:14.2f}x")
+        results.append(dict(case=f"throughput {name}", tokens_per_s=rate, vs_transformer=rate / reference))
+
+    if args.json:
+        with args.json.open("a") as out:
+            for row in results:
+                out.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

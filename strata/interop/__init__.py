@@ -1,0 +1,1 @@
+"""Moving weights between strata and other libraries (optional dependencies)."""
