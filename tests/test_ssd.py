@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from strata.nn.ssd import segment_sums, ssd_chunked, ssd_recurrent
+from strata.nn.ssd import decay_matrix, ssd_chunked, ssd_recurrent
 
 
 def random_inputs(batch, length, heads, head_dim, groups, state, seed=0, requires_grad=False):
@@ -94,12 +94,14 @@ def test_strong_decay_stays_exact():
     torch.testing.assert_close(y_fast, y_ref, atol=1e-5, rtol=1e-5)
 
 
-def test_segment_sums():
-    a = torch.tensor([1.0, 2.0, 3.0])
+def test_decay_matrix():
+    """L[l, s] = exp(a[s+1] + ... + a[l]) on and below the diagonal, 0 above."""
+    log_decays = torch.tensor([-1.0, -2.0, -3.0], dtype=torch.float64)
+    e = torch.exp
     expected = torch.tensor(
-        [[0.0, float("-inf"), float("-inf")], [2.0, 0.0, float("-inf")], [5.0, 3.0, 0.0]]
+        [[1.0, 0.0, 0.0], [e(torch.tensor(-2.0)), 1.0, 0.0], [e(torch.tensor(-5.0)), e(torch.tensor(-3.0)), 1.0]]
     )
-    torch.testing.assert_close(segment_sums(a), expected)
+    torch.testing.assert_close(decay_matrix(log_decays.cumsum(0)), expected)
 
 
 def test_bf16_inputs_accumulate_in_fp32():
@@ -109,3 +111,4 @@ def test_bf16_inputs_accumulate_in_fp32():
     assert y.dtype == torch.bfloat16 and state.dtype == torch.float32
     y_ref, _ = ssd_recurrent(**{k: v.float() for k, v in low.items()})
     torch.testing.assert_close(y.float(), y_ref, atol=3e-2, rtol=3e-2)
+

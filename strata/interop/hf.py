@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from strata.config import ModelConfig
-from strata.models.lm import LanguageModel
+from strata.models.lm import Block, LanguageModel
 
 
 def _require(condition: bool, message: str) -> None:
@@ -81,20 +81,28 @@ def hf_mamba2_config(config: ModelConfig):
     )
 
 
+def llama_layer_state_dict(block: Block) -> dict[str, torch.Tensor]:
+    """One strata attention block's weights under ``LlamaDecoderLayer`` names."""
+    attention, ffn = block.mixer, block.ffn
+    return {
+        "input_layernorm.weight": block.mixer_norm.weight,
+        "post_attention_layernorm.weight": block.ffn_norm.weight,
+        "self_attn.q_proj.weight": attention.q_proj.weight,
+        "self_attn.k_proj.weight": attention.k_proj.weight,
+        "self_attn.v_proj.weight": attention.v_proj.weight,
+        "self_attn.o_proj.weight": attention.o_proj.weight,
+        "mlp.gate_proj.weight": ffn.gate.weight,
+        "mlp.up_proj.weight": ffn.up.weight,
+        "mlp.down_proj.weight": ffn.down.weight,
+    }
+
+
 def llama_state_dict(model: LanguageModel) -> dict[str, torch.Tensor]:
     """strata weights under ``LlamaForCausalLM`` names."""
     out = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight}
     for i, block in enumerate(model.blocks):
-        prefix = f"model.layers.{i}."
-        attention, ffn = block.mixer, block.ffn
-        out[prefix + "input_layernorm.weight"] = block.mixer_norm.weight
-        out[prefix + "post_attention_layernorm.weight"] = block.ffn_norm.weight
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            out[prefix + f"self_attn.{name}.weight"] = getattr(attention, name).weight
-        gate, up = ffn.gate_up.weight.chunk(2, dim=0)
-        out[prefix + "mlp.gate_proj.weight"] = gate
-        out[prefix + "mlp.up_proj.weight"] = up
-        out[prefix + "mlp.down_proj.weight"] = ffn.down.weight
+        for name, tensor in llama_layer_state_dict(block).items():
+            out[f"model.layers.{i}.{name}"] = tensor
     if model.head is not None:
         out["lm_head.weight"] = model.head.weight
     return out

@@ -22,8 +22,9 @@ class Attention(nn.Module):
     hybrid widens V); with ``window`` set, each query sees the last ``window`` keys and the first
     ``sinks`` keys of the sequence.
 
-    ``attend`` returns the concatenated heads [B, T, n_heads * v_head_dim] before the output
-    projection, so the hybrid mixer can fuse branches before (or after) projecting.
+    ``attend`` returns the concatenated heads
+    [B, T, n_heads * v_head_dim] before the output projection, so the hybrid mixer can fuse
+    branches before (or after) projecting.
     """
 
     def __init__(
@@ -45,31 +46,29 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(d_model, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.v_head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.v_head_dim, d_model, bias=False) if output_projection else None
+        self.o_proj = nn.Linear(self.value_width, d_model, bias=False) if output_projection else None
         self.rotary = RotaryEmbedding(self.head_dim, rope or config.rope)
 
     @property
     def value_width(self) -> int:
         return self.n_heads * self.v_head_dim
 
-    def project_values(self, x: torch.Tensor) -> torch.Tensor:
-        """V heads [B, n_kv_heads, T, v_head_dim]."""
-        return self.v_proj(x).unflatten(-1, (self.n_kv_heads, self.v_head_dim)).transpose(1, 2)
-
-    def attend(self, x: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, return_values: bool = False):
+        """Heads [B, T, n_heads * v_head_dim]; with ``return_values`` also V [B, n_kv_heads, T, v_head_dim]."""
         batch, length, _ = x.shape
-        q = self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.project_values(x) if values is None else values
         cos, sin = self.rotary(length, device=x.device)
-        q, k = apply_rotary(q, cos.to(q.dtype), sin.to(q.dtype)), apply_rotary(k, cos.to(k.dtype), sin.to(k.dtype))
+        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads of [B, T, heads, D]
+        q = apply_rotary(self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim)), cos, sin).transpose(1, 2)
+        k = apply_rotary(self.k_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim)), cos, sin).transpose(1, 2)
+        v = self.v_proj(x).unflatten(-1, (self.n_kv_heads, self.v_head_dim)).transpose(1, 2)
         gqa = self.n_heads != self.n_kv_heads
         if self.window is None or self.window + self.sinks >= length:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             mask = window_mask(length, self.window, self.sinks, device=x.device)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return out.transpose(1, 2).reshape(batch, length, self.value_width)
+        out = out.transpose(1, 2).reshape(batch, length, self.value_width)
+        return (out, v) if return_values else out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.o_proj(self.attend(x))

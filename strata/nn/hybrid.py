@@ -53,10 +53,10 @@ class IntraLayerHybrid(nn.Module):
     def branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The two normalised, scaled branch outputs (attention [B,T,attn_width], ssm [B,T,d_ssm])."""
         if self.config.share_value:
-            values = self.attn.project_values(x)  # [B, kv, T, dv]
+            # The SSM branch reads the attention's values, one head of V per SSM head.
+            y_attn, values = self.attn.attend(x, return_values=True)  # values [B, kv, T, dv]
             groups = self.attn.n_heads // self.attn.n_kv_heads
             shared = values.repeat_interleave(groups, dim=1).transpose(1, 2).flatten(-2)
-            y_attn = self.attn.attend(x, values=values)
             y_ssm = self.ssm.mix(x, shared)
         else:
             y_attn = self.attn.attend(x)

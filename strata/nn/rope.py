@@ -34,21 +34,29 @@ def rope_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Produces ``(cos, sin)`` tables of shape [T, head_dim] for positions ``offset .. offset+T-1``."""
+    """``(cos, sin)`` tables of shape [T, head_dim / 2] for positions ``offset .. offset+T-1``.
+
+    The last tables are kept: every step of a training run asks for the same length.
+    """
 
     def __init__(self, head_dim: int, rope: RopeConfig):
         super().__init__()
         self.register_buffer("inv_freq", rope_frequencies(head_dim, rope), persistent=False)
+        self._tables: tuple | None = None
 
     def forward(self, length: int, offset: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(offset, offset + length, device=device or self.inv_freq.device, dtype=torch.float32)
-        angles = torch.outer(positions, self.inv_freq.to(positions.device))
-        angles = torch.cat([angles, angles], dim=-1)
-        return angles.cos(), angles.sin()
+        device = device or self.inv_freq.device
+        key = (length, offset, str(device))
+        if self._tables is None or self._tables[0] != key:
+            positions = torch.arange(offset, offset + length, device=device, dtype=torch.float32)
+            angles = torch.outer(positions, self.inv_freq.to(device))
+            self._tables = (key, angles.cos(), angles.sin())
+        return self._tables[1], self._tables[2]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [B, H, T, D] by the tables [T, D]; pairs are (i, i + D/2) as in HF Llama."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    """Rotate pairs (i, i + D/2) of ``x`` [..., D] (the HF Llama convention) by half-width tables
+    broadcastable to [..., D/2]."""
+    first, second = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)

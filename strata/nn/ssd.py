@@ -20,18 +20,16 @@ import torch
 import torch.nn.functional as F
 
 
-def segment_sums(a: torch.Tensor) -> torch.Tensor:
-    """[..., T] -> [..., T, T] with out[i, j] = a[j+1] + ... + a[i] for i >= j, -inf above the diagonal.
+def decay_matrix(cumulative: torch.Tensor) -> torch.Tensor:
+    """[..., Q] fp64 cumulative log-decays -> fp32 [..., Q, Q], L[l, s] = exp(cum_l − cum_s) for l >= s, else 0.
 
-    Summing masked copies instead of subtracting two cumulative sums keeps full precision when
-    the cumulative sums are large and their difference small.
+    The difference is taken in float64: in float32 it would cancel catastrophically when the
+    cumulative sums are large (strong decay) and their difference small.
     """
-    length = a.shape[-1]
-    strictly_lower = torch.ones(length, length, dtype=torch.bool, device=a.device).tril(-1)
-    spread = a[..., None].expand(*a.shape, length).masked_fill(~strictly_lower, 0.0)
-    sums = spread.cumsum(dim=-2)
-    lower = torch.ones(length, length, dtype=torch.bool, device=a.device).tril()
-    return sums.masked_fill(~lower, float("-inf"))
+    length = cumulative.shape[-1]
+    above = torch.ones(length, length, dtype=torch.bool, device=cumulative.device).triu(1)
+    segments = (cumulative[..., :, None] - cumulative[..., None, :]).float()
+    return torch.exp(segments.masked_fill_(above, float("-inf")))
 
 
 def _chunk_heads(tensor: torch.Tensor, chunks: int, chunk_size: int) -> torch.Tensor:
@@ -70,16 +68,17 @@ class _ChunkedScan(torch.autograd.Function):
         a = _chunk_heads(a, chunks, Q)  # [b, c, h, Q]
         Bg, Cg = _chunk_heads(B, chunks, Q), _chunk_heads(C, chunks, Q)  # [b, c, g, Q, n]
         Bh, Ch = _to_heads(Bg, per_group), _to_heads(Cg, per_group)
-        cumulative = a.cumsum(-1)
+        cumulative64 = a.double().cumsum(-1)
+        cumulative = cumulative64.float()
 
         # Within chunks: Y = (L ∘ C Bᵀ) X, C Bᵀ shared by the heads of a group.
-        L = torch.exp(segment_sums(a))  # [b, c, h, Q, Q]
+        L = decay_matrix(cumulative64)  # [b, c, h, Q, Q]
         G = Cg @ Bg.transpose(-1, -2)  # [b, c, g, Q, Q]
         M = (L.unflatten(2, (groups, per_group)) * G[:, :, :, None]).flatten(2, 3)
         Y = M @ Xh
 
         # The state each chunk adds, decayed to its end; then pass states from chunk to chunk.
-        to_end = torch.exp(cumulative[..., -1:] - cumulative)  # [b, c, h, Q]
+        to_end = torch.exp((cumulative64[..., -1:] - cumulative64).float())  # [b, c, h, Q]
         added = (Xh * to_end[..., None]).transpose(-1, -2) @ Bh  # [b, c, h, p, n]
         chunk_decay = torch.exp(cumulative[..., -1])  # [b, c, h]
         entering = torch.empty_like(added)
@@ -92,13 +91,13 @@ class _ChunkedScan(torch.autograd.Function):
         from_state = Ch @ entering.transpose(-1, -2)  # [b, c, h, Q, p]
         Y = Y + torch.exp(cumulative)[..., None] * from_state
 
-        ctx.save_for_backward(Xh, Bg, Cg, L, G, cumulative, to_end, entering, from_state)
+        ctx.save_for_backward(Xh, Bg, Cg, L, G, M, cumulative, to_end, entering, from_state)
         ctx.sizes = (length, groups, per_group, pad)
         return _unchunk_heads(Y, length), state
 
     @staticmethod
     def backward(ctx, dY, d_final):
-        Xh, Bg, Cg, L, G, cumulative, to_end, entering, from_state = ctx.saved_tensors
+        Xh, Bg, Cg, L, G, M, cumulative, to_end, entering, from_state = ctx.saved_tensors
         length, groups, per_group, pad = ctx.sizes
         chunks, Q = Xh.shape[1], Xh.shape[3]
         Bh, Ch = _to_heads(Bg, per_group), _to_heads(Cg, per_group)
@@ -131,12 +130,12 @@ class _ChunkedScan(torch.autograd.Function):
         d_cumulative = d_cumulative - d_to_end
         d_chunk_log_decay = d_chunk_log_decay + d_to_end.sum(-1)
 
-        # Y = (L ∘ G) X with L = exp(cum_l − cum_s) below the diagonal.
-        M = (L.unflatten(2, (groups, per_group)) * G[:, :, :, None]).flatten(2, 3)
+        # Y = M X with M = L ∘ G and L = exp(cum_l − cum_s) below the diagonal, so
+        # d/d(cum_l − cum_s) = dM ∘ G ∘ L = dM ∘ M.
         dXh = dXh + M.transpose(-1, -2) @ dY
-        dM = (dY @ Xh.transpose(-1, -2)).unflatten(2, (groups, per_group))
-        dG = (dM * L.unflatten(2, (groups, per_group))).sum(3)
-        d_segments = (dM * G[:, :, :, None]).flatten(2, 3) * L
+        dM = dY @ Xh.transpose(-1, -2)
+        dG = (dM.unflatten(2, (groups, per_group)) * L.unflatten(2, (groups, per_group))).sum(3)
+        d_segments = dM * M
         d_cumulative = d_cumulative + d_segments.sum(-1) - d_segments.sum(-2)
         dCg = dG @ Bg + _from_heads(dCh, groups)
         dBg = dG.transpose(-1, -2) @ Cg + _from_heads(dBh, groups)
