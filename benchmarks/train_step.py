@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -133,7 +134,12 @@ def main() -> None:
         dict(case="SSD scan fwd+bwd vs HF", strata_s=seconds["strata"], hf_s=seconds["hf"], speedup=seconds["hf"] / seconds["strata"])
     )
 
-    print(f"CPU float32, {torch.get_num_threads()} threads, batch {args.batch} x {args.seq} tokens, median of {args.repeats}")
+    import transformers
+
+    print(
+        f"{platform.processor() or platform.machine()} float32, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}; batch {args.batch} x {args.seq} tokens, median of {args.repeats}"
+    )
     print(f"{'case':30s} {'strata ms':>10s} {'HF ms':>10s} {'speedup':>8s}")
     for row in results:
         print(f"{row['case']:30s} {row['strata_s'] * 1e3:10.1f} {row['hf_s'] * 1e3:10.1f} {row['speedup']:7.2f}x")

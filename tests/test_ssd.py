@@ -112,3 +112,14 @@ def test_bf16_inputs_accumulate_in_fp32():
     y_ref, _ = ssd_recurrent(**{k: v.float() for k, v in low.items()})
     torch.testing.assert_close(y.float(), y_ref, atol=3e-2, rtol=3e-2)
 
+
+
+def test_backward_accepts_broadcast_output_gradients():
+    """``y.sum().backward()`` hands the scan an expanded (stride-0) gradient."""
+    inputs = random_inputs(2, 40, 4, 4, 2, 8, seed=7, requires_grad=True)
+    y, _ = ssd_chunked(chunk_size=16, **inputs)
+    y.sum().backward()
+    reference = {name: tensor.detach().clone().requires_grad_() for name, tensor in inputs.items()}
+    ssd_recurrent(**reference)[0].sum().backward()
+    for name in inputs:
+        torch.testing.assert_close(inputs[name].grad, reference[name].grad, atol=1e-4, rtol=1e-5)

@@ -32,26 +32,14 @@ def decay_matrix(cumulative: torch.Tensor) -> torch.Tensor:
     return torch.exp(segments.masked_fill_(above, float("-inf")))
 
 
-def _chunk_heads(tensor: torch.Tensor, chunks: int, chunk_size: int) -> torch.Tensor:
-    """[b, t, h, ...] -> contiguous [b, c, h, Q, ...]."""
-    batch, _, heads = tensor.shape[:3]
-    chunked = tensor.reshape(batch, chunks, chunk_size, heads, *tensor.shape[3:])
-    return chunked.transpose(2, 3).contiguous()
-
-
-def _unchunk_heads(tensor: torch.Tensor, length: int) -> torch.Tensor:
-    """[b, c, h, Q, ...] -> [b, t, h, ...], dropping padding."""
-    batch, chunks, heads, chunk_size = tensor.shape[:4]
-    return tensor.transpose(2, 3).reshape(batch, chunks * chunk_size, heads, *tensor.shape[4:])[:, :length]
-
-
-def _to_heads(tensor: torch.Tensor, per_group: int) -> torch.Tensor:
-    """Group-shared B or C [b, c, g, Q, n] -> per head [b, c, h, Q, n]."""
-    return tensor.repeat_interleave(per_group, dim=2) if per_group > 1 else tensor
-
-
 class _ChunkedScan(torch.autograd.Function):
-    """(Y, final state) of the scan over X = x·dt and log-decays a = dt·A, without the D term."""
+    """(Y, final state) of the scan over X = x·dt and log-decays a = dt·A, without the D term.
+
+    Two layouts of X: per head [b, c, h, Q, p] for the products with the per-head decay matrix,
+    and per group [b, c, g, Q, r·p] (r heads of a group side by side) for the products with B and
+    C, which a group's heads share: those run as one wide matmul per group instead of r narrow
+    ones, and the sums over a group's heads fall out of the matmul.
+    """
 
     @staticmethod
     def forward(ctx, X, a, B, C, initial_state, chunk_size):
@@ -64,99 +52,128 @@ class _ChunkedScan(torch.autograd.Function):
             X, a = F.pad(X, (0, 0, 0, 0, 0, pad)), F.pad(a, (0, 0, 0, pad))
             B, C = F.pad(B, (0, 0, 0, 0, 0, pad)), F.pad(C, (0, 0, 0, 0, 0, pad))
         chunks = (length + pad) // Q
-        Xh = _chunk_heads(X, chunks, Q)  # [b, c, h, Q, p]
-        a = _chunk_heads(a, chunks, Q)  # [b, c, h, Q]
-        Bg, Cg = _chunk_heads(B, chunks, Q), _chunk_heads(C, chunks, Q)  # [b, c, g, Q, n]
-        Bh, Ch = _to_heads(Bg, per_group), _to_heads(Cg, per_group)
-        cumulative64 = a.double().cumsum(-1)
+        b, c, g, r, p, n = batch, chunks, groups, per_group, head_dim, state_size
+        Xh = X.view(b, c, Q, heads, p).transpose(2, 3).contiguous()  # [b, c, h, Q, p]
+        Xg = X.reshape(b, c, Q, g, r * p).transpose(2, 3).contiguous()  # [b, c, g, Q, r·p]
+        Bg = B.reshape(b, c, Q, g, n).transpose(2, 3).contiguous()  # [b, c, g, Q, n]
+        Cg = C.reshape(b, c, Q, g, n).transpose(2, 3).contiguous()
+        cumulative64 = a.reshape(b, c, Q, heads).transpose(2, 3).double().cumsum(-1)  # [b, c, h, Q]
         cumulative = cumulative64.float()
 
         # Within chunks: Y = (L ∘ C Bᵀ) X, C Bᵀ shared by the heads of a group.
         L = decay_matrix(cumulative64)  # [b, c, h, Q, Q]
         G = Cg @ Bg.transpose(-1, -2)  # [b, c, g, Q, Q]
-        M = (L.unflatten(2, (groups, per_group)) * G[:, :, :, None]).flatten(2, 3)
+        M = (L.view(b, c, g, r, Q, Q) * G[:, :, :, None]).view(b, c, heads, Q, Q)
         Y = M @ Xh
 
-        # The state each chunk adds, decayed to its end; then pass states from chunk to chunk.
+        # The state each chunk adds, decayed to its end, then passed from chunk to chunk.
         to_end = torch.exp((cumulative64[..., -1:] - cumulative64).float())  # [b, c, h, Q]
-        added = (Xh * to_end[..., None]).transpose(-1, -2) @ Bh  # [b, c, h, p, n]
+        weighted = _scale_heads(Xg, to_end)  # [b, c, g, Q, r·p]
+        added = (weighted.transpose(-1, -2) @ Bg).view(b, c, heads, p, n)
         chunk_decay = torch.exp(cumulative[..., -1])  # [b, c, h]
         entering = torch.empty_like(added)
         state = initial_state
-        for k in range(chunks):
+        for k in range(c):
             entering[:, k] = state
             state = chunk_decay[:, k, :, None, None] * state + added[:, k]
 
         # The entering state's contribution at each position: exp(cum_l) C_l · S.
-        from_state = Ch @ entering.transpose(-1, -2)  # [b, c, h, Q, p]
-        Y = Y + torch.exp(cumulative)[..., None] * from_state
+        from_state = Cg @ entering.view(b, c, g, r * p, n).transpose(-1, -2)  # [b, c, g, Q, r·p]
+        out = _sum_in_time_layout(Y, _scale_heads(from_state, torch.exp(cumulative)))
 
-        ctx.save_for_backward(Xh, Bg, Cg, L, G, M, cumulative, to_end, entering, from_state)
-        ctx.sizes = (length, groups, per_group, pad)
-        return _unchunk_heads(Y, length), state
+        ctx.save_for_backward(Xh, Xg, Bg, Cg, L, G, M, cumulative, to_end, entering, from_state)
+        ctx.sizes = (length, pad)
+        return out[:, :length], state
 
     @staticmethod
     def backward(ctx, dY, d_final):
-        Xh, Bg, Cg, L, G, M, cumulative, to_end, entering, from_state = ctx.saved_tensors
-        length, groups, per_group, pad = ctx.sizes
-        chunks, Q = Xh.shape[1], Xh.shape[3]
-        Bh, Ch = _to_heads(Bg, per_group), _to_heads(Cg, per_group)
-        dY = _chunk_heads(F.pad(dY, (0, 0, 0, 0, 0, pad)) if pad else dY, chunks, Q)
+        Xh, Xg, Bg, Cg, L, G, M, cumulative, to_end, entering, from_state = ctx.saved_tensors
+        length, pad = ctx.sizes
+        b, c, heads, Q, p = Xh.shape
+        g, n = Bg.shape[2], Bg.shape[4]
+        r = heads // g
+        dY = F.pad(dY, (0, 0, 0, 0, 0, pad)) if pad else dY.contiguous()
+        dY_h = dY.reshape(b, c, Q, heads, p).transpose(2, 3).contiguous()  # [b, c, h, Q, p]
+        dY_g = dY.reshape(b, c, Q, g, r * p).transpose(2, 3)  # [b, c, g, Q, r·p]
         if d_final is None:
             d_final = torch.zeros_like(entering[:, 0])
+        entering_g = entering.view(b, c, g, r * p, n)
 
-        # Y += exp(cum) ∘ (Ch Sᵀ)
-        d_from_state = dY * torch.exp(cumulative)[..., None]
-        dCh = d_from_state @ entering
-        d_entering = d_from_state.transpose(-1, -2) @ Ch
-        d_cumulative = (d_from_state * from_state).sum(-1)
+        # Y += exp(cum) ∘ (C Sᵀ)
+        d_from_state = _scale_heads(dY_g, torch.exp(cumulative))
+        dCg = d_from_state @ entering_g
+        d_entering = (d_from_state.transpose(-1, -2) @ Cg).view(b, c, heads, p, n)
+        d_cumulative = _per_head((d_from_state * from_state).view(b, c, g, Q, r, p).sum(-1))
 
         # States across chunks, last to first.
         chunk_decay = torch.exp(cumulative[..., -1])
         d_added = torch.empty_like(entering)
         d_chunk_log_decay = torch.empty_like(chunk_decay)
         running = d_final
-        for k in range(chunks - 1, -1, -1):
+        for k in range(c - 1, -1, -1):
             d_added[:, k] = running
             d_chunk_log_decay[:, k] = (running * entering[:, k]).sum((-1, -2)) * chunk_decay[:, k]
             running = d_entering[:, k] + chunk_decay[:, k, :, None, None] * running
         d_initial = running
 
-        # added = (X ∘ to_end)ᵀ Bh, to_end = exp(cum_last − cum)
-        d_weighted = Bh @ d_added.transpose(-1, -2)
-        dBh = (Xh * to_end[..., None]) @ d_added
-        dXh = d_weighted * to_end[..., None]
-        d_to_end = (d_weighted * Xh).sum(-1) * to_end
+        # added = (X ∘ to_end)ᵀ B, to_end = exp(cum_last − cum)
+        d_added_g = d_added.view(b, c, g, r * p, n)
+        d_weighted = Bg @ d_added_g.transpose(-1, -2)  # [b, c, g, Q, r·p]
+        dBg = _scale_heads(Xg, to_end) @ d_added_g
+        dXg = _scale_heads(d_weighted, to_end)
+        d_to_end = _per_head((d_weighted * Xg).view(b, c, g, Q, r, p).sum(-1)) * to_end
         d_cumulative = d_cumulative - d_to_end
         d_chunk_log_decay = d_chunk_log_decay + d_to_end.sum(-1)
 
         # Y = M X with M = L ∘ G and L = exp(cum_l − cum_s) below the diagonal, so
         # d/d(cum_l − cum_s) = dM ∘ G ∘ L = dM ∘ M.
-        dXh = dXh + M.transpose(-1, -2) @ dY
-        dM = dY @ Xh.transpose(-1, -2)
-        dG = (dM.unflatten(2, (groups, per_group)) * L.unflatten(2, (groups, per_group))).sum(3)
+        dXh = M.transpose(-1, -2) @ dY_h
+        dM = dY_h @ Xh.transpose(-1, -2)
+        dG = (dM.view(b, c, g, r, Q, Q) * L.view(b, c, g, r, Q, Q)).sum(3)
         d_segments = dM * M
         d_cumulative = d_cumulative + d_segments.sum(-1) - d_segments.sum(-2)
-        dCg = dG @ Bg + _from_heads(dCh, groups)
-        dBg = dG.transpose(-1, -2) @ Cg + _from_heads(dBh, groups)
+        dCg = dCg + dG @ Bg
+        dBg = dBg + dG.transpose(-1, -2) @ Cg
 
         d_cumulative[..., -1] += d_chunk_log_decay
-        da = d_cumulative.flip(-1).cumsum(-1).flip(-1)
+        da = d_cumulative.flip(-1).cumsum(-1).flip(-1)  # [b, c, h, Q]
         return (
-            _unchunk_heads(dXh, length),
-            _unchunk_heads(da, length),
-            _unchunk_heads(dBg, length),
-            _unchunk_heads(dCg, length),
+            _sum_in_time_layout(dXh, dXg)[:, :length],
+            da.transpose(2, 3).reshape(b, c * Q, heads)[:, :length],
+            dBg.transpose(2, 3).reshape(b, c * Q, g, n)[:, :length],
+            dCg.transpose(2, 3).reshape(b, c * Q, g, n)[:, :length],
             d_initial,
             None,
         )
 
 
-def _from_heads(tensor: torch.Tensor, groups: int) -> torch.Tensor:
-    """Per-head gradients [b, c, h, Q, n] summed back onto their group [b, c, g, Q, n]."""
-    if tensor.shape[2] == groups:
-        return tensor
-    return tensor.unflatten(2, (groups, -1)).sum(3)
+def _scale_heads(grouped: torch.Tensor, per_head: torch.Tensor) -> torch.Tensor:
+    """Grouped-layout [b, c, g, Q, r·p] times a per-head, per-position value [b, c, h, Q]."""
+    b, c, groups, Q, width = grouped.shape
+    r = per_head.shape[2] // groups
+    scale = per_head.view(b, c, groups, r, Q).transpose(-1, -2)  # [b, c, g, Q, r]
+    return (grouped.view(b, c, groups, Q, r, width // r) * scale[..., None]).view(grouped.shape)
+
+
+def _sum_in_time_layout(per_head: torch.Tensor, grouped: torch.Tensor) -> torch.Tensor:
+    """A per-head [b, c, h, Q, p] plus a grouped [b, c, g, Q, r·p] tensor, written once into the
+    time-major layout [b, c·Q, h, p] of the scan's inputs and outputs."""
+    b, c, heads, Q, p = per_head.shape
+    groups = grouped.shape[2]
+    r = heads // groups
+    out = torch.empty(b, c, Q, groups, r, p, device=per_head.device)
+    torch.add(
+        per_head.view(b, c, groups, r, Q, p).permute(0, 1, 4, 2, 3, 5),
+        grouped.view(b, c, groups, Q, r, p).transpose(2, 3),
+        out=out,
+    )
+    return out.view(b, c * Q, heads, p)
+
+
+def _per_head(grouped: torch.Tensor) -> torch.Tensor:
+    """[b, c, g, Q, r] -> [b, c, h, Q]: the inverse of ``_grouped``."""
+    b, c, groups, Q, r = grouped.shape
+    return grouped.transpose(-1, -2).reshape(b, c, groups * r, Q)
 
 
 def ssd_chunked(
