@@ -281,11 +281,60 @@ class ModelConfig(Strict):
             raise _KeyedError(f"{key}.n_groups", f"{mamba.n_groups} does not divide the {n_heads} SSM heads")
 
 
+class DataConfig(Strict):
+    """What to train on. ``sources`` are .txt files, folders of them, .jsonl files (one JSON object a
+    line, text under ``text_field``) or named corpora (``shakespeare``), fetched on first use."""
+
+    sources: list[str] = Field(default_factory=lambda: ["shakespeare"])
+    text_field: str = "text"
+    tokenizer: Literal["bytes", "bpe"] = "bytes"
+    bpe_vocab_size: int = Field(4096, ge=260)
+    valid_fraction: float = Field(0.05, gt=0, lt=0.5)
+
+
+class TrainConfig(Strict):
+    """How to train. The run stops at the first of steps, tokens, flops, or time_limit (seconds)."""
+
+    steps: int = Field(1000, gt=0)
+    tokens: int | None = Field(None, gt=0)
+    flops: float | None = Field(None, gt=0)
+    time_limit: float | None = Field(None, gt=0)
+    batch_size: int = Field(8, gt=0)
+    seq_len: int | None = Field(None, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    schedule: Literal["wsd", "cosine", "constant"] = "wsd"
+    warmup: float = Field(0.05, ge=0, lt=1)
+    decay: float = Field(0.2, ge=0, le=1)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    clip: float | None = Field(1.0, gt=0)
+    seed: int = 0
+    eval_every: int = Field(100, gt=0)
+    eval_bytes: int = Field(65536, gt=0)
+    save_every: int = Field(500, gt=0)
+    keep_last: int = Field(3, gt=0)
+    max_bad_steps: int = Field(5, gt=0)
+    compile: bool = False
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+    @model_validator(mode="after")
+    def _schedule(self):
+        if self.warmup + (self.decay if self.schedule == "wsd" else 0) > 1:
+            raise _KeyedError("decay", f"warmup ({self.warmup}) + decay ({self.decay}) exceed the whole run")
+        return self
+
+
 class Config(Strict):
     """A whole strata configuration file."""
 
     description: str = ""
     model: ModelConfig
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Inference: sampling (and, with the generation issue, caches for every mixer)."""

@@ -1,0 +1,1 @@
+"""Training: optimiser and schedules, checkpoints, the training loop."""
