@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from strata import build_model, load_config
+from strata.analysis.cost import model_cost
 from strata.nn.ssd import ssd_chunked
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,15 +101,38 @@ def scan_case(batch: int, seq: int, repeats: int) -> dict[str, float]:
     return time_alternating({"strata": strata_scan, "hf": hf_scan}, repeats)
 
 
-def family_throughput(batch: int, seq: int, repeats: int) -> dict[str, float]:
-    """Tokens per second of a training step for every tiny preset, timed in alternation."""
-    steps = {}
-    for path in sorted((ROOT / "configs/tiny").glob("*.yaml")):
-        model = build_model(load_config(path))
+def matmul_peak(sizes=(1024, 2048, 3072), repeats: int = 5) -> float:
+    """Best measured fp32 FLOP/s of large square matmuls: the denominator of CPU MFU."""
+    best = 0.0
+    for size in sizes:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        a @ b
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            best = max(best, 2 * size**3 / (time.perf_counter() - start))
+    return best
+
+
+# Tiny presets, plus a d_model-256 transformer (the width at which the MFU target applies).
+FAMILIES = {path.stem: (path, []) for path in sorted((ROOT / "configs/tiny").glob("*.yaml"))}
+FAMILIES["transformer-256"] = (ROOT / "configs/tiny/transformer.yaml", ["model.d_model=256", "model.ffn.d_ffn=768"])
+
+
+def family_throughput(batch: int, seq: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """(tokens/s, model FLOPs per token) of a training step for every family, timed in alternation.
+
+    Model FLOPs per token are the cost model's 6·N plus attention/SSM terms plus the output head.
+    """
+    steps, flops = {}, {}
+    for name, (path, overrides) in FAMILIES.items():
+        config = load_config(path, overrides)
+        model = build_model(config)
         tokens = torch.randint(0, model.config.vocab_size, (batch, seq + 1))
-        steps[path.stem] = training_step(model, tokens, strata_logits)
+        steps[name] = training_step(model, tokens, strata_logits)
+        flops[name] = model_cost(config.model, seq, "fp32").flops_per_token_with_head
     seconds = time_alternating(steps, repeats)
-    return {name: batch * seq / s for name, s in seconds.items()}
+    return {name: (batch * seq / s, flops[name]) for name, s in seconds.items()}
 
 
 def main() -> None:
@@ -144,12 +168,18 @@ def main() -> None:
     for row in results:
         print(f"{row['case']:30s} {row['strata_s'] * 1e3:10.1f} {row['hf_s'] * 1e3:10.1f} {row['speedup']:7.2f}x")
 
+    peak = matmul_peak()
     throughput = family_throughput(args.batch, args.seq, args.repeats)
-    reference = throughput["transformer"]
-    print(f"\n{'tiny preset':14s} {'tokens/s':>10s} {'vs transformer':>15s}")
-    for name, rate in throughput.items():
-        print(f"{name:14s} {rate:10.0f} {rate / reference:14.2f}x")
-        results.append(dict(case=f"throughput {name}", tokens_per_s=rate, vs_transformer=rate / reference))
+    peak = max(peak, matmul_peak())  # measured on both sides of the families: the machine drifts
+    reference = throughput["transformer"][0]
+    print(f"\nfp32 matmul peak (best of 1024^3..3072^3): {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'family':16s} {'tokens/s':>10s} {'vs transformer':>15s} {'GFLOP/s':>9s} {'CPU MFU':>8s}")
+    for name, (rate, flops_per_token) in throughput.items():
+        achieved = rate * flops_per_token
+        print(f"{name:16s} {rate:10.0f} {rate / reference:14.2f}x {achieved / 1e9:9.1f} {achieved / peak:8.1%}")
+        results.append(
+            dict(case=f"throughput {name}", tokens_per_s=rate, vs_transformer=rate / reference, flops_per_s=achieved, mfu=achieved / peak)
+        )
 
     if args.json:
         with args.json.open("a") as out:

@@ -371,3 +371,15 @@ def test_concat_with_separate_projections_is_rejected(share_value):
 )
 def test_params_exact_for_moe_and_other_variants(path, overrides):
     assert_exact(load_config(TINY / path, overrides))
+
+
+def test_moe_flops_count_only_the_experts_a_token_uses():
+    """Top-1 of 8 routed + 1 shared expert of width w does the work of a dense SwiGLU of width 2w,
+    plus the router; the parameter count still holds all experts."""
+    moe = load_config(TINY / "intra-moe.yaml").model
+    width = moe.ffn.expert_width
+    dense = load_config(TINY / "intra-moe.yaml", ["model.ffn.kind=swiglu", f"model.ffn.d_ffn={2 * width}"]).model
+    moe_cost, dense_cost = model_cost(moe, 256), model_cost(dense, 256)
+    router = moe.d_model * moe.ffn.moe.n_experts
+    assert moe_cost.flops_per_token == pytest.approx(dense_cost.flops_per_token + 6 * router * moe.n_layers)
+    assert moe_cost.params > dense_cost.params + 6 * 3 * moe.d_model * width * moe.n_layers

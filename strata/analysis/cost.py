@@ -5,7 +5,8 @@ Formulas follow brief §2 (per block, one sequence of length L):
     sliding     the same over pairs = L_w(L_w+1)/2 + L_w(L − L_w), L_w = window + sinks
     Mamba-2     3·L·(9·d_ssm·d_state + 2·d_ssm)
     cache       attention 2·N_kv·(d_qk + d_v)·L elements; Mamba-2 d_ssm·d_state + conv·(2·g·d_state + d_ssm)
-Training FLOPs per token = 6·(non-embedding params) + the mixers' sequence terms / L, the paper's
+Training FLOPs per token = 6·(non-embedding params a token uses: for MoE the router, shared and
+top-k experts) + the mixers' sequence terms / L, the paper's
 convention (it matches the paper's budgets, e.g. Llama-1B × 60B tokens = 4.5e20);
 ``flops_per_token_with_head`` adds the output head's 6·d_model·vocab, the compute actually spent.
 Parameter counts are exact; a test holds them equal to the built modules.
@@ -96,13 +97,15 @@ def hybrid_params(d_model: int, hybrid: HybridConfig) -> int:
     return total
 
 
-def ffn_params(d_model: int, ffn: FFNConfig) -> int:
+def ffn_params(d_model: int, ffn: FFNConfig, active: bool = False) -> int:
+    """FFN parameters; with ``active``, only those a token uses (router, shared and top-k experts)."""
     if ffn.kind == "none":
         return 0
     if ffn.kind == "swiglu":
         return 3 * d_model * ffn.d_ffn
     moe = ffn.moe
-    return d_model * moe.n_experts + (moe.n_experts + moe.n_shared) * 3 * d_model * ffn.expert_width
+    experts = moe.top_k if active else moe.n_experts
+    return d_model * moe.n_experts + (experts + moe.n_shared) * 3 * d_model * ffn.expert_width
 
 
 def mixer_params(symbol: str, config: ModelConfig) -> int:
@@ -113,9 +116,9 @@ def mixer_params(symbol: str, config: ModelConfig) -> int:
     return hybrid_params(config.d_model, config.hybrid)
 
 
-def block_params(symbol: str, config: ModelConfig) -> int:
+def block_params(symbol: str, config: ModelConfig, active: bool = False) -> int:
     norms = config.d_model * (2 if config.ffn.kind != "none" else 1)
-    return norms + mixer_params(symbol, config) + ffn_params(config.d_model, config.ffn)
+    return norms + mixer_params(symbol, config) + ffn_params(config.d_model, config.ffn, active)
 
 
 # --- FLOPs -----------------------------------------------------------------------------------
@@ -190,7 +193,8 @@ def model_cost(config: ModelConfig, context: int | None = None, dtype: str = "bf
     blocks = []
     for index, symbol in enumerate(config.layout, start=1):
         params = block_params(symbol, config)
-        flops = 6 * params + mixer_sequence_flops(symbol, config, length) / length
+        # FLOPs follow the parameters a token actually uses (a MoE token visits top-k experts).
+        flops = 6 * block_params(symbol, config, active=True) + mixer_sequence_flops(symbol, config, length) / length
         cache = element_bytes * mixer_cache_elements(symbol, config, length)
         blocks.append(BlockCost(index, symbol, params, flops, cache))
     embedding = config.vocab_size * config.d_model
