@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -94,7 +95,7 @@ def load_checkpoint(path: Path, with_training_state: bool = True) -> Checkpoint:
             rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
     except FileNotFoundError as error:
         raise CheckpointError(f"{path}: missing {Path(error.filename).name}") from None
-    except (json.JSONDecodeError, SafetensorError, RuntimeError, EOFError, OSError, ValueError) as error:
+    except (json.JSONDecodeError, SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError) as error:
         raise CheckpointError(f"{path}: unreadable ({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
     return Checkpoint(path, int(state["step"]), state, model, optimizer, rng)
 
