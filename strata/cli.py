@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from strata.config import ConfigError, load_config
 
@@ -71,6 +72,108 @@ def positive_int(text: str) -> int:
     return value
 
 
+def run_train(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from strata.train.trainer import train
+
+    overrides = list(args.overrides)
+    if args.config and "=" in args.config:  # `strata train --resume RUN key=value`: no config given
+        overrides.insert(0, args.config)
+        args.config = None
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    if args.data:
+        overrides.append("data.sources=" + json.dumps(args.data))
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").exists():
+            raise ConfigError(f"{run_dir}: not a run directory (no config.yaml) to resume")
+        config = load_config(run_dir / "config.yaml", overrides)
+    elif args.config:
+        config = load_config(args.config, overrides)
+        run_dir = Path(args.out or Path("runs") / Path(args.config).stem)
+    else:
+        raise ConfigError("give a CONFIG to train, or --resume RUN_DIR")
+    result = train(config, run_dir, resume=bool(args.resume), quiet=args.quiet)
+
+    console = Console(soft_wrap=True)
+    verdict = "beats" if result.val_bpb < result.gzip_bpb else "does not beat"
+    console.print(f"[bold]{run_dir}[/bold]: {result.step} steps, {result.tokens:,} tokens"
+                  + (f" (stopped early: {result.stopped_early})" if result.stopped_early else ""))
+    console.print(f"held-out bits per byte: [bold]{result.val_bpb:.3f}[/bold]   gzip -9 on the same bytes: "
+                  f"{result.gzip_bpb:.3f}   (the model {verdict} gzip)")
+    console.print("sample:", style="bold")
+    console.print(result.sample, markup=False, highlight=False)
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from strata.data import load_documents
+    from strata.evals.bpb import bits_per_byte
+    from strata.train.runs import open_run
+
+    trained = open_run(args.run)
+    documents = load_documents(args.data)
+    seq_len = trained.config.train.seq_len or trained.config.model.context_length
+    result = bits_per_byte(trained.model, trained.tokenizer, documents, seq_len)
+    per_file: dict[str, list[float]] = {}
+    for item in result["per_document"]:
+        name = item["name"].split(":")[0]
+        nats_bytes = per_file.setdefault(name, [0.0, 0])
+        nats_bytes[0] += item["bpb"] * item["bytes"]
+        nats_bytes[1] += item["bytes"]
+    files = [{"file": name, "bpb": bits / size, "bytes": size} for name, (bits, size) in per_file.items()]
+    if args.json:
+        print(json.dumps({"bpb": result["bpb"], "bytes": result["bytes"], "checkpoint": str(trained.checkpoint), "files": files}))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"bits per byte — {trained.checkpoint}", title_justify="left")
+    table.add_column("file")
+    table.add_column("bytes", justify="right")
+    table.add_column("bpb", justify="right")
+    for row in files:
+        table.add_row(row["file"], f"{row['bytes']:,}", f"{row['bpb']:.4f}")
+    table.add_row("[bold]overall[/bold]", f"{result['bytes']:,}", f"[bold]{result['bpb']:.4f}[/bold]")
+    Console().print(table)
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from strata.inference.sampling import sample
+    from strata.train.runs import open_run
+
+    trained = open_run(args.run)
+    tokenizer = trained.tokenizer
+    prompt = [tokenizer.bos_id, *tokenizer.encode(args.prompt.encode("utf-8")).tolist()]
+    context = trained.config.train.seq_len or trained.config.model.context_length
+    new = sample(trained.model, prompt, args.max_new, args.temperature, args.top_k, args.top_p, args.seed, context,
+                 stop_ids={tokenizer.eos_id})
+    sys.stdout.write(args.prompt + tokenizer.decode(new).decode("utf-8", errors="replace") + "\n")
+    return 0
+
+
+def run_data_fetch(args: argparse.Namespace) -> int:
+    from strata.data import fetch_corpus
+
+    print(fetch_corpus(args.name))
+    return 0
+
+
+def run_tokenizer_train(args: argparse.Namespace) -> int:
+    from strata.data import BPETokenizer, load_documents, split_documents
+
+    train_documents, _ = split_documents(load_documents(args.data), args.valid_fraction)
+    tokenizer = BPETokenizer.train(train_documents, args.vocab_size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(out)
+    print(f"{out / 'tokenizer.json'}: byte-level BPE, {tokenizer.vocab_size} tokens")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="strata", description="Hybrid attention + Mamba-2 language models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +185,45 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="cache element type")
     info.add_argument("--json", action="store_true", help="one JSON object instead of tables")
     info.set_defaults(handler=run_info)
+
+    train = commands.add_parser("train", help="train a model (or continue one with --resume)")
+    train.add_argument("config", nargs="?", help="YAML config file")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-3")
+    train.add_argument("--data", nargs="+", metavar="PATH", help="text/JSONL files, folders or corpus names")
+    train.add_argument("--steps", type=positive_int, help="optimiser steps (train.steps)")
+    train.add_argument("--out", help="run directory (default runs/<config name>)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its newest checkpoint")
+    train.add_argument("--quiet", action="store_true", help="no progress output")
+    train.set_defaults(handler=run_train)
+
+    evaluate = commands.add_parser("eval", help="bits per byte of a trained model on held-out text")
+    evaluate.add_argument("run", metavar="RUN_OR_CKPT")
+    evaluate.add_argument("--data", nargs="+", required=True, metavar="PATH")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(handler=run_eval)
+
+    generate = commands.add_parser("generate", help="sample text from a trained model")
+    generate.add_argument("run", metavar="RUN_OR_CKPT")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new", type=positive_int, default=200)
+    generate.add_argument("--temperature", type=float, default=0.8)
+    generate.add_argument("--top-k", type=int, default=None)
+    generate.add_argument("--top-p", type=float, default=None)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.set_defaults(handler=run_generate)
+
+    data = commands.add_parser("data", help="named corpora").add_subparsers(dest="data_command", required=True)
+    fetch = data.add_parser("fetch", help="download a named corpus into the cache")
+    fetch.add_argument("name")
+    fetch.set_defaults(handler=run_data_fetch)
+
+    tokenizer = commands.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tokenizer_command", required=True)
+    bpe = tokenizer.add_parser("train", help="train a byte-level BPE tokenizer on the training split")
+    bpe.add_argument("--data", nargs="+", required=True, metavar="PATH")
+    bpe.add_argument("--vocab-size", type=positive_int, default=4096)
+    bpe.add_argument("--valid-fraction", type=float, default=0.05)
+    bpe.add_argument("--out", required=True)
+    bpe.set_defaults(handler=run_tokenizer_train)
     return parser
 
 
@@ -99,6 +241,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"strata: config error: {error}", file=sys.stderr)
         return 2
+    except ValueError as error:  # DataError and other bad input
+        print(f"strata: error: {error}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        from strata.train.checkpoint import CheckpointError
+        from strata.train.trainer import TrainingError
+
+        if not isinstance(error, (CheckpointError, TrainingError)):
+            raise
+        print(f"strata: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -311,7 +311,7 @@ class TrainConfig(Strict):
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     clip: float | None = Field(1.0, gt=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     eval_every: int = Field(100, gt=0)
     eval_bytes: int = Field(65536, gt=0)
     save_every: int = Field(500, gt=0)

@@ -1,0 +1,32 @@
+"""The data layer: text sources -> documents -> train/validation split -> tokens -> batches.
+
+    documents = load_documents(["shakespeare", "notes/", "extra.jsonl"])
+    train, valid = split_documents(documents, 0.05)
+    tokenizer = build_tokenizer(config.data, train)
+    loader = TokenLoader(pack(train, tokenizer), seq_len, batch_size, seed)
+
+Every problem with the input is raised as a one-line DataError before training starts.
+"""
+
+from strata.data.corpora import CORPORA, corpus_path, fetch_corpus
+from strata.data.documents import Document, load_documents, split_documents
+from strata.data.errors import DataError
+from strata.data.loader import TokenLoader, pack
+from strata.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, build_tokenizer, load_tokenizer
+
+__all__ = [
+    "BPETokenizer",
+    "ByteTokenizer",
+    "CORPORA",
+    "DataError",
+    "Document",
+    "TokenLoader",
+    "Tokenizer",
+    "build_tokenizer",
+    "corpus_path",
+    "fetch_corpus",
+    "load_documents",
+    "load_tokenizer",
+    "pack",
+    "split_documents",
+]

@@ -1,0 +1,86 @@
+"""Packing documents into one token stream, and cutting it into shuffled training windows.
+
+The loader's whole state is (epoch, position), and each epoch's order comes from
+``Generator(seed + epoch)``, so a resumed run sees exactly the batches the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from strata.data.errors import DataError
+
+
+def pack(documents, tokenizer) -> np.ndarray:
+    """One int32 stream: BOS, ids of document 1, BOS, ids of document 2, ...
+
+    BOS before every document marks where unrelated text starts, so the model learns not to carry
+    context across the seam (and sampling can start from BOS).
+    """
+    bos = np.array([tokenizer.bos_id], dtype=np.int32)
+    parts = [part for document in documents for part in (bos, tokenizer.encode(document.text))]
+    return np.concatenate(parts).astype(np.int32, copy=False) if parts else np.zeros(0, np.int32)
+
+
+class TokenLoader:
+    """Batches of ``batch_size`` windows of ``seq_len + 1`` tokens: inputs ``[:, :-1]``, targets ``[:, 1:]``.
+
+    Windows start at 0, seq_len, 2·seq_len, ... and so share one token with the next window: every
+    token after the first is a target exactly once per epoch (except a tail shorter than seq_len
+    that fits no whole window). The window order is shuffled afresh each epoch; a batch that runs
+    past the end of an epoch continues with the next epoch's order.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
+        if seq_len < 1 or batch_size < 1:
+            raise ValueError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be positive")
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative for numpy's Generator, got {seed}")
+        self.tokens = np.asarray(tokens)
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.n_windows = (len(self.tokens) - 1) // seq_len
+        if self.n_windows < 1:
+            raise DataError(
+                f"training data is {len(self.tokens)} tokens, shorter than one window of seq_len + 1 = "
+                f"{seq_len + 1}; add text or lower train.seq_len"
+            )
+        self.epoch, self.position = 0, 0
+        self._order_epoch, self._order = -1, np.zeros(0, np.int64)
+
+    def _starts(self) -> np.ndarray:
+        """Start offsets of this epoch's windows in shuffled order (computed once per epoch)."""
+        if self._order_epoch != self.epoch:
+            order = np.random.default_rng(self.seed + self.epoch).permutation(self.n_windows)
+            self._order, self._order_epoch = order * self.seq_len, self.epoch
+        return self._order
+
+    def next_batch(self) -> torch.LongTensor:
+        starts = []
+        while len(starts) < self.batch_size:
+            take = min(self.batch_size - len(starts), self.n_windows - self.position)
+            starts.extend(self._starts()[self.position : self.position + take])
+            self.position += take
+            if self.position == self.n_windows:
+                self.epoch, self.position = self.epoch + 1, 0
+        index = np.asarray(starts)[:, None] + np.arange(self.seq_len + 1)
+        return torch.from_numpy(self.tokens[index].astype(np.int64))
+
+    def state_dict(self) -> dict:
+        """Where the loader is, plus what it was built for (checked on load)."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "seq_len": self.seq_len,
+                "n_windows": self.n_windows}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state``. A state from another stream or window size is refused, since
+        its position would silently point at different data."""
+        for key in ("seed", "seq_len", "n_windows"):
+            if key in state and state[key] != getattr(self, key):
+                raise DataError(
+                    f"data loader state is for {key}={state[key]} but this run has {key}={getattr(self, key)}; "
+                    "the training data or settings changed since the checkpoint"
+                )
+        position = int(state["position"])
+        if not 0 <= position < self.n_windows:
+            raise DataError(f"data loader state has position {position} outside 0..{self.n_windows - 1}")
+        self.epoch, self.position = int(state["epoch"]), position

@@ -1,0 +1,1 @@
+"""Evaluations of trained models: bits per byte on held-out text."""

