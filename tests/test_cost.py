@@ -42,8 +42,21 @@ def rel(actual: float, expected: float) -> float:
 
 
 def test_all_presets_found():
-    assert len(list(PAPER.glob("*.yaml"))) == 20
+    grid = {f"{family}-{size}.yaml" for family in ("llama", "mamba2", "swa", "inter", "intra") for size in ("100m", "350m", "1b", "3b")}
+    ablations = {"intra-hymba-1b.yaml", "intra-falconh1-1b.yaml"}
+    assert {path.name for path in PAPER.glob("*.yaml")} == grid | ablations
     assert len(list(TINY.glob("*.yaml"))) == 6
+
+
+def test_hymba_and_falcon_h1_like_presets_carry_the_papers_axes():
+    hymba = load_config(PAPER / "intra-hymba-1b.yaml").model
+    falcon = load_config(PAPER / "intra-falconh1-1b.yaml").model
+    assert hymba.layout == falcon.layout == "H" * 13  # the ablations make every layer hybrid
+    axes = lambda h: (h.norm, h.scale, h.fusion, h.out_proj)  # noqa: E731
+    assert axes(hymba.hybrid) == ("group", "vector", "add", "joint")
+    assert axes(falcon.hybrid) == ("none", "none", "concat", "joint")
+    # 13 hybrid blocks at the 1:1 split: the appendix's 180 MiB at 8K, within 5 %
+    assert model_cost(hymba, 8192, "bf16").cache_bytes / 2**20 == pytest.approx(180, rel=0.05)
 
 
 # --- parameters (brief §3, Table 8) -------------------------------------------------------------
