@@ -161,12 +161,10 @@ def _sum_in_time_layout(per_head: torch.Tensor, grouped: torch.Tensor) -> torch.
     b, c, heads, Q, p = per_head.shape
     groups = grouped.shape[2]
     r = heads // groups
-    out = torch.empty(b, c, Q, groups, r, p, device=per_head.device)
-    torch.add(
-        per_head.view(b, c, groups, r, Q, p).permute(0, 1, 4, 2, 3, 5),
-        grouped.view(b, c, groups, Q, r, p).transpose(2, 3),
-        out=out,
-    )
+    # Copy one part into a contiguous time-major buffer and add the other in place (an add with
+    # out= would do it in one pass, but torch.compile gives that result the inputs' strides).
+    out = grouped.view(b, c, groups, Q, r, p).transpose(2, 3).contiguous()
+    out += per_head.view(b, c, groups, r, Q, p).permute(0, 1, 4, 2, 3, 5)
     return out.view(b, c * Q, heads, p)
 
 
