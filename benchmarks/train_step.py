@@ -68,7 +68,7 @@ def hf_logits(model, tokens):
     return model(tokens).logits
 
 
-def peer_cases(batch: int, seq: int):
+def peer_cases():
     """(name, strata model, HF model) with identical weights; import transformers lazily."""
     from strata.interop.hf import to_hf_llama, to_hf_mamba2
 
@@ -145,7 +145,7 @@ def main() -> None:
     torch.manual_seed(0)
     results = []
 
-    for name, ours, theirs in peer_cases(args.batch, args.seq):
+    for name, ours, theirs in peer_cases():
         tokens = torch.randint(0, ours.config.vocab_size, (args.batch, args.seq + 1))
         seconds = time_alternating(
             {"strata": training_step(ours, tokens, strata_logits), "hf": training_step(theirs, tokens, hf_logits)},

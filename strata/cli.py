@@ -120,9 +120,9 @@ def run_eval(args: argparse.Namespace) -> int:
     per_file: dict[str, list[float]] = {}
     for item in result["per_document"]:
         name = item["name"].split(":")[0]
-        nats_bytes = per_file.setdefault(name, [0.0, 0])
-        nats_bytes[0] += item["bpb"] * item["bytes"]
-        nats_bytes[1] += item["bytes"]
+        bits_and_bytes = per_file.setdefault(name, [0.0, 0])
+        bits_and_bytes[0] += item["bpb"] * item["bytes"]
+        bits_and_bytes[1] += item["bytes"]
     files = [{"file": name, "bpb": bits / size, "bytes": size} for name, (bits, size) in per_file.items()]
     if args.json:
         print(json.dumps({"bpb": result["bpb"], "bytes": result["bytes"], "checkpoint": str(trained.checkpoint), "files": files}))

@@ -255,7 +255,7 @@ def test_update_balance_bias_lowers_overloaded_and_raises_underloaded():
 
     model.update_balance_biases()
 
-    for moe, old, load in zip(moes, before, loads):
+    for moe, old, _load in zip(moes, before, loads):
         delta = moe.balance_bias - old
         # over-loaded expert 0 down by the rate, the under-loaded ones up (float32: 5.0 - 0.01 rounds)
         torch.testing.assert_close(delta, torch.tensor([-rate, rate, rate, rate]), atol=1e-6, rtol=0)

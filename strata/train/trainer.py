@@ -9,7 +9,6 @@ optimiser step and one per validation) and the checkpoints; ``resume=True`` cont
 from __future__ import annotations
 
 import gzip
-import json
 import math
 import signal
 import time
@@ -21,9 +20,8 @@ import torch.nn.functional as F
 import yaml
 
 from strata.analysis.cost import model_cost
-from strata.config import Config, ConfigError, config_to_dict, validate_config
+from strata.config import Config, config_to_dict, validate_config
 from strata.data import (
-    DataError,
     Document,
     build_tokenizer,
     load_documents,
@@ -36,7 +34,6 @@ from strata.evals.bpb import bits_per_byte
 from strata.inference.sampling import sample
 from strata.models.lm import build_model
 from strata.train.checkpoint import (
-    CheckpointError,
     latest_checkpoint,
     load_model_weights,
     restore_rng,
@@ -274,5 +271,3 @@ def train(config: Config, run_dir: Path, resume: bool = False, quiet: bool = Fal
     CheckpointError or TrainingError with a one-line message on bad input."""
     return Trainer(config, run_dir, resume, quiet).run()
 
-
-__all__ = ["CheckpointError", "ConfigError", "DataError", "RunResult", "Trainer", "TrainingError", "train"]
