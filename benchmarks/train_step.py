@@ -13,38 +13,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import time_alternating
 
 from strata import build_model, load_config
 from strata.analysis.cost import model_cost
 from strata.nn.ssd import ssd_chunked
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def time_alternating(steps: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each callable, calling them in turn ``repeats`` times.
-
-    The order reverses every round (A B, B A, ...): whichever runs first in a round measured
-    2-4 % slower on this CPU, which a fixed order would charge to one side.
-    """
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    samples = {name: [] for name in steps}
-    order = list(steps.items())
-    for _ in range(repeats):
-        for name, step in order:
-            start = time.perf_counter()
-            step()
-            samples[name].append(time.perf_counter() - start)
-        order.reverse()
-    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def training_step(model, tokens, logits_of):
@@ -151,11 +131,11 @@ def main() -> None:
             {"strata": training_step(ours, tokens, strata_logits), "hf": training_step(theirs, tokens, hf_logits)},
             args.repeats,
         )
-        results.append(dict(case=name, strata_s=seconds["strata"], hf_s=seconds["hf"], speedup=seconds["hf"] / seconds["strata"]))
+        results.append({"case": name, "strata_s": seconds["strata"], "hf_s": seconds["hf"], "speedup": seconds["hf"] / seconds["strata"]})
 
     seconds = scan_case(args.batch, args.seq, args.repeats)
     results.append(
-        dict(case="SSD scan fwd+bwd vs HF", strata_s=seconds["strata"], hf_s=seconds["hf"], speedup=seconds["hf"] / seconds["strata"])
+        {"case": "SSD scan fwd+bwd vs HF", "strata_s": seconds["strata"], "hf_s": seconds["hf"], "speedup": seconds["hf"] / seconds["strata"]}
     )
 
     import transformers
@@ -178,7 +158,7 @@ def main() -> None:
         achieved = rate * flops_per_token
         print(f"{name:16s} {rate:10.0f} {rate / reference:14.2f}x {achieved / 1e9:9.1f} {achieved / peak:8.1%}")
         results.append(
-            dict(case=f"throughput {name}", tokens_per_s=rate, vs_transformer=rate / reference, flops_per_s=achieved, mfu=achieved / peak)
+            {"case": f"throughput {name}", "tokens_per_s": rate, "vs_transformer": rate / reference, "flops_per_s": achieved, "mfu": achieved / peak}
         )
 
     if args.json:

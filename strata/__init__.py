@@ -6,7 +6,7 @@ The model exports are loaded on first use, so torch-free commands (``strata info
 from strata.config import Config, ConfigError, load_config
 from strata.layout import make_layout
 
-__all__ = ["Config", "ConfigError", "LanguageModel", "build_model", "load_config", "make_layout"]
+__all__ = ["Config", "ConfigError", "LanguageModel", "build_model", "generate", "load_config", "make_layout"]
 __version__ = "0.1.0"
 
 
@@ -15,4 +15,8 @@ def __getattr__(name: str):
         from strata.models import lm
 
         return getattr(lm, name)
+    if name == "generate":
+        from strata.inference.generate import generate
+
+        return generate
     raise AttributeError(f"module 'strata' has no attribute {name!r}")

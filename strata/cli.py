@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -70,6 +72,22 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def bounded_float(low: float, high: float = float("inf"), low_inclusive: bool = True):
+    """An argparse type: a number in [low, high] (or (low, high] without ``low_inclusive``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (value >= low if low_inclusive else value > low) or value > high:
+            bounds = f"{'[' if low_inclusive else '('}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"must be in {bounds}, got {value:g}")
+        return value
+
+    return parse
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -142,16 +160,63 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from strata.inference.sampling import sample
+    from strata.inference.generate import generate
     from strata.train.runs import open_run
 
+    if args.prompt_file is not None:
+        try:
+            prompt = Path(args.prompt_file).read_bytes()
+        except OSError as error:
+            raise ValueError(f"{args.prompt_file}: cannot read the prompt file ({error.strerror})") from None
+    elif args.prompt is not None:
+        prompt = os.fsencode(args.prompt)  # the exact bytes given, even when they are not UTF-8
+    elif not args.interactive:
+        raise ValueError("give --prompt TEXT, --prompt-file PATH or --interactive")
+    else:
+        prompt = None
     trained = open_run(args.run)
-    tokenizer = trained.tokenizer
-    prompt = [tokenizer.bos_id, *tokenizer.encode(args.prompt.encode("utf-8")).tolist()]
-    context = trained.config.train.seq_len or trained.config.model.context_length
-    new = sample(trained.model, prompt, args.max_new, args.temperature, args.top_k, args.top_p, args.seed, context,
-                 stop_ids={tokenizer.eos_id})
-    sys.stdout.write(args.prompt + tokenizer.decode(new).decode("utf-8", errors="replace") + "\n")
+    # Unencodable characters (a non-UTF-8 terminal) print as replacements instead of failing.
+    sys.stdout.reconfigure(errors="replace")
+    settings = dict(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        stop=[os.fsencode(stop) for stop in args.stop],
+        seed=args.seed,
+        tokenizer=trained.tokenizer,
+    )
+
+    def continue_prompt(data: bytes) -> None:
+        """Print the prompt, then the continuation as it is generated."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+        def show(_index: int, new: bytes) -> None:
+            sys.stdout.write(decoder.decode(new))
+            sys.stdout.flush()
+
+        show(0, data)
+        generate(trained.model, data, args.max_new, on_text=show, **settings)
+        sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+        sys.stdout.flush()
+
+    if prompt is not None:
+        continue_prompt(prompt)
+    if args.interactive:
+        print(f"{trained.checkpoint}: one prompt per line; Ctrl-C stops a generation, Ctrl-D quits.", file=sys.stderr)
+        while True:
+            try:
+                print("> ", end="", file=sys.stderr, flush=True)
+                line = sys.stdin.buffer.readline()
+            except KeyboardInterrupt:
+                print(file=sys.stderr)
+                break
+            if not line:
+                break
+            try:
+                continue_prompt(line.rstrip(b"\r\n"))
+            except KeyboardInterrupt:
+                print(file=sys.stderr)
     return 0
 
 
@@ -202,13 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(handler=run_eval)
 
-    generate = commands.add_parser("generate", help="sample text from a trained model")
+    generate = commands.add_parser("generate", help="continue a prompt with a trained model, streaming the text")
     generate.add_argument("run", metavar="RUN_OR_CKPT")
-    generate.add_argument("--prompt", required=True)
-    generate.add_argument("--max-new", type=positive_int, default=200)
-    generate.add_argument("--temperature", type=float, default=0.8)
-    generate.add_argument("--top-k", type=int, default=None)
-    generate.add_argument("--top-p", type=float, default=None)
+    source = generate.add_mutually_exclusive_group()
+    source.add_argument("--prompt", help="prompt text (may be empty)")
+    source.add_argument("--prompt-file", metavar="PATH", help="read the prompt's bytes from a file (any bytes)")
+    generate.add_argument("--interactive", action="store_true", help="then read prompts from stdin, one per line")
+    generate.add_argument("--max-new", type=positive_int, default=200, help="new tokens at most (default 200)")
+    generate.add_argument("--temperature", type=bounded_float(0), default=0.8, help="0 is greedy (default 0.8)")
+    generate.add_argument("--top-k", type=positive_int, default=None)
+    generate.add_argument("--top-p", type=bounded_float(0, 1, low_inclusive=False), default=None)
+    generate.add_argument("--repetition-penalty", type=bounded_float(0, low_inclusive=False), default=1.0,
+                          help="> 1 discourages repeats (default 1)")
+    generate.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
     generate.add_argument("--seed", type=int, default=None)
     generate.set_defaults(handler=run_generate)
 

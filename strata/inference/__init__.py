@@ -1,1 +1,1 @@
-"""Inference: sampling (and, with the generation issue, caches for every mixer)."""
+"""Inference: caches for every mixer, generation, sampling."""

@@ -1,4 +1,4 @@
-"""Plain autoregressive sampling: a full forward pass per new token (caches come later)."""
+"""Choosing the next token from a batch of logits: penalty, temperature, top-k, top-p, greedy."""
 
 from __future__ import annotations
 
@@ -12,47 +12,32 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
         logits = logits.masked_fill(logits < threshold, float("-inf"))
     if top_p is not None and 0 < top_p < 1:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        probabilities = torch.softmax(sorted_logits, dim=-1)
         # Drop a token when the tokens before it already reach top_p (the first one always stays).
-        drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop_sorted = (probabilities.cumsum(-1) - probabilities) >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
 
 
-@torch.no_grad()
-def sample(
-    model: torch.nn.Module,
-    prompt: list[int],
-    max_new: int,
-    temperature: float = 1.0,
+def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty: the logit of every token already seen ([B, V] bool) is divided
+    by ``penalty`` when positive and multiplied by it when negative."""
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def choose_tokens(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    seed: int | None = None,
-    context_length: int | None = None,
-    stop_ids: set[int] | None = None,
-) -> list[int]:
-    """New token ids after ``prompt``; temperature 0 is greedy. The model sees at most
-    ``context_length`` trailing tokens."""
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device)
-    if seed is not None:
-        generator.manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    tokens = list(prompt)
-    new: list[int] = []
-    for _ in range(max_new):
-        window = tokens[-context_length:] if context_length else tokens
-        logits = model(torch.tensor([window], device=device))[0, -1].float()
-        if temperature <= 0:
-            next_id = int(logits.argmax())
-        else:
-            logits = filter_logits(logits / temperature, top_k, top_p)
-            next_id = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
-        if stop_ids and next_id in stop_ids:
-            break
-        tokens.append(next_id)
-        new.append(next_id)
-    model.train(was_training)
-    return new
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """[B, V] fp32 logits -> [B] token ids; temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probabilities = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+    return torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)

@@ -84,12 +84,13 @@ def hf_mamba2_config(config: ModelConfig):
 def llama_layer_state_dict(block: Block) -> dict[str, torch.Tensor]:
     """One strata attention block's weights under ``LlamaDecoderLayer`` names."""
     attention, ffn = block.mixer, block.ffn
+    q, k, v = attention.qkv_proj.weight.split(attention.qkv_widths)
     return {
         "input_layernorm.weight": block.mixer_norm.weight,
         "post_attention_layernorm.weight": block.ffn_norm.weight,
-        "self_attn.q_proj.weight": attention.q_proj.weight,
-        "self_attn.k_proj.weight": attention.k_proj.weight,
-        "self_attn.v_proj.weight": attention.v_proj.weight,
+        "self_attn.q_proj.weight": q,
+        "self_attn.k_proj.weight": k,
+        "self_attn.v_proj.weight": v,
         "self_attn.o_proj.weight": attention.o_proj.weight,
         "mlp.gate_proj.weight": ffn.gate.weight,
         "mlp.up_proj.weight": ffn.up.weight,

@@ -12,7 +12,7 @@ from strata.nn.attention import Attention
 from strata.nn.hybrid import IntraLayerHybrid
 from strata.nn.mamba2 import Mamba2
 from strata.nn.mlp import MoE, build_ffn
-from strata.nn.norms import RMSNorm
+from strata.nn.norms import RMSNorm, rms_norm
 
 # Projections that write into the residual stream; initialised smaller so the stream's variance
 # does not grow with depth (GPT-2's 1/sqrt(2·layers) rule).
@@ -47,10 +47,11 @@ class Block(nn.Module):
         self.ffn = build_ffn(config.d_model, config.ffn)
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps) if self.ffn is not None else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x))
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        # The norms are applied as functions, like the projections (see strata/nn/linear.py).
+        x = x + self.mixer(rms_norm(x, self.mixer_norm.weight, self.mixer_norm.eps), cache=cache)
         if self.ffn is not None:
-            x = x + self.ffn(self.ffn_norm(x))
+            x = x + self.ffn(rms_norm(x, self.ffn_norm.weight, self.ffn_norm.eps))
         return x
 
 
@@ -76,12 +77,22 @@ class LanguageModel(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, vocab]."""
+    def forward(self, tokens: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, vocab] ([B, 1, vocab] with ``last_only``).
+
+        With a ``StackCache`` (``strata.inference``) the tokens are the next steps after those
+        the cache holds, and the cache advances past them.
+        """
         x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x)
-        x = self.norm(x)
+        if cache is None:
+            for block in self.blocks:
+                x = block(x)
+        else:
+            cache.sequence.begin(tokens.shape[1])
+            for block, layer_cache in zip(self.blocks, cache.layers, strict=True):
+                x = block(x, layer_cache)
+            cache.sequence.commit()
+        x = self.norm(x[:, -1:] if last_only else x)
         return self.head(x) if self.head is not None else x @ self.embed.weight.t()
 
     def moe_layers(self) -> list[MoE]:

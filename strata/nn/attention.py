@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from strata.config import AttentionConfig, RopeConfig
+from strata.nn.linear import project
 from strata.nn.rope import RotaryEmbedding, apply_rotary
 
 
@@ -22,9 +23,17 @@ class Attention(nn.Module):
     hybrid widens V); with ``window`` set, each query sees the last ``window`` keys and the first
     ``sinks`` keys of the sequence.
 
+    Q, K and V come from one projection, and the Q and K heads, side by side, take one rotation:
+    three calls become one, which matters when decoding a token is a chain of small ops (training
+    time measured the same).
+
     ``attend`` returns the concatenated heads
     [B, T, n_heads * v_head_dim] before the output projection, so the hybrid mixer can fuse
     branches before (or after) projecting.
+
+    With a ``cache`` (from ``strata.inference.cache``) the input holds only the new steps: RoPE
+    takes the cache's per-sequence positions, and the cache stores the new keys and values and
+    returns everything to attend over with the mask that padding, windows and sinks call for.
     """
 
     def __init__(
@@ -43,9 +52,9 @@ class Attention(nn.Module):
         self.v_head_dim = config.value_head_dim
         self.window = window
         self.sinks = sinks
-        self.q_proj = nn.Linear(d_model, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.v_head_dim, bias=False)
+        # Rows of Q, K and V in ``qkv_proj.weight``, in that order.
+        self.qkv_widths = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.v_head_dim)
+        self.qkv_proj = nn.Linear(d_model, sum(self.qkv_widths), bias=False)
         self.o_proj = nn.Linear(self.value_width, d_model, bias=False) if output_projection else None
         self.rotary = RotaryEmbedding(self.head_dim, rope or config.rope)
 
@@ -53,16 +62,35 @@ class Attention(nn.Module):
     def value_width(self) -> int:
         return self.n_heads * self.v_head_dim
 
-    def attend(self, x: torch.Tensor, return_values: bool = False):
-        """Heads [B, T, n_heads * v_head_dim]; with ``return_values`` also V [B, n_kv_heads, T, v_head_dim]."""
+    def attend(self, x: torch.Tensor, return_values: bool = False, cache=None):
+        """Heads [B, T, n_heads * v_head_dim]; with ``return_values`` also the new steps' V
+        [B, n_kv_heads, T, v_head_dim]."""
         batch, length, _ = x.shape
-        cos, sin = self.rotary(length, device=x.device)
-        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads of [B, T, heads, D]
-        q = apply_rotary(self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim)), cos, sin).transpose(1, 2)
-        k = apply_rotary(self.k_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim)), cos, sin).transpose(1, 2)
-        v = self.v_proj(x).unflatten(-1, (self.n_kv_heads, self.v_head_dim)).transpose(1, 2)
+        if cache is None:
+            cos, sin = self.rotary(length, device=x.device)
+            cos, sin = cos[:, None], sin[:, None]  # broadcast over the heads of [B, T, heads, D]
+        else:
+            cos, sin = cache.sequence.rope(self.rotary)  # [B|1, T, 1, D]
+        # (split_with_sizes: Tensor.split's Python wrapper costs as much as the split itself.)
+        q_width, k_width, v_width = self.qkv_widths
+        qk, v = project(self.qkv_proj, x).split_with_sizes([q_width + k_width, v_width], dim=-1)
+        qk = qk.view(batch, length, self.n_heads + self.n_kv_heads, self.head_dim)
+        qk = apply_rotary(qk, cos, sin).transpose(1, 2)  # [B, heads, T, D]
+        q, k = qk.split_with_sizes([self.n_heads, self.n_kv_heads], dim=1)
+        v = v.view(batch, length, self.n_kv_heads, self.v_head_dim).transpose(1, 2)
         gqa = self.n_heads != self.n_kv_heads
-        if self.window is None or self.window + self.sinks >= length:
+        if cache is not None:
+            keys, values, mask = cache.update(k, v)
+            if length == 1:
+                # One query per head: the query heads that share a KV head sit in the query axis
+                # of that KV head, so no K/V is expanded (1.5x faster at 16K keys).
+                grouped = q.reshape(batch, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)
+                out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)
+                out = out.view(batch, self.n_heads, 1, self.v_head_dim)
+            else:
+                causal = mask is None
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+        elif self.window is None or self.window + self.sinks >= length:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             mask = window_mask(length, self.window, self.sinks, device=x.device)
@@ -70,5 +98,5 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(batch, length, self.value_width)
         return (out, v) if return_values else out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.o_proj(self.attend(x))
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        return project(self.o_proj, self.attend(x, cache=cache))

@@ -15,6 +15,7 @@ from torch import nn
 
 from strata.config import HybridConfig
 from strata.nn.attention import Attention
+from strata.nn.linear import project
 from strata.nn.mamba2 import Mamba2
 from strata.nn.norms import HeadGroupNorm
 
@@ -50,17 +51,19 @@ class IntraLayerHybrid(nn.Module):
             fused_width = attn_width + ssm_width if config.fusion == "concat" else ssm_width
             self.out_proj = nn.Linear(fused_width, d_model, bias=False)
 
-    def branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two normalised, scaled branch outputs (attention [B,T,attn_width], ssm [B,T,d_ssm])."""
+    def branches(self, x: torch.Tensor, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two normalised, scaled branch outputs (attention [B,T,attn_width], ssm [B,T,d_ssm]);
+        ``cache`` is a HybridCache when decoding."""
+        attn_cache, ssm_cache = (None, None) if cache is None else (cache.attention, cache.mamba)
         if self.config.share_value:
             # The SSM branch reads the attention's values, one head of V per SSM head.
-            y_attn, values = self.attn.attend(x, return_values=True)  # values [B, kv, T, dv]
+            y_attn, values = self.attn.attend(x, return_values=True, cache=attn_cache)  # values [B, kv, T, dv]
             groups = self.attn.n_heads // self.attn.n_kv_heads
             shared = values.repeat_interleave(groups, dim=1).transpose(1, 2).flatten(-2)
-            y_ssm = self.ssm.mix(x, shared)
+            y_ssm = self.ssm.mix(x, shared, cache=ssm_cache)
         else:
-            y_attn = self.attn.attend(x)
-            y_ssm = self.ssm.mix(x)
+            y_attn = self.attn.attend(x, cache=attn_cache)
+            y_ssm = self.ssm.mix(x, cache=ssm_cache)
         y_attn, y_ssm = self.attn_norm(y_attn), self.ssm_norm(y_ssm)
         scale = self.config.scale
         if scale == "vector":
@@ -68,16 +71,16 @@ class IntraLayerHybrid(nn.Module):
         elif scale == "scalar":
             y_attn = y_attn * self.attn_scale
         elif scale == "gate":
-            gates = torch.sigmoid(self.gate(x))
+            gates = torch.sigmoid(project(self.gate, x))
             attn_gate, ssm_gate = gates.split([self.attn.n_heads, self.ssm.n_heads], dim=-1)
             y_attn = (y_attn.unflatten(-1, (self.attn.n_heads, -1)) * attn_gate[..., None]).flatten(-2)
             y_ssm = (y_ssm.unflatten(-1, (self.ssm.n_heads, -1)) * ssm_gate[..., None]).flatten(-2)
         return y_attn, y_ssm
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y_attn, y_ssm = self.branches(x)
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        y_attn, y_ssm = self.branches(x, cache)
         if self.config.out_proj == "separate":
-            y_attn, y_ssm = self.attn_out(y_attn), self.ssm_out(y_ssm)
+            y_attn, y_ssm = project(self.attn_out, y_attn), project(self.ssm_out, y_ssm)
         fusion = self.config.fusion
         if fusion == "add":
             fused = y_ssm + y_attn
@@ -85,4 +88,4 @@ class IntraLayerHybrid(nn.Module):
             fused = y_ssm - y_attn
         else:
             fused = torch.cat([y_ssm, y_attn], dim=-1)
-        return fused if self.config.out_proj == "separate" else self.out_proj(fused)
+        return fused if self.config.out_proj == "separate" else project(self.out_proj, fused)

@@ -10,8 +10,9 @@ from torch import nn
 
 from strata.config import Mamba2Config
 from strata.nn.conv import causal_conv1d
+from strata.nn.linear import project
 from strata.nn.norms import GatedRMSNorm
-from strata.nn.ssd import ssd_chunked
+from strata.nn.ssd import ssd_chunked, ssd_step
 
 
 class Mamba2(nn.Module):
@@ -20,6 +21,10 @@ class Mamba2(nn.Module):
     ``mix`` returns the gated, normalised scan output [B, T, d_ssm] before the out-projection, so
     the intra-layer hybrid can fuse it with the attention branch. With ``external_x`` the
     projection makes no x: the caller passes it (the hybrid's value sharing).
+
+    With a ``cache`` (a MambaCache) the input holds only the new steps: the conv continues from
+    the cached conv inputs and the scan from the cached state (one recurrence step for a single
+    new step, the chunked scan for a prompt), and both are stored back.
     """
 
     def __init__(
@@ -41,7 +46,9 @@ class Mamba2(nn.Module):
         self.conv_dim = self.d_ssm + 2 * config.n_groups * config.d_state
         x_width = 0 if external_x else self.d_ssm
         bc_width = 2 * config.n_groups * config.d_state
-        self.in_proj = nn.Linear(d_model, self.d_ssm + x_width + bc_width + self.n_heads, bias=False)
+        # Widths of z, the conv input (x, B, C; without x when external) and dt in the projection.
+        self.projection_widths = (self.d_ssm, x_width + bc_width, self.n_heads)
+        self.in_proj = nn.Linear(d_model, sum(self.projection_widths), bias=False)
         # An nn.Conv1d only to hold the weights under the names and shapes mamba_ssm and HF use.
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, config.conv_kernel, groups=self.conv_dim, bias=True)
         self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
@@ -64,30 +71,66 @@ class Mamba2(nn.Module):
 
     def split_projection(self, u: torch.Tensor, x: torch.Tensor | None = None):
         """(z, xBC, dt) from the block input; ``x`` [B, T, d_ssm] is required iff external_x."""
-        projected = self.in_proj(u)
-        z, rest = projected.split([self.d_ssm, projected.shape[-1] - self.d_ssm], dim=-1)
-        xbc, dt = rest.split([rest.shape[-1] - self.n_heads, self.n_heads], dim=-1)
+        z, xbc, dt = project(self.in_proj, u).split_with_sizes(self.projection_widths, dim=-1)
         if self.external_x:
             xbc = torch.cat([x, xbc], dim=-1)
         return z, xbc, dt
 
     def split_conv_output(self, xbc: torch.Tensor):
         bc = self.n_groups * self.d_state
-        x, B, C = xbc.split([self.d_ssm, bc, bc], dim=-1)
+        x, B, C = xbc.split_with_sizes([self.d_ssm, bc, bc], dim=-1)
         return (
             x.unflatten(-1, (self.n_heads, self.head_dim)),
             B.unflatten(-1, (self.n_groups, self.d_state)),
             C.unflatten(-1, (self.n_groups, self.d_state)),
         )
 
-    def mix(self, u: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+    def mix(self, u: torch.Tensor, x: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         z, xbc, dt = self.split_projection(u, x)
-        xbc = causal_conv1d(xbc, self.conv1d.weight[:, 0], self.conv1d.bias)
-        xs, B, C = self.split_conv_output(F.silu(xbc))
-        dt = F.softplus(dt.float() + self.dt_bias.float())
-        A = -torch.exp(self.A_log.float())
-        y, _ = ssd_chunked(xs, dt, A, B, C, self.chunk_size, self.D)
+        if cache is None:
+            xs, B, C = self.split_conv_output(F.silu(causal_conv1d(xbc, self.conv1d.weight[:, 0], self.conv1d.bias)))
+            dt = F.softplus(dt.float() + self.dt_bias.float())
+            y, _ = ssd_chunked(xs, dt, -torch.exp(self.A_log.float()), B, C, self.chunk_size, self.D)
+        else:
+            y = self._advance(cache, xbc, dt)
         return self.norm(y.flatten(-2), z)
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(self.mix(u))
+    def step_weights(self) -> dict[str, torch.Tensor]:
+        """Parameters in the form the cached path uses. A cache computes them once: weights do
+        not change while it generates."""
+        return {
+            "A": -torch.exp(self.A_log.float()),
+            "dt_bias": self.dt_bias.float(),
+            "D": self.D.float(),
+            "conv_weight": self.conv1d.weight[:, 0],  # [C, K]
+            "conv_weight_by_tap": self.conv1d.weight[:, 0].t().contiguous(),  # [K, C]
+        }
+
+    def _advance(self, cache, xbc: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+        """Conv and scan of the new steps continued from ``cache``, which is updated in place."""
+        weights = cache.step_weights(self)
+        dt = F.softplus(dt.float() + weights["dt_bias"])
+        pad = cache.sequence.pad
+        if pad is not None:
+            # Padded steps: a zero conv input and a zero step size leave conv window and state as
+            # if the sequence began at its first real token.
+            xbc = xbc.masked_fill(pad[..., None], 0)
+            dt = dt.masked_fill(pad[..., None], 0)
+        steps, kernel = xbc.shape[1], cache.conv.shape[1]
+        window = torch.cat([cache.conv[:, 1:], xbc.to(cache.conv.dtype)], dim=1)  # [B, K−1+T, C]
+        cache.conv.copy_(window[:, -kernel:])
+        if steps == 1:
+            conv = (window * weights["conv_weight_by_tap"]).sum(1, keepdim=True) + self.conv1d.bias
+        else:
+            conv = causal_conv1d(window, weights["conv_weight"], self.conv1d.bias)[:, kernel - 1 :]
+        xs, B, C = self.split_conv_output(F.silu(conv.to(xbc.dtype)))
+        if steps == 1:
+            y, state = ssd_step(cache.ssm, xs[:, 0], dt[:, 0], weights["A"], B[:, 0], C[:, 0], weights["D"])
+            y = y[:, None]
+        else:
+            y, state = ssd_chunked(xs, dt, weights["A"], B, C, self.chunk_size, weights["D"], initial_state=cache.ssm)
+        cache.ssm.copy_(state)
+        return y
+
+    def forward(self, u: torch.Tensor, cache=None) -> torch.Tensor:
+        return project(self.out_proj, self.mix(u, cache=cache))

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from strata.config import FFNConfig
+from strata.nn.linear import project
 
 
 class SwiGLU(nn.Module):
@@ -23,7 +24,7 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(d_ffn, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        return project(self.down, F.silu(project(self.gate, x)) * project(self.up, x))
 
 
 class MoE(nn.Module):

@@ -34,29 +34,49 @@ def rope_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """``(cos, sin)`` tables of shape [T, head_dim / 2] for positions ``offset .. offset+T-1``.
+    """Full-width ``(cos, sin)`` tables for ``apply_rotary``: cos of each frequency twice, and sin
+    with the first half negated, so the rotation is three elementwise ops.
 
-    The last tables are kept: every step of a training run asks for the same length.
+    One table covers positions 0 .. N−1 and grows (in steps of ``GROWTH``) when a longer
+    sequence asks; training and decoding then only slice or index it.
     """
+
+    GROWTH = 1024
 
     def __init__(self, head_dim: int, rope: RopeConfig):
         super().__init__()
         self.register_buffer("inv_freq", rope_frequencies(head_dim, rope), persistent=False)
-        self._tables: tuple | None = None
+        # Layers with equal settings have equal tables; a decoding step looks them up once.
+        self.key = ("rope", head_dim, rope.model_dump_json())
+        self._cos = self._sin = None
 
-    def forward(self, length: int, offset: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        device = device or self.inv_freq.device
-        key = (length, offset, str(device))
-        if self._tables is None or self._tables[0] != key:
-            positions = torch.arange(offset, offset + length, device=device, dtype=torch.float32)
-            angles = torch.outer(positions, self.inv_freq.to(device))
-            self._tables = (key, angles.cos(), angles.sin())
-        return self._tables[1], self._tables[2]
+    def _tables(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        device = torch.device(device) if device is not None else self.inv_freq.device
+        if self._cos is None or self._cos.shape[0] < length or self._cos.device != device:
+            size = -(-length // self.GROWTH) * self.GROWTH
+            # Ordinary tensors even when generation (inference mode) grows the table: training
+            # reuses it and must be able to save it for backward.
+            with torch.inference_mode(False), torch.no_grad():
+                angles = torch.arange(size, device=device, dtype=torch.float32)[:, None] * self.inv_freq.to(device)
+                cos, sin = angles.cos(), angles.sin()
+                self._cos, self._sin = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+        return self._cos, self._sin
+
+    def forward(self, length: int, start: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables [T, head_dim] for positions start .. start+T−1."""
+        cos, sin = self._tables(start + length, device)
+        return cos[start : start + length], sin[start : start + length]
+
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables [..., head_dim] for a tensor of positions (negative ones, padding, read position 0)."""
+        cos, sin = self._tables(int(positions.max()) + 1, positions.device)
+        positions = positions.clamp(min=0)
+        return cos[positions], sin[positions]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + D/2) of ``x`` [..., D] (the HF Llama convention) by half-width tables
-    broadcastable to [..., D/2]."""
-    first, second = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+    """Rotate pairs (i, i + D/2) of ``x`` [..., D] (the HF Llama convention) by full-width tables
+    from ``RotaryEmbedding``, broadcastable to x: ``x·cos + roll(x, D/2)·sin``."""
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)

@@ -206,17 +206,19 @@ def ssd_step(
     C: torch.Tensor,
     D: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One recurrence step: x [b, h, p], dt [b, h], B, C [b, g, n], state [b, h, p, n] (fp32)."""
-    heads, groups = x.shape[1], B.shape[1]
-    Bh = B.float().repeat_interleave(heads // groups, dim=1)  # [b, h, n]
-    Ch = C.float().repeat_interleave(heads // groups, dim=1)
-    dt32 = dt.float()
-    decay = torch.exp(dt32 * A.float())[..., None, None]
-    state = state * decay + (dt32[..., None] * x.float())[..., None] * Bh[:, :, None, :]
-    y = (state @ Ch[..., None]).squeeze(-1)
+    """One recurrence step: x [b, h, p], dt [b, h], B, C [b, g, n], state [b, h, p, n]; returns
+    (y [b, h, p], the new fp32 state). A group's heads share its B and C by broadcasting."""
+    batch, heads, head_dim = x.shape
+    groups, state_size = B.shape[1], B.shape[2]
+    per_group = heads // groups
+    dt32, x32 = dt.float(), x.float()
+    decay = torch.exp(dt32 * A.float()).view(batch, groups, per_group, 1, 1)
+    update = (dt32[..., None] * x32).view(batch, groups, per_group, head_dim, 1) * B.float().view(batch, groups, 1, 1, state_size)
+    state = state.float().view(batch, groups, per_group, head_dim, state_size) * decay + update
+    y = (state @ C.float().view(batch, groups, 1, state_size, 1)).view(batch, heads, head_dim)
     if D is not None:
-        y = y + D.float()[:, None] * x.float()
-    return y.to(x.dtype), state
+        y = y + D.float()[:, None] * x32
+    return y.to(x.dtype), state.view(batch, heads, head_dim, state_size)
 
 
 def ssd_recurrent(

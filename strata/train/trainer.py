@@ -31,7 +31,7 @@ from strata.data import (
     TokenLoader,
 )
 from strata.evals.bpb import bits_per_byte
-from strata.inference.sampling import sample
+from strata.inference.generate import generate
 from strata.models.lm import build_model
 from strata.train.checkpoint import (
     latest_checkpoint,
@@ -260,10 +260,9 @@ class Trainer:
 
     def _sample(self, max_new: int = 200) -> str:
         first_line = self.valid_documents[0].text.split(b"\n", 1)[0][:48] or b"\n"
-        prompt = [self.tokenizer.bos_id, *self.tokenizer.encode(first_line).tolist()]
-        new = sample(self.model, prompt, max_new, temperature=0.8, top_k=50, seed=0, context_length=self.seq_len,
-                     stop_ids={self.tokenizer.eos_id})
-        return (first_line + self.tokenizer.decode(new)).decode("utf-8", errors="replace")
+        generation = generate(self.model, first_line, max_new, temperature=0.8, top_k=50, seed=0, tokenizer=self.tokenizer)[0]
+        # Join bytes before decoding: the prompt may end inside a character the sample completes.
+        return (first_line + self.tokenizer.decode(generation.tokens)).decode("utf-8", errors="replace")
 
 
 def train(config: Config, run_dir: Path, resume: bool = False, quiet: bool = False) -> RunResult:

@@ -1,0 +1,164 @@
+"""Decode throughput after long prompts: strata's families vs each other and vs HF ``generate``.
+
+    python benchmarks/decode.py [--contexts 512 2048 8192 16384] [--batches 1 4] [--new 64]
+                                [--repeats 3] [--json results.jsonl]
+
+For each prompt length and batch size, every contender generates ``--new`` greedy tokens after a
+random prompt, through its public generate API (``strata.generate``; HF's ``model.generate`` with
+the default dynamic cache). Decode speed is read from per-token callbacks (strata's ``on_token``,
+an HF streamer): batch × (new − 1) tokens over the time from the first new token to the last, so
+prefill is excluded. All contenders of one (context, batch) cell run in alternation and the
+median of the repeats is reported. HF peers share shapes and weights with a strata model:
+``transformer`` ↔ ``LlamaForCausalLM``, ``mamba2 (no FFN)`` ↔ ``Mamba2ForCausalLM`` (whose blocks
+have no FFN). CPU runs use float32 and the default thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from timing import measure_alternating
+
+from strata import build_model, load_config
+from strata.analysis.cost import model_cost
+from strata.inference.generate import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs/tiny"
+FAMILIES = {
+    "transformer": [],
+    "mamba2": [],
+    "inter": [],
+    "intra": [],
+}
+NO_FFN = "mamba2 (no FFN)"
+
+
+def strata_decode(model, prompts: torch.Tensor, new: int):
+    """A measure: seconds per decoding step of ``strata.generate`` over the batch."""
+
+    def measure() -> float:
+        stamps = []
+        generate(model, list(prompts), new, on_token=lambda index, token: index == 0 and stamps.append(time.perf_counter()))
+        return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+    return measure
+
+
+class _Stamps:
+    """An HF streamer that only records when each batch of new tokens arrives (the first call
+    is the prompt)."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def hf_decode(model, prompts: torch.Tensor, new: int):
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    model.generation_config.pad_token_id = 0
+    mask = torch.ones_like(prompts)
+
+    def measure() -> float:
+        stamps = _Stamps()
+        with torch.inference_mode():
+            model.generate(prompts, attention_mask=mask, max_new_tokens=new, do_sample=False, streamer=stamps)
+        times = stamps.times[1:]
+        return (times[-1] - times[0]) / (len(times) - 1)
+
+    return measure
+
+
+def contenders(with_hf: bool) -> dict[str, torch.nn.Module]:
+    models = {name: build_model(load_config(TINY / f"{name}.yaml", overrides)).eval() for name, overrides in FAMILIES.items()}
+    if with_hf:
+        from strata.interop.hf import to_hf_llama, to_hf_mamba2
+
+        models[NO_FFN] = build_model(load_config(TINY / "mamba2.yaml", ["model.ffn.kind=none"])).eval()
+        models["HF Llama"] = to_hf_llama(models["transformer"]).eval()
+        models["HF Mamba2"] = to_hf_mamba2(models[NO_FFN]).eval()
+    return models
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192, 16384])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--new", type=int, default=64, help="tokens generated per measurement")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-hf", action="store_true", help="strata families only")
+    parser.add_argument("--json", type=Path, help="append one JSON object per result to this file")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    models = contenders(not args.no_hf)
+    print(
+        f"{platform.processor() or platform.machine()} float32, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}; {args.new} new tokens, median of {args.repeats}"
+    )
+
+    rates: dict[tuple[str, int, int], float] = {}
+    for batch in args.batches:
+        for context in args.contexts:
+            prompts = torch.randint(0, 256, (batch, context))
+            measures = {
+                name: (hf_decode if name.startswith("HF") else strata_decode)(model, prompts, args.new)
+                for name, model in models.items()
+            }
+            seconds = measure_alternating(measures, args.repeats, warmup=1 if context <= 2048 else 0)
+            for name, step in seconds.items():
+                rates[name, batch, context] = batch / step
+            print(f"  batch {batch}, context {context}: " + ", ".join(f"{n} {batch / s:.0f}" for n, s in seconds.items()), flush=True)
+
+    results = []
+    header = "".join(f"{context:>9d}" for context in args.contexts)
+    for batch in args.batches:
+        print(f"\ndecode tokens/s, batch {batch} (context →){header}   cache MiB at {args.contexts[-1]}")
+        for name, model in models.items():
+            row = "".join(f"{rates[name, batch, c]:9.0f}" for c in args.contexts)
+            cache = "" if name.startswith("HF") else f"{batch * model_cost(model.config, args.contexts[-1], 'fp32').cache_mib:10.1f}"
+            print(f"  {name:27s}{row} {cache}")
+        print(f"ratio to the transformer{' ' * 6}{header}")
+        for name in FAMILIES:
+            print(f"  {name:27s}" + "".join(f"{rates[name, batch, c] / rates['transformer', batch, c]:8.2f}x" for c in args.contexts))
+        if not args.no_hf:
+            print(f"strata / HF generate{' ' * 10}{header}")
+            for ours, theirs in (("transformer", "HF Llama"), (NO_FFN, "HF Mamba2")):
+                label = f"{ours} / {theirs}"
+                print(f"  {label:27s}" + "".join(f"{rates[ours, batch, c] / rates[theirs, batch, c]:8.2f}x" for c in args.contexts))
+        for name in models:
+            for context in args.contexts:
+                results.append({"model": name, "batch": batch, "context": context, "tokens_per_s": rates[name, batch, context]})
+
+    first, last = args.contexts[0], args.contexts[-1]
+    print("\ntargets")
+    for batch in args.batches:
+        flat = rates["mamba2", batch, last] / rates["mamba2", batch, first]
+        print(f"  batch {batch}: mamba2 at {last} / at {first}: {flat:.2f} (target >= 0.9)")
+        for name in ("inter", "intra"):
+            print(f"  batch {batch}: {name} / transformer at {last}: {rates[name, batch, last] / rates['transformer', batch, last]:.2f} (target >= 3)")
+        if not args.no_hf:
+            for ours, theirs in (("transformer", "HF Llama"), (NO_FFN, "HF Mamba2")):
+                ratio = rates[ours, batch, first] / rates[theirs, batch, first]
+                print(f"  batch {batch}: {ours} / {theirs} at {first}: {ratio:.2f} (target >= 2)")
+
+    if args.json:
+        with args.json.open("a") as out:
+            for row in results:
+                out.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""Generation: prefill the prompts through the caches, then one cached step per new token.
+
+Prompts of different lengths share one left-padded batch (the caches keep the padding out of every
+state); a sequence that finishes leaves the batch, so it costs nothing more. ``use_cache=False``
+is the slow reference: each step runs the full forward over each sequence alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from strata.data.tokenizer import Tokenizer
+from strata.inference.cache import StackCache
+from strata.inference.sampling import choose_tokens, penalize_repetition
+from strata.inference.stop import StopStrings
+
+Prompt = str | bytes | Sequence[int] | np.ndarray | torch.Tensor
+
+
+@dataclass
+class Generation:
+    """One prompt's continuation.
+
+    ``tokens``: the new token ids (an EOS or stop token that ended the sequence is not included);
+    ``text``: their decoded text up to any stop string, when a tokenizer was given;
+    ``finish_reason``: "eos" (a stop token), "stop" (a stop string) or "length";
+    ``logits``: with ``return_logits``, the fp32 logits [steps, vocab] each token was chosen from.
+    """
+
+    tokens: list[int]
+    text: str | None
+    finish_reason: str
+    logits: torch.Tensor | None = None
+
+
+def generate(
+    model: torch.nn.Module,
+    prompts: Prompt | Sequence[Prompt],
+    max_new_tokens: int = 128,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    stop: str | bytes | Sequence[str | bytes] = (),
+    stop_tokens: Sequence[int] = (),
+    seed: int | None = None,
+    tokenizer: Tokenizer | None = None,
+    prefill_chunk: int = 8192,
+    use_cache: bool = True,
+    return_logits: bool = False,
+    on_token: Callable[[int, int], None] | None = None,
+    on_text: Callable[[int, bytes], None] | None = None,
+) -> list[Generation]:
+    """Continue each prompt by up to ``max_new_tokens`` tokens; ``temperature=0.0`` is greedy.
+
+    A prompt is text (str, or bytes of any content; needs ``tokenizer``, which adds BOS) or a list
+    of token ids used as they are. The tokenizer's EOS and any ``stop_tokens`` end a sequence, as
+    does any of the ``stop`` strings. For streaming, ``on_token(index, token)`` receives each new
+    token of prompt ``index`` as it is chosen, and ``on_text(index, data)`` its new bytes as they
+    become final (stop strings never appear in them). Prompts are prefilled ``prefill_chunk``
+    tokens at a time (a chunk after the first attends with an explicit mask, about half as fast
+    as the causal kernel, so the default is large; lower it to bound activation memory).
+    """
+    _check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, prefill_chunk)
+    prompt_ids = _prompt_ids(prompts, tokenizer, model.config.vocab_size)
+    stops = [stop] if isinstance(stop, (str, bytes)) else list(stop)
+    if stops and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer to decode the generated tokens")
+    stop_ids = set(stop_tokens) | ({tokenizer.eos_id} if tokenizer is not None else set())
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+
+    count = len(prompt_ids)
+    new: list[list[int]] = [[] for _ in range(count)]
+    logits_rows: list[list[torch.Tensor]] = [[] for _ in range(count)]
+    finish = ["length"] * count
+    released = [b"" for _ in range(count)]
+    matchers = [StopStrings([s.encode() if isinstance(s, str) else s for s in stops]) for _ in range(count)]
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            if max_new_tokens == 0:
+                return [Generation([], "" if tokenizer else None, "length") for _ in range(count)]
+            steps = _CachedSteps(model, prompt_ids, max_new_tokens, prefill_chunk) if use_cache else _FullSteps(model, prompt_ids)
+            seen = _seen_tokens(prompt_ids, model.config.vocab_size, device) if repetition_penalty != 1.0 else None
+            active = list(range(count))  # the prompt each batch row belongs to
+            logits = steps.first()
+            while True:
+                logits = logits.float()
+                if seen is not None:
+                    logits = penalize_repetition(logits, seen, repetition_penalty)
+                chosen = choose_tokens(logits, temperature, top_k, top_p, generator)
+                keep = []
+                for row, (index, token) in enumerate(zip(active, chosen.tolist(), strict=True)):
+                    if return_logits:
+                        logits_rows[index].append(logits[row])
+                    reason = None
+                    if token in stop_ids:
+                        reason = "eos"
+                    else:
+                        new[index].append(token)
+                        if on_token is not None:
+                            on_token(index, token)
+                        if tokenizer is not None:
+                            data, stopped = matchers[index].feed(tokenizer.decode([token]))
+                            _release(index, data, released, on_text)
+                            reason = "stop" if stopped else None
+                        if reason is None and len(new[index]) == max_new_tokens:
+                            reason = "length"
+                    if reason is None:
+                        keep.append(row)
+                        continue
+                    finish[index] = reason
+                    if tokenizer is not None:
+                        _release(index, matchers[index].flush(), released, on_text)
+                if not keep:
+                    break
+                if seen is not None:
+                    seen[torch.arange(len(active), device=device), chosen] = True
+                if len(keep) < len(active):
+                    rows = torch.tensor(keep, device=device)
+                    steps.select(rows)
+                    chosen = chosen[rows]
+                    seen = seen[rows] if seen is not None else None
+                    active = [active[row] for row in keep]
+                logits = steps.next(chosen)
+    finally:
+        model.train(was_training)
+    return [
+        Generation(
+            tokens=new[index],
+            text=released[index].decode("utf-8", errors="replace") if tokenizer is not None else None,
+            finish_reason=finish[index],
+            logits=torch.stack(logits_rows[index]) if return_logits else None,
+        )
+        for index in range(count)
+    ]
+
+
+class _CachedSteps:
+    """Logits of the next token of every active sequence, from one left-padded batch and its cache."""
+
+    def __init__(self, model, prompt_ids: list[list[int]], max_new_tokens: int, prefill_chunk: int):
+        self.model = model
+        longest = max(map(len, prompt_ids))
+        device = next(model.parameters()).device
+        starts = [longest - len(ids) for ids in prompt_ids]
+        self.batch = torch.zeros(len(prompt_ids), longest, dtype=torch.long, device=device)
+        for row, ids in enumerate(prompt_ids):
+            self.batch[row, starts[row] :] = torch.tensor(ids, dtype=torch.long)
+        # Room for every step the generation can take, so the KV caches never reallocate.
+        self.cache = StackCache(model.blocks, len(prompt_ids), longest + max_new_tokens, starts=starts)
+        self.prefill_chunk = prefill_chunk
+
+    def first(self) -> torch.Tensor:
+        for start in range(0, self.batch.shape[1], self.prefill_chunk):
+            logits = self.model(self.batch[:, start : start + self.prefill_chunk], self.cache, last_only=True)
+        return logits[:, -1]
+
+    def next(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens[:, None], self.cache)[:, -1]
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.cache.select(rows)
+
+
+class _FullSteps:
+    """The reference: the full forward over each sequence alone, every step."""
+
+    def __init__(self, model, prompt_ids: list[list[int]]):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.sequences = [list(ids) for ids in prompt_ids]
+
+    def first(self) -> torch.Tensor:
+        return torch.cat([self.model(torch.tensor([ids], device=self.device))[:, -1] for ids in self.sequences])
+
+    def next(self, tokens: torch.Tensor) -> torch.Tensor:
+        for ids, token in zip(self.sequences, tokens.tolist(), strict=True):
+            ids.append(token)
+        return self.first()
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.sequences = [self.sequences[row] for row in rows.tolist()]
+
+
+def _release(index: int, data: bytes, released: list[bytes], on_text) -> None:
+    if data:
+        released[index] += data
+        if on_text is not None:
+            on_text(index, data)
+
+
+def _seen_tokens(prompt_ids: list[list[int]], vocab_size: int, device) -> torch.Tensor:
+    seen = torch.zeros(len(prompt_ids), vocab_size, dtype=torch.bool, device=device)
+    for row, ids in enumerate(prompt_ids):
+        seen[row, torch.tensor(ids, dtype=torch.long, device=device)] = True
+    return seen
+
+
+def _prompt_ids(prompts, tokenizer: Tokenizer | None, vocab_size: int) -> list[list[int]]:
+    """Token ids of each prompt; one prompt (text or a list of ids) counts as a batch of one."""
+    if isinstance(prompts, (str, bytes, torch.Tensor, np.ndarray)) or (
+        prompts and all(isinstance(item, (int, np.integer)) for item in prompts)
+    ):
+        prompts = [prompts]
+    if len(prompts) == 0:
+        raise ValueError("no prompts given")
+    result = []
+    for index, prompt in enumerate(prompts):
+        if isinstance(prompt, (str, bytes)):
+            if tokenizer is None:
+                raise ValueError(f"prompt {index} is text; pass tokenizer= to encode it (or give token ids)")
+            data = prompt.encode("utf-8", errors="surrogateescape") if isinstance(prompt, str) else prompt
+            ids = [tokenizer.bos_id, *tokenizer.encode(data).tolist()]
+        else:
+            ids = prompt.tolist() if isinstance(prompt, (torch.Tensor, np.ndarray)) else list(prompt)
+            if not all(isinstance(token, (int, np.integer)) and not isinstance(token, bool) for token in ids):
+                raise ValueError(f"prompt {index} must be text or a flat list of integer token ids")
+        if not ids:
+            raise ValueError(f"prompt {index} is empty")
+        bad = [token for token in ids if not 0 <= token < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {index} has token id {bad[0]}, outside the model's vocabulary of {vocab_size}")
+        result.append([int(token) for token in ids])
+    return result
+
+
+def _check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, prefill_chunk) -> None:
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    if prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
