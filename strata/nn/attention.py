@@ -82,11 +82,7 @@ class Attention(nn.Module):
         if cache is not None:
             keys, values, mask = cache.update(k, v)
             if length == 1:
-                # One query per head: the query heads that share a KV head sit in the query axis
-                # of that KV head, so no K/V is expanded (1.5x faster at 16K keys).
-                grouped = q.reshape(batch, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)
-                out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)
-                out = out.view(batch, self.n_heads, 1, self.v_head_dim)
+                out = self._attend_one_step(q, keys, values, mask)
             else:
                 causal = mask is None
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
@@ -97,6 +93,25 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         out = out.transpose(1, 2).reshape(batch, length, self.value_width)
         return (out, v) if return_values else out
+
+    def _attend_one_step(self, q, keys, values, mask) -> torch.Tensor:
+        """Attention of one new query per head [B, heads, 1, D] over the cached steps.
+
+        The query heads that share a KV head sit in the query axis of that KV head, so no K/V is
+        expanded (1.5x faster at 16K keys). With values wider than keys (the intra-layer hybrid)
+        CPU SDPA falls back to a kernel that copies K and V; the plain product is then ~2.7x
+        faster at 16K keys.
+        """
+        batch, groups = q.shape[0], self.n_heads // self.n_kv_heads
+        grouped = q.reshape(batch, self.n_kv_heads, groups, self.head_dim)
+        if self.v_head_dim == self.head_dim:
+            out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)
+        else:
+            scores = (grouped * self.head_dim**-0.5) @ keys.transpose(-1, -2)  # [B, kv, groups, S]
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            out = torch.softmax(scores, dim=-1) @ values
+        return out.view(batch, self.n_heads, 1, self.v_head_dim)
 
     def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
         return project(self.o_proj, self.attend(x, cache=cache))
