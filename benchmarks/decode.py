@@ -7,8 +7,9 @@ For each prompt length and batch size, every contender generates ``--new`` greed
 random prompt, through its public generate API (``strata.generate``; HF's ``model.generate`` with
 the default dynamic cache). Decode speed is read from per-token callbacks (strata's ``on_token``,
 an HF streamer): batch × (new − 1) tokens over the time from the first new token to the last, so
-prefill is excluded. All contenders of one (context, batch) cell run in alternation and the
-median of the repeats is reported. HF peers share shapes and weights with a strata model:
+prefill is excluded. All contenders of one (context, batch) cell run in alternation, round after
+round; rates are medians over rounds, and ratios are medians of per-round ratios (shown with
+their range), which the machine's drift disturbs far less. HF peers share shapes and weights with a strata model:
 ``transformer`` ↔ ``LlamaForCausalLM``, ``mamba2 (no FFN)`` ↔ ``Mamba2ForCausalLM`` (whose blocks
 have no FFN). CPU runs use float32 and the default thread count.
 """
@@ -18,11 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 
 import torch
-from timing import measure_alternating
+from timing import alternate, paired_ratio
 
 from strata import build_model, load_config
 from strata.analysis.cost import model_cost
@@ -37,6 +39,11 @@ FAMILIES = {
     "intra": [],
 }
 NO_FFN = "mamba2 (no FFN)"
+PEERS = (("transformer", "HF Llama"), (NO_FFN, "HF Mamba2"))
+
+
+def rate(values: list[float]) -> float:
+    return statistics.median(values)
 
 
 def strata_decode(model, prompts: torch.Tensor, new: int):
@@ -95,7 +102,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192, 16384])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--new", type=int, default=64, help="tokens generated per measurement")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-hf", action="store_true", help="strata families only")
     parser.add_argument("--json", type=Path, help="append one JSON object per result to this file")
     args = parser.parse_args()
@@ -109,7 +116,7 @@ def main() -> None:
         f"transformers {transformers.__version__}; {args.new} new tokens, median of {args.repeats}"
     )
 
-    rates: dict[tuple[str, int, int], float] = {}
+    samples: dict[tuple[str, int, int], list[float]] = {}  # tokens/s per round
     for batch in args.batches:
         for context in args.contexts:
             prompts = torch.randint(0, 256, (batch, context))
@@ -117,42 +124,46 @@ def main() -> None:
                 name: (hf_decode if name.startswith("HF") else strata_decode)(model, prompts, args.new)
                 for name, model in models.items()
             }
-            seconds = measure_alternating(measures, args.repeats, warmup=1 if context <= 2048 else 0)
-            for name, step in seconds.items():
-                rates[name, batch, context] = batch / step
-            print(f"  batch {batch}, context {context}: " + ", ".join(f"{n} {batch / s:.0f}" for n, s in seconds.items()), flush=True)
+            seconds = alternate(measures, args.repeats, warmup=1 if context <= 2048 else 0)
+            for name, values in seconds.items():
+                samples[name, batch, context] = [batch / s for s in values]
+            print(f"  batch {batch}, context {context}: " + ", ".join(f"{n} {rate(samples[n, batch, context]):.0f}" for n in models), flush=True)
+
+    def ratio_cell(a, b, batch, context) -> str:
+        middle, low, high = paired_ratio(samples[a, batch, context], samples[b, batch, context])
+        return f"{middle:6.2f}x ({low:.2f}-{high:.2f})"
 
     results = []
     header = "".join(f"{context:>9d}" for context in args.contexts)
+    wide_header = "".join(f"{context:>20d}" for context in args.contexts)
     for batch in args.batches:
         print(f"\ndecode tokens/s, batch {batch} (context →){header}   cache MiB at {args.contexts[-1]}")
         for name, model in models.items():
-            row = "".join(f"{rates[name, batch, c]:9.0f}" for c in args.contexts)
+            row = "".join(f"{rate(samples[name, batch, c]):9.0f}" for c in args.contexts)
             cache = "" if name.startswith("HF") else f"{batch * model_cost(model.config, args.contexts[-1], 'fp32').cache_mib:10.1f}"
             print(f"  {name:27s}{row} {cache}")
-        print(f"ratio to the transformer{' ' * 6}{header}")
+        print(f"ratio to the transformer, per round{wide_header[6:]}")
         for name in FAMILIES:
-            print(f"  {name:27s}" + "".join(f"{rates[name, batch, c] / rates['transformer', batch, c]:8.2f}x" for c in args.contexts))
+            print(f"  {name:27s}" + "".join(f"{ratio_cell(name, 'transformer', batch, c):>20s}" for c in args.contexts))
         if not args.no_hf:
-            print(f"strata / HF generate{' ' * 10}{header}")
-            for ours, theirs in (("transformer", "HF Llama"), (NO_FFN, "HF Mamba2")):
+            print(f"strata / HF generate, per round{wide_header[2:]}")
+            for ours, theirs in PEERS:
                 label = f"{ours} / {theirs}"
-                print(f"  {label:27s}" + "".join(f"{rates[ours, batch, c] / rates[theirs, batch, c]:8.2f}x" for c in args.contexts))
+                print(f"  {label:27s}" + "".join(f"{ratio_cell(ours, theirs, batch, c):>20s}" for c in args.contexts))
         for name in models:
             for context in args.contexts:
-                results.append({"model": name, "batch": batch, "context": context, "tokens_per_s": rates[name, batch, context]})
+                results.append({"model": name, "batch": batch, "context": context, "tokens_per_s": samples[name, batch, context]})
 
     first, last = args.contexts[0], args.contexts[-1]
     print("\ntargets")
     for batch in args.batches:
-        flat = rates["mamba2", batch, last] / rates["mamba2", batch, first]
+        flat = rate(samples["mamba2", batch, last]) / rate(samples["mamba2", batch, first])
         print(f"  batch {batch}: mamba2 at {last} / at {first}: {flat:.2f} (target >= 0.9)")
         for name in ("inter", "intra"):
-            print(f"  batch {batch}: {name} / transformer at {last}: {rates[name, batch, last] / rates['transformer', batch, last]:.2f} (target >= 3)")
+            print(f"  batch {batch}: {name} / transformer at {last}: {ratio_cell(name, 'transformer', batch, last)} (target >= 3)")
         if not args.no_hf:
-            for ours, theirs in (("transformer", "HF Llama"), (NO_FFN, "HF Mamba2")):
-                ratio = rates[ours, batch, first] / rates[theirs, batch, first]
-                print(f"  batch {batch}: {ours} / {theirs} at {first}: {ratio:.2f} (target >= 2)")
+            for ours, theirs in PEERS:
+                print(f"  batch {batch}: {ours} / {theirs} at {first}: {ratio_cell(ours, theirs, batch, first)} (target >= 2)")
 
     if args.json:
         with args.json.open("a") as out:

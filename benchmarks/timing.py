@@ -7,12 +7,14 @@ import time
 from collections.abc import Callable
 
 
-def measure_alternating(measures: dict[str, Callable[[], float]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median of what each callable returns (a duration it measured itself), calling them in turn
-    ``repeats`` times.
+def alternate(measures: dict[str, Callable[[], float]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """What each callable returns (a duration it measured itself) in each of ``repeats`` rounds,
+    every round calling all of them in turn.
 
     The order reverses every round (A B, B A, ...): whichever runs first in a round measured
-    2-4 % slower on this CPU, which a fixed order would charge to one side.
+    2-4 % slower on this CPU, which a fixed order would charge to one side. Round r of A and
+    round r of B ran seconds apart, so their ratio is steadier than a ratio of medians when the
+    machine's speed drifts.
     """
     for measure in measures.values():
         for _ in range(warmup):
@@ -23,7 +25,18 @@ def measure_alternating(measures: dict[str, Callable[[], float]], repeats: int, 
         for name, measure in order:
             samples[name].append(measure())
         order.reverse()
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
+
+
+def measure_alternating(measures: dict[str, Callable[[], float]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """The median over rounds of each callable's measurement (see ``alternate``)."""
+    return {name: statistics.median(values) for name, values in alternate(measures, repeats, warmup).items()}
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> tuple[float, float, float]:
+    """(median, lowest, highest) of the per-round ratios numerator[r] / denominator[r]."""
+    ratios = sorted(a / b for a, b in zip(numerator, denominator, strict=True))
+    return statistics.median(ratios), ratios[0], ratios[-1]
 
 
 def time_alternating(steps: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
