@@ -239,7 +239,8 @@ def test_strata_generate_is_the_public_entry_point():
     assert strata.generate is generate
     single = strata.generate(model, [1, 2, 3], max_new_tokens=5)
     assert len(single) == 1 and len(single[0].tokens) == 5 and single[0].text is None
-    assert strata.generate(model, [[1, 2, 3]], max_new_tokens=0)[0].tokens == []
+    nothing = strata.generate(model, [[1, 2, 3]], max_new_tokens=0, return_logits=True)[0]
+    assert nothing.tokens == [] and nothing.logits.shape == (0, model.config.vocab_size)
 
 
 @pytest.mark.parametrize(

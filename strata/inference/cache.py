@@ -47,7 +47,7 @@ class SequenceState:
         self.steps = 0
         self.positions: torch.Tensor | None = None
         self.pad: torch.Tensor | None = None
-        self._masks: dict = {}
+        self._step_memo: dict = {}
 
     @property
     def batch_size(self) -> int:
@@ -61,11 +61,11 @@ class SequenceState:
         # Python ints, so that deciding whether a step needs masking never waits on the device.
         starts = self.starts.tolist()
         self.padded = any(starts)
-        self.min_start, self.max_start = min(starts, default=0), max(starts, default=0)
+        self.max_start = max(starts, default=0)
 
     def begin(self, steps: int) -> None:
         self.steps = steps
-        self._masks = {}
+        self._step_memo = {}
         steps_range = torch.arange(self.length, self.length + steps, device=self.device)
         if self.padded:
             self.positions = steps_range[None] - self.starts[:, None]
@@ -81,15 +81,15 @@ class SequenceState:
         self.starts = self.starts[rows]
         self._update_padding()
 
-    def stored_positions(self) -> torch.Tensor:
+    def real_lengths(self) -> torch.Tensor:
         """[B]: how many real (unpadded) steps of each sequence are stored."""
         return self.length - self.starts
 
     def memo(self, key, build):
         """What every layer of the same kind computes alike within one step (masks, RoPE tables)."""
-        if key not in self._masks:
-            self._masks[key] = build()
-        return self._masks[key]
+        if key not in self._step_memo:
+            self._step_memo[key] = build()
+        return self._step_memo[key]
 
     def rope(self, rotary) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE tables [B|1, T, 1, D] (broadcast over heads) for this step's positions, looked up
@@ -196,7 +196,7 @@ class WindowCache:
         # Sink slot j holds position j once the sequence has reached it; it is seen from queries
         # the window no longer covers it for (inside the window the ring holds it).
         sink_positions = torch.arange(sinks, device=state.device)
-        sink = (sink_positions < state.stored_positions()[:, None])[:, None, :] & (query - sink_positions >= window)
+        sink = (sink_positions < state.real_lengths()[:, None])[:, None, :] & (query - sink_positions >= window)
         ring_positions = _ring_positions(state, window)[:, None, :]  # [B|1, 1, W]
         ring = (ring_positions >= 0) & (query - ring_positions < window)
         new_positions = state.positions[:, None, :]  # [B|1, 1, T]

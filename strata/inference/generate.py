@@ -74,57 +74,37 @@ def generate(
     stop_ids = set(stop_tokens) | ({tokenizer.eos_id} if tokenizer is not None else set())
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-
-    count = len(prompt_ids)
-    new: list[list[int]] = [[] for _ in range(count)]
-    logits_rows: list[list[torch.Tensor]] = [[] for _ in range(count)]
-    finish = ["length"] * count
-    released = [b"" for _ in range(count)]
-    matchers = [StopStrings([s.encode() if isinstance(s, str) else s for s in stops]) for _ in range(count)]
+    stop_bytes = [s.encode() if isinstance(s, str) else s for s in stops]
+    outputs = [
+        _Output(index, max_new_tokens, stop_ids, tokenizer, StopStrings(stop_bytes), on_token, on_text)
+        for index in range(len(prompt_ids))
+    ]
+    if max_new_tokens == 0:
+        return [output.result(return_logits, model.config.vocab_size) for output in outputs]
 
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            if max_new_tokens == 0:
-                return [Generation([], "" if tokenizer else None, "length") for _ in range(count)]
             steps = _CachedSteps(model, prompt_ids, max_new_tokens, prefill_chunk) if use_cache else _FullSteps(model, prompt_ids)
             seen = _seen_tokens(prompt_ids, model.config.vocab_size, device) if repetition_penalty != 1.0 else None
-            active = list(range(count))  # the prompt each batch row belongs to
+            active = outputs  # the output each batch row belongs to
             logits = steps.first()
             while True:
                 logits = logits.float()
                 if seen is not None:
                     logits = penalize_repetition(logits, seen, repetition_penalty)
                 chosen = choose_tokens(logits, temperature, top_k, top_p, generator)
-                keep = []
-                for row, (index, token) in enumerate(zip(active, chosen.tolist(), strict=True)):
-                    if return_logits:
-                        logits_rows[index].append(logits[row])
-                    reason = None
-                    if token in stop_ids:
-                        reason = "eos"
-                    else:
-                        new[index].append(token)
-                        if on_token is not None:
-                            on_token(index, token)
-                        if tokenizer is not None:
-                            data, stopped = matchers[index].feed(tokenizer.decode([token]))
-                            _release(index, data, released, on_text)
-                            reason = "stop" if stopped else None
-                        if reason is None and len(new[index]) == max_new_tokens:
-                            reason = "length"
-                    if reason is None:
-                        keep.append(row)
-                        continue
-                    finish[index] = reason
-                    if tokenizer is not None:
-                        _release(index, matchers[index].flush(), released, on_text)
+                keep = [
+                    row
+                    for row, (output, token) in enumerate(zip(active, chosen.tolist(), strict=True))
+                    if output.accept(token, logits[row] if return_logits else None)
+                ]
                 if not keep:
                     break
                 if seen is not None:
                     seen[torch.arange(len(active), device=device), chosen] = True
-                if len(keep) < len(active):
+                if len(keep) < len(active):  # finished sequences leave the batch
                     rows = torch.tensor(keep, device=device)
                     steps.select(rows)
                     chosen = chosen[rows]
@@ -133,15 +113,59 @@ def generate(
                 logits = steps.next(chosen)
     finally:
         model.train(was_training)
-    return [
-        Generation(
-            tokens=new[index],
-            text=released[index].decode("utf-8", errors="replace") if tokenizer is not None else None,
-            finish_reason=finish[index],
-            logits=torch.stack(logits_rows[index]) if return_logits else None,
+    return [output.result(return_logits, model.config.vocab_size) for output in outputs]
+
+
+class _Output:
+    """One prompt's continuation as it grows: tokens, streamed text, why it ended."""
+
+    def __init__(self, index, max_new_tokens, stop_ids, tokenizer, stops: StopStrings, on_token, on_text):
+        self.index, self.max_new_tokens, self.stop_ids = index, max_new_tokens, stop_ids
+        self.tokenizer, self.stops, self.on_token, self.on_text = tokenizer, stops, on_token, on_text
+        self.tokens: list[int] = []
+        self.logits: list[torch.Tensor] = []
+        self.released = b""
+        self.finish_reason = "length"
+
+    def accept(self, token: int, logits: torch.Tensor | None) -> bool:
+        """Take the next chosen token; False once the sequence has ended."""
+        if logits is not None:
+            self.logits.append(logits)
+        if token in self.stop_ids:
+            return self._finish("eos")
+        self.tokens.append(token)
+        if self.on_token is not None:
+            self.on_token(self.index, token)
+        if self.tokenizer is not None:
+            data, stopped = self.stops.feed(self.tokenizer.decode([token]))
+            self._release(data)
+            if stopped:
+                return self._finish("stop")
+        if len(self.tokens) == self.max_new_tokens:
+            return self._finish("length")
+        return True
+
+    def _finish(self, reason: str) -> bool:
+        self.finish_reason = reason
+        self._release(self.stops.flush())  # nothing is held back after a stop string
+        return False
+
+    def _release(self, data: bytes) -> None:
+        if data and self.tokenizer is not None:
+            self.released += data
+            if self.on_text is not None:
+                self.on_text(self.index, data)
+
+    def result(self, return_logits: bool, vocab_size: int) -> Generation:
+        logits = None
+        if return_logits:
+            logits = torch.stack(self.logits) if self.logits else torch.zeros(0, vocab_size)
+        return Generation(
+            tokens=self.tokens,
+            text=self.released.decode("utf-8", errors="replace") if self.tokenizer is not None else None,
+            finish_reason=self.finish_reason,
+            logits=logits,
         )
-        for index in range(count)
-    ]
 
 
 class _CachedSteps:
@@ -189,13 +213,6 @@ class _FullSteps:
 
     def select(self, rows: torch.Tensor) -> None:
         self.sequences = [self.sequences[row] for row in rows.tolist()]
-
-
-def _release(index: int, data: bytes, released: list[bytes], on_text) -> None:
-    if data:
-        released[index] += data
-        if on_text is not None:
-            on_text(index, data)
 
 
 def _seen_tokens(prompt_ids: list[list[int]], vocab_size: int, device) -> torch.Tensor:
