@@ -1,0 +1,429 @@
+r"""Split points for AU-Net: an integer level for every byte of the input.
+
+AU-Net (arXiv 2506.14761) pools bytes into words, word pairs, 4-word groups. A splitter gives each
+byte a level: 0 = not a split point, k >= 1 = a split point for stages 2..k+1, so with S stages the
+levels run 0..S-1. The hidden vector at a split summarises the bytes up to and including that byte.
+Position 0 (BOS), which must be a split at every stage, is the model's business, not the splitter's.
+
+    splitter = make_splitter("word", stages=3)   # level 1: every word, level 2: every 2 words
+    splitter.levels(b"The cat sat.")             # int8 array, one level per byte
+    stream = splitter.stream()                   # the same for bytes that arrive during generation
+    stream.feed(b"The c"), stream.feed(b"at sat.")
+
+Stability. For any bytes and any cut k, ``levels(data[:k]) == levels(data)[:k]``: a byte's level
+is final the moment the byte exists, because generation decides at that byte which stages to run.
+Two things make this hold.
+
+* Characters. The text rules read UTF-8 characters and put a character's split on its last byte,
+  which exists once the character is complete; its other bytes are 0. Bytes are decoded as
+  Python's incremental decoder does it, with ``errors="surrogateescape"``: up to 3 trailing bytes
+  that could still become a character are held back, level 0, not yet part of the text. If the
+  character completes they are its non-final bytes, 0 for good. If it cannot complete they
+  become undecodable bytes, each one lone surrogate (U+DC80..U+DCFF). Rule for undecodable
+  bytes: they count as characters that are neither space, letter nor digit (punctuation, for the
+  rules), but never carry a split themselves, so the 0 they got while held back stays right.
+  Decoding never fails.
+* Rules. Each rule decides a character's level from that character and the ones before it. The
+  paper's regexes nearly do; the exceptions are changed as described below.
+
+Rules. ``groups`` and ``strides`` give one number per level 1..S-1.
+
+``word``, the paper's released rule; groups default to 1, 2, 4, ... words per split.
+  * Level k: the whitespace character that ends every ``groups[k-1]``-th word, the last
+    character of each match of ``(\S+?\s){g}`` (regex.finditer). As in the paper, a group cannot
+    span two whitespace characters in a row: the regex's unfinished groups fail there and counting
+    starts again at the next word. A trailing word gets no split until its whitespace arrives.
+  * Deepest level: punctuation runs, digit groups and newlines, split on the first character of
+    each match of ``\p{N}{1,3}|[^\s\p{L}\p{N}]{1,3}[\r\n]*|\s*[\r\n]``. Deviation: a match of
+    the last alternative may start at spaces before its newline, and whether a space starts one
+    depends on the newline to come, so that split goes on the match's first newline instead.
+    The greedy parts of this regex only decide where a match ends, never where one starts, so
+    they need no change: digits and punctuation are chunked by 3 from the start of their run,
+    punctuation swallows the newlines right after it (``"!\n"`` is one split), and
+    ``\s*[\r\n]`` swallows the rest of its whitespace run up to its last newline (at most one
+    newline split per whitespace run).
+  * Where two levels want the same byte, the deepest wins.
+
+``pretokenizer``, the paper's appendix (GPT-4o style); groups default to 1, 2, 4, ...
+  A split at the start of each match of ``( \p{L}{1,16})|\p{N}{1,3}| ?[^\s\p{L}\p{N}]{1,3}+[\r\n]*|\s+``.
+  The n-th match (n = 1, 2, ...) gets the deepest level k whose ``groups[k-1]`` divides n: every
+  piece, every 2nd piece, every 4th. The paper gives only the split points; levels above 1 by
+  counting pieces are our choice. Deviation: the paper's pattern ends in
+  ``\s*[\r\n]|\s+(?!\S)|\s+`` where this one has ``\s+``. Those alternatives also break a
+  whitespace run after its last newline, and before its last character when a non-space follows
+  (the space that GPT-4o glues to the next word); both breaks depend on characters that come
+  after them. Here a whitespace run is one piece, split on its first character, as the paper's
+  is. So ``"a   b"`` has one split where the paper has two, and after a whitespace run of two or
+  more characters punctuation is split on its first character, not on the space before it.
+
+``stride``, fixed stride over bytes (the paper's Hourglass-like baseline); strides default to
+  4 x (1, 2, 4, ...). Byte i (0-based) gets the deepest level k with ``(i + 1) % strides[k-1] == 0``.
+
+Incremental form. ``Splitter.stream()`` returns a LevelStream whose ``feed(data)`` gives the levels
+of ``data`` as ``levels`` would on everything fed so far. It keeps an incremental decoder and, for
+the text rules, the rule written as a state machine (the run or piece in progress, words or pieces
+counted), so every byte costs constant work whatever came before. The batch form runs the regexes
+above in C; the tests check that both forms agree.
+"""
+
+from __future__ import annotations
+
+import codecs
+import functools
+import itertools
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import regex
+
+RULES = ("word", "pretokenizer", "stride")
+
+
+def make_splitter(
+    rule: str, stages: int, *, groups: Sequence[int] | None = None, strides: Sequence[int] | None = None
+) -> Splitter:
+    """The splitter for ``rule`` ("word", "pretokenizer" or "stride") and ``stages`` stages.
+
+    ``groups`` (word, pretokenizer rules) default to 1, 2, 4, ... and ``strides`` (stride rule) to
+    4, 8, 16, ..., one per level 1..stages-1.
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {', '.join(RULES)}; got {rule!r}")
+    _check_stages(stages)
+    doubling = tuple(2**level for level in range(stages - 1))
+    if rule == "stride":
+        if groups is not None:
+            raise ValueError("groups apply to the word and pretokenizer rules; the stride rule takes strides")
+        return StrideSplitter(stages, tuple(strides) if strides is not None else tuple(4 * g for g in doubling))
+    if strides is not None:
+        raise ValueError(f"strides apply to the stride rule; the {rule} rule takes groups")
+    splitter = WordSplitter if rule == "word" else PretokenizerSplitter
+    return splitter(stages, tuple(groups) if groups is not None else doubling)
+
+
+class Splitter(ABC):
+    """Gives every byte a level, 0..stages-1 (see the module docstring)."""
+
+    stages: int
+
+    @abstractmethod
+    def levels(self, data: bytes) -> np.ndarray:
+        """The int8 level of each byte of ``data``."""
+
+    @abstractmethod
+    def stream(self) -> LevelStream:
+        """A fresh incremental form of this splitter, for bytes that arrive a few at a time."""
+
+
+class LevelStream(ABC):
+    """Levels of bytes fed in pieces, equal to ``Splitter.levels`` on everything fed so far."""
+
+    @abstractmethod
+    def feed(self, data: bytes) -> np.ndarray:
+        """The int8 levels of the bytes of ``data``, which follow the bytes fed before."""
+
+
+def _check_stages(stages: int) -> None:
+    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 2:
+        raise ValueError(f"stages must be an integer >= 2 (bytes plus at least one pooled stage); got {stages!r}")
+
+
+def _check_per_level(name: str, values: tuple[int, ...], stages: int) -> None:
+    if len(values) != stages - 1:
+        raise ValueError(f"{name} must give one number per level, {stages - 1} for {stages} stages; got {values}")
+    if any(isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1 for value in values):
+        raise ValueError(f"{name} must be integers >= 1; got {values}")
+    if any(shallow >= deep for shallow, deep in itertools.pairwise(values)):
+        raise ValueError(f"{name} must increase from level to level, since deeper stages are coarser; got {values}")
+
+
+def _periodic_levels(counts: np.ndarray, periods: tuple[int, ...]) -> np.ndarray:
+    """For each count, the deepest level k whose period ``periods[k-1]`` divides it (0 if none)."""
+    levels = np.zeros(len(counts), np.int8)
+    for level, period in enumerate(periods, 1):
+        levels[counts % period == 0] = level  # deeper levels come later and overwrite
+    return levels
+
+
+def _deepest_level(count: int, periods: tuple[int, ...]) -> int:
+    """``_periodic_levels`` for one count."""
+    return max((level for level, period in enumerate(periods, 1) if count % period == 0), default=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stride rule
+
+
+@dataclass
+class StrideSplitter(Splitter):
+    """Byte i gets the deepest level k with (i + 1) % strides[k-1] == 0."""
+
+    stages: int
+    strides: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        self.strides = tuple(self.strides)
+        _check_stages(self.stages)
+        _check_per_level("strides", self.strides, self.stages)
+
+    def levels(self, data: bytes) -> np.ndarray:
+        return _periodic_levels(np.arange(1, len(data) + 1), self.strides)
+
+    def stream(self) -> LevelStream:
+        return _StrideStream(self.strides)
+
+
+class _StrideStream(LevelStream):
+    def __init__(self, strides: tuple[int, ...]):
+        self.strides = strides
+        self.fed = 0
+
+    def feed(self, data: bytes) -> np.ndarray:
+        levels = _periodic_levels(np.arange(self.fed + 1, self.fed + len(data) + 1), self.strides)
+        self.fed += len(data)
+        return levels
+
+
+# ---------------------------------------------------------------------------------------------
+# Characters: decoding, classes, where each character's last byte is
+
+
+def _new_decoder() -> codecs.IncrementalDecoder:
+    return codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
+
+
+# The classes the rules tell apart, with the `regex` module's \s, \p{L} and \p{N}; anything else
+# (punctuation, symbols, controls, undecodable bytes) is OTHER. The group names are the classes.
+_NEWLINE, _SPACE, _LETTER, _DIGIT, _OTHER = "newline", "space", "letter", "digit", "other"
+_CLASS = regex.compile(r"(?P<newline>[\r\n])|(?P<space>\s)|(?P<letter>\p{L})|(?P<digit>\p{N})")
+
+
+@functools.cache
+def _char_class(char: str) -> str:
+    match = _CLASS.match(char)
+    return match.lastgroup if match else _OTHER
+
+
+def _is_undecodable(char: str) -> bool:
+    return "\udc80" <= char <= "\udcff"
+
+
+def _last_bytes(text: str) -> tuple[np.ndarray, np.ndarray]:
+    """The byte index of each character's last byte, and which characters are undecodable bytes."""
+    code_points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    undecodable = (code_points >= 0xDC80) & (code_points <= 0xDCFF)
+    utf8_sizes = 1 + (code_points >= 0x80) + (code_points >= 0x800) + (code_points >= 0x10000)
+    return np.cumsum(np.where(undecodable, 1, utf8_sizes)) - 1, undecodable
+
+
+class _Scanner(Protocol):
+    def step(self, char: str) -> int:
+        """The level of ``char``, which follows the characters stepped before."""
+
+
+class _TextSplitter(Splitter):
+    """A rule over characters: ``_char_levels`` (regexes) for whole texts, ``_scanner`` for streams."""
+
+    def levels(self, data: bytes) -> np.ndarray:
+        text = _new_decoder().decode(data, final=False)  # holds back an incomplete last character
+        char_levels = self._char_levels(text)
+        last_bytes, undecodable = _last_bytes(text)
+        levels = np.zeros(len(data), np.int8)
+        levels[last_bytes[~undecodable]] = char_levels[~undecodable]
+        return levels
+
+    def stream(self) -> LevelStream:
+        return _TextStream(self._scanner())
+
+    @abstractmethod
+    def _char_levels(self, text: str) -> np.ndarray:
+        """The int8 level of each character of ``text``."""
+
+    @abstractmethod
+    def _scanner(self) -> _Scanner:
+        """The same rule, one character at a time."""
+
+
+class _TextStream(LevelStream):
+    def __init__(self, scanner: _Scanner):
+        self.scanner = scanner
+        self.decoder = _new_decoder()
+        self.fed = 0  # bytes fed before this call
+        self.decoded = 0  # bytes that have become characters; the rest are held back
+
+    def feed(self, data: bytes) -> np.ndarray:
+        levels = np.zeros(len(data), np.int8)
+        for char in self.decoder.decode(data, final=False):
+            level = self.scanner.step(char)
+            if _is_undecodable(char):
+                self.decoded += 1  # level 0; it may be a byte fed and held back in an earlier call
+            else:
+                self.decoded += len(char.encode())
+                levels[self.decoded - 1 - self.fed] = level  # completed by a byte of this call
+        self.fed += len(data)
+        return levels
+
+
+# ---------------------------------------------------------------------------------------------
+# Word rule
+
+_PUNCTUATION = regex.compile(r"\p{N}{1,3}|[^\s\p{L}\p{N}]{1,3}[\r\n]*|(?P<newline>\s*[\r\n])")
+_FIRST_NEWLINE = regex.compile(r"[\r\n]")
+
+
+@dataclass
+class WordSplitter(_TextSplitter):
+    """Every groups[k-1]-th word's whitespace at level k; punctuation, digits, newlines deepest."""
+
+    stages: int
+    groups: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        self.groups = tuple(self.groups)
+        _check_stages(self.stages)
+        _check_per_level("groups", self.groups, self.stages)
+
+    def _char_levels(self, text: str) -> np.ndarray:
+        levels = np.zeros(len(text), np.int8)
+        for level, words in enumerate(self.groups, 1):  # deeper levels come later and overwrite
+            levels[[match.end() - 1 for match in regex.finditer(rf"(?:\S+?\s){{{words}}}", text)]] = level
+        for match in _PUNCTUATION.finditer(text):
+            split = match.start()
+            if match.group("newline"):  # on the newline, not on spaces before it that cannot know it comes
+                split = _FIRST_NEWLINE.search(text, split).start()
+            levels[split] = self.stages - 1
+        return levels
+
+    def _scanner(self) -> _Scanner:
+        return _WordScanner(self.groups)
+
+
+class _WordScanner:
+    """WordSplitter one character at a time."""
+
+    def __init__(self, groups: tuple[int, ...]):
+        self.groups = groups
+        self.words = 0  # words ended by a whitespace since counting last started again
+        self.in_word = False
+        self.word_just_ended = False  # the previous character is the whitespace that ended a word
+        self.punctuation = _PunctuationScanner()
+
+    def step(self, char: str) -> int:
+        kind = _char_class(char)
+        level = 0
+        if kind in (_SPACE, _NEWLINE):
+            if self.in_word:
+                self.words += 1
+                level = _deepest_level(self.words, self.groups)
+            elif self.word_just_ended:  # a second whitespace in a row: unfinished groups fail
+                self.words = 0
+            self.word_just_ended, self.in_word = self.in_word, False
+        else:
+            self.word_just_ended, self.in_word = False, True
+        if self.punctuation.splits(kind):
+            level = len(self.groups)  # the deepest
+        return level
+
+
+class _PunctuationScanner:
+    """``_PUNCTUATION`` one character at a time: whether a character carries a match's split."""
+
+    def __init__(self):
+        # The match in progress: "digits", "punctuation", "punctuation newlines" (the newlines
+        # that punctuation swallows), "newline" (a whitespace run that has had its newline).
+        self.match: str | None = None
+        self.length = 0  # digits or punctuation characters in the current chunk of 3
+
+    def splits(self, kind: str) -> bool:
+        if self._continues(kind):
+            return False
+        self.match = {_DIGIT: "digits", _OTHER: "punctuation", _NEWLINE: "newline"}.get(kind)
+        self.length = 1
+        return self.match is not None
+
+    def _continues(self, kind: str) -> bool:
+        if (self.match, kind) in (("digits", _DIGIT), ("punctuation", _OTHER)) and self.length < 3:
+            self.length += 1
+            return True
+        if self.match in ("punctuation", "punctuation newlines") and kind == _NEWLINE:
+            self.match = "punctuation newlines"
+            return True
+        return self.match == "newline" and kind in (_SPACE, _NEWLINE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretokenizer rule
+
+_PIECE = regex.compile(r"( \p{L}{1,16})|\p{N}{1,3}| ?[^\s\p{L}\p{N}]{1,3}+[\r\n]*|\s+")
+# The pieces that are runs of one class of character, and how many of them they take at most.
+_PIECE_RUNS = {"letters": (_LETTER, 16), "digits": (_DIGIT, 3), "punctuation": (_OTHER, 3)}
+
+
+@dataclass
+class PretokenizerSplitter(_TextSplitter):
+    """A split at each pretokenizer piece's start; every groups[k-1]-th piece at level k."""
+
+    stages: int
+    groups: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        self.groups = tuple(self.groups)
+        _check_stages(self.stages)
+        _check_per_level("groups", self.groups, self.stages)
+
+    def _char_levels(self, text: str) -> np.ndarray:
+        starts = [match.start() for match in _PIECE.finditer(text)]
+        levels = np.zeros(len(text), np.int8)
+        levels[starts] = _periodic_levels(np.arange(1, len(starts) + 1), self.groups)
+        return levels
+
+    def _scanner(self) -> _Scanner:
+        return _PieceScanner(self.groups)
+
+
+class _PieceScanner:
+    """``_PIECE`` one character at a time, counting the pieces."""
+
+    def __init__(self, groups: tuple[int, ...]):
+        self.groups = groups
+        self.pieces = 0
+        # The piece in progress: "space" (a lone " " so far, which may go on as " word" or " !"),
+        # "letters", "digits", "punctuation", "punctuation newlines", "spaces".
+        self.piece: str | None = None
+        self.length = 0  # its letters, digits or punctuation characters
+
+    def step(self, char: str) -> int:
+        kind = _char_class(char)
+        if self._continues(kind):
+            return 0
+        self.piece, self.length = self._starts(char, kind), 1
+        if self.piece is None:
+            return 0
+        self.pieces += 1
+        return _deepest_level(self.pieces, self.groups)
+
+    def _continues(self, kind: str) -> bool:
+        if self.piece == "space" and kind in (_LETTER, _OTHER):
+            self.piece = "letters" if kind == _LETTER else "punctuation"
+            return True
+        run_kind, most = _PIECE_RUNS.get(self.piece, (None, 0))
+        if kind == run_kind and self.length < most:
+            self.length += 1
+            return True
+        if self.piece in ("punctuation", "punctuation newlines") and kind == _NEWLINE:
+            self.piece = "punctuation newlines"
+            return True
+        if self.piece in ("space", "spaces") and kind in (_SPACE, _NEWLINE):
+            self.piece = "spaces"
+            return True
+        return False
+
+    @staticmethod
+    def _starts(char: str, kind: str) -> str | None:
+        """The piece that ``char`` starts; a letter without a space before it starts none."""
+        if char == " ":
+            return "space"
+        return {_SPACE: "spaces", _NEWLINE: "spaces", _DIGIT: "digits", _OTHER: "punctuation"}.get(kind)
