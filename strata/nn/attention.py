@@ -110,7 +110,7 @@ class Attention(nn.Module):
             scores = (grouped * self.head_dim**-0.5) @ keys.transpose(-1, -2)  # [B, kv, groups, S]
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
-            out = torch.softmax(scores, dim=-1) @ values
+            out = torch.softmax(scores.float(), dim=-1).to(values.dtype) @ values  # fp32 like SDPA
         return out.view(batch, self.n_heads, 1, self.v_head_dim)
 
     def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
