@@ -74,6 +74,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def bounded_float(low: float, high: float = float("inf"), low_inclusive: bool = True):
     """An argparse type: a number in [low, high] (or (low, high] without ``low_inclusive``)."""
 
@@ -127,12 +137,55 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from strata.data import load_documents
-    from strata.evals.bpb import bits_per_byte
     from strata.train.runs import open_run
 
+    if not args.data and not args.tasks:
+        raise ValueError("give --data PATH (bits per byte) and/or --tasks FILE.jsonl (multiple choice)")
     trained = open_run(args.run)
-    documents = load_documents(args.data)
+    report: dict = {"checkpoint": str(trained.checkpoint)}
+    if args.data:
+        report.update(_bits_per_byte_report(trained, args.data))
+    if args.tasks:
+        from strata.evals.multiple_choice import evaluate_task
+
+        for path in args.tasks:
+            report[Path(path).stem] = evaluate_task(trained.model, trained.tokenizer, path, shots=args.shots,
+                                                    limit=args.limit)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if args.data:
+        table = Table(title=f"bits per byte — {trained.checkpoint}", title_justify="left")
+        table.add_column("file")
+        table.add_column("bytes", justify="right")
+        table.add_column("bpb", justify="right")
+        for row in report["files"]:
+            table.add_row(row["file"], f"{row['bytes']:,}", f"{row['bpb']:.4f}")
+        table.add_row("[bold]overall[/bold]", f"{report['bytes']:,}", f"[bold]{report['bpb']:.4f}[/bold]")
+        console.print(table)
+    if args.tasks:
+        table = Table(title=f"multiple choice, {args.shots}-shot — {trained.checkpoint}", title_justify="left")
+        table.add_column("task")
+        for column in ("n", "acc", "acc_norm"):
+            table.add_column(column, justify="right")
+        for path in args.tasks:
+            task = report[Path(path).stem]
+            table.add_row(Path(path).stem, f"{task['n']:,}", f"{task['acc']:.4f} ± {task['acc_stderr']:.4f}",
+                          f"{task['acc_norm']:.4f} ± {task['acc_norm_stderr']:.4f}")
+        console.print(table)
+    return 0
+
+
+def _bits_per_byte_report(trained, data: list[str]) -> dict:
+    """Overall bits per byte of ``data`` and per file."""
+    from strata.data import load_documents
+    from strata.evals.bpb import bits_per_byte
+
+    documents = load_documents(data)
     seq_len = trained.config.train.seq_len or trained.config.model.context_length
     result = bits_per_byte(trained.model, trained.tokenizer, documents, seq_len)
     per_file: dict[str, list[float]] = {}
@@ -142,21 +195,7 @@ def run_eval(args: argparse.Namespace) -> int:
         bits_and_bytes[0] += item["bpb"] * item["bytes"]
         bits_and_bytes[1] += item["bytes"]
     files = [{"file": name, "bpb": bits / size, "bytes": size} for name, (bits, size) in per_file.items()]
-    if args.json:
-        print(json.dumps({"bpb": result["bpb"], "bytes": result["bytes"], "checkpoint": str(trained.checkpoint), "files": files}))
-        return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"bits per byte — {trained.checkpoint}", title_justify="left")
-    table.add_column("file")
-    table.add_column("bytes", justify="right")
-    table.add_column("bpb", justify="right")
-    for row in files:
-        table.add_row(row["file"], f"{row['bytes']:,}", f"{row['bpb']:.4f}")
-    table.add_row("[bold]overall[/bold]", f"{result['bytes']:,}", f"[bold]{result['bpb']:.4f}[/bold]")
-    Console().print(table)
-    return 0
+    return {"bpb": result["bpb"], "bytes": result["bytes"], "files": files}
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -177,15 +216,15 @@ def run_generate(args: argparse.Namespace) -> int:
     trained = open_run(args.run)
     # Unencodable characters (a non-UTF-8 terminal) print as replacements instead of failing.
     sys.stdout.reconfigure(errors="replace")
-    settings = dict(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        stop=[os.fsencode(stop) for stop in args.stop],
-        seed=args.seed,
-        tokenizer=trained.tokenizer,
-    )
+    settings = {
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+        "stop": [os.fsencode(stop) for stop in args.stop],
+        "seed": args.seed,
+        "tokenizer": trained.tokenizer,
+    }
 
     def continue_prompt(data: bytes) -> None:
         """Print the prompt, then the continuation as it is generated."""
@@ -261,9 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress output")
     train.set_defaults(handler=run_train)
 
-    evaluate = commands.add_parser("eval", help="bits per byte of a trained model on held-out text")
+    evaluate = commands.add_parser("eval", help="bits per byte on held-out text, multiple-choice accuracy on tasks")
     evaluate.add_argument("run", metavar="RUN_OR_CKPT")
-    evaluate.add_argument("--data", nargs="+", required=True, metavar="PATH")
+    evaluate.add_argument("--data", nargs="+", metavar="PATH", help="text to score in bits per byte")
+    evaluate.add_argument("--tasks", nargs="+", metavar="FILE.jsonl", help="multiple-choice task files")
+    evaluate.add_argument("--shots", type=non_negative_int, default=0, help="examples before each task item (default 0)")
+    evaluate.add_argument("--limit", type=positive_int, default=None, help="score only the first N items of each task")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(handler=run_eval)
 

@@ -1,1 +1,1 @@
-"""Evaluations of trained models: bits per byte on held-out text."""
+"""Evaluations of trained models: bits per byte on held-out text, multiple-choice accuracy on tasks."""

@@ -1,0 +1,213 @@
+"""Multiple-choice evaluation: which choice does the model find most likely after the prompt?
+
+A task file is JSONL, one item a line: ``{"input": str, "choices": [str, ...], "gold": int}``.
+
+Prompt format (k shots, drawn per item from the *other* items of the same file with a fixed seed)::
+
+    <shot 1 input> <shot 1 gold choice>\\n\\n ... <shot k input> <shot k gold choice>\\n\\n<input>
+
+and the continuation scored for choice ``c`` is ``" " + c``. The prompt is ``[BOS] + encode(prompt)``
+and each continuation is encoded on its own, so every choice follows the same prompt tokens.
+
+For each choice, the log-likelihood is the sum of log p(token) over its continuation tokens.
+``acc``: the choice with the highest log-likelihood is gold. ``acc_norm``: the same with the
+log-likelihood divided by the continuation's UTF-8 byte length, so long choices are not penalised
+for having more tokens. Ties go to the first choice (``argmax`` order): a model with constant
+logits picks the first choice on ``acc_norm`` with a byte tokenizer, not a random one.
+
+The cached path runs each prompt once through the inference caches, forks the cache to one row per
+choice (``StackCache.select`` with repeated rows) and runs all continuations as one right-padded
+batch; ``use_cache=False`` is the reference, one full forward per (prompt, choice).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from strata.data.errors import DataError
+from strata.inference.cache import StackCache
+
+
+@dataclass
+class Item:
+    input: str
+    choices: list[str]
+    gold: int
+
+
+def load_task(path: str | Path) -> list[Item]:
+    """The items of a JSONL task file; a bad file raises a one-line DataError naming file and line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise DataError(f"{path}: cannot read the task file ({error.strerror})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: the task file is not UTF-8") from None
+    items = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: bad JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected an object with input, choices and gold")
+        missing = [key for key in ("input", "choices", "gold") if key not in record]
+        if missing:
+            raise DataError(f"{where}: missing key {', '.join(missing)}")
+        text, choices, gold = record["input"], record["choices"], record["gold"]
+        if not isinstance(text, str):
+            raise DataError(f"{where}: input must be a string")
+        if not isinstance(choices, list) or not all(isinstance(choice, str) for choice in choices):
+            raise DataError(f"{where}: choices must be a list of strings")
+        if not choices:
+            raise DataError(f"{where}: choices is empty")
+        if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
+            raise DataError(f"{where}: gold {gold!r} is not an index into the {len(choices)} choices")
+        items.append(Item(text, choices, gold))
+    if not items:
+        raise DataError(f"{path}: no items in the task file")
+    return items
+
+
+def build_prompts(items: list[Item], shots: int = 0, seed: int = 0) -> list[str]:
+    """Each item's prompt with ``shots`` examples from the other items (see the module docstring).
+
+    Item i's shots depend only on (seed, i), so a prompt is the same whichever items are scored.
+    """
+    if shots < 0:
+        raise ValueError(f"shots must be >= 0, got {shots}")
+    if shots > len(items) - 1:
+        raise ValueError(f"{shots} shots need at least {shots + 1} items, the task has {len(items)}")
+    prompts = []
+    for index, item in enumerate(items):
+        rng = np.random.default_rng([seed, index])
+        others = rng.choice(len(items) - 1, size=shots, replace=False)
+        others = others + (others >= index)  # skip the item itself
+        examples = [f"{items[other].input} {items[other].choices[items[other].gold]}" for other in others]
+        prompts.append("\n\n".join([*examples, item.input]))
+    return prompts
+
+
+def score_choices(model, tokenizer, prompts: list[str], items: list[Item], *, use_cache: bool = True,
+                  batch_size: int = 8) -> list[list[float]]:
+    """Log-likelihood of each choice's continuation given its item's prompt.
+
+    ``batch_size`` items share one left-padded prefill (cached path only). Runs under
+    ``torch.inference_mode`` with ``model.eval()``, restoring the training mode afterwards.
+    """
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    prompt_ids = [[tokenizer.bos_id, *tokenizer.encode(prompt.encode()).tolist()] for prompt in prompts]
+    choice_ids = [[tokenizer.encode(_continuation(choice)).tolist() for choice in item.choices] for item in items]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            if not use_cache:
+                return [[_full_forward(model, prompt, choice, device) for choice in choices]
+                        for prompt, choices in zip(prompt_ids, choice_ids, strict=True)]
+            scores: list[list[float]] = [[] for _ in items]
+            # Similar lengths together, so little of a batch is padding.
+            order = sorted(range(len(items)), key=lambda index: len(prompt_ids[index]))
+            for first in range(0, len(order), batch_size):
+                batch = order[first : first + batch_size]
+                batch_scores = _cached(model, [prompt_ids[i] for i in batch], [choice_ids[i] for i in batch],
+                                       tokenizer.pad_id, device)
+                for index, item_scores in zip(batch, batch_scores, strict=True):
+                    scores[index] = item_scores
+            return scores
+    finally:
+        model.train(was_training)
+
+
+def evaluate_task(model, tokenizer, path: str | Path, *, shots: int = 0, seed: int = 0, limit: int | None = None,
+                  use_cache: bool = True, return_items: bool = False) -> dict:
+    """``acc``, ``acc_norm``, their binomial standard errors and ``n`` on a task file; with
+    ``return_items`` also ``items``: per item the choices' log-likelihoods, gold and predictions.
+
+    ``limit`` scores the first items only; shots are still drawn from the whole file.
+    """
+    items = load_task(path)
+    prompts = build_prompts(items, shots, seed)
+    if limit is not None:
+        items, prompts = items[:limit], prompts[:limit]
+    scores = score_choices(model, tokenizer, prompts, items, use_cache=use_cache)
+    per_item = []
+    for item, loglikelihoods in zip(items, scores, strict=True):
+        normalised = [ll / len(_continuation(choice)) for ll, choice in zip(loglikelihoods, item.choices, strict=True)]
+        # np.argmax returns the first maximum: ties go to the first choice.
+        per_item.append({"loglikelihoods": loglikelihoods, "gold": item.gold,
+                         "pred": int(np.argmax(loglikelihoods)), "pred_norm": int(np.argmax(normalised))})
+    n = len(per_item)
+    acc = sum(entry["pred"] == entry["gold"] for entry in per_item) / n
+    acc_norm = sum(entry["pred_norm"] == entry["gold"] for entry in per_item) / n
+    result = {"acc": acc, "acc_norm": acc_norm, "n": n,
+              "acc_stderr": _stderr(acc, n), "acc_norm_stderr": _stderr(acc_norm, n)}
+    if return_items:
+        result["items"] = per_item
+    return result
+
+
+def _continuation(choice: str) -> bytes:
+    return (" " + choice).encode()
+
+
+def _stderr(p: float, n: int) -> float:
+    return math.sqrt(p * (1 - p) / n)
+
+
+def _log_likelihood(logits: torch.Tensor, targets: list[int]) -> float:
+    """Sum of log p(target) where logits [T, V] row t predicts targets[t].
+
+    Summed in float64: n equal terms then sum to exactly n times the term, so choices a model
+    finds equally likely per byte tie exactly and the tie rule (first choice) decides.
+    """
+    log_probs = logits.float().log_softmax(-1)
+    return log_probs[torch.arange(len(targets)), torch.tensor(targets)].double().sum().item()
+
+
+def _full_forward(model, prompt: list[int], choice: list[int], device) -> float:
+    tokens = torch.tensor([prompt + choice], device=device)
+    logits = model(tokens)[0, len(prompt) - 1 : -1].cpu()  # the positions that predict the choice
+    return _log_likelihood(logits, choice)
+
+
+def _cached(model, prompts: list[list[int]], choices: list[list[list[int]]], pad_id: int, device) -> list[list[float]]:
+    """One left-padded prefill of the prompts, a fork per choice, one right-padded continuation run."""
+    longest = max(map(len, prompts))
+    starts = [longest - len(ids) for ids in prompts]
+    batch = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        batch[row, starts[row] :] = torch.tensor(ids)
+    widest = max(len(ids) for item in choices for ids in item)
+    cache = StackCache(model.blocks, len(prompts), longest + widest, starts=starts)
+    first_logits = model(batch.to(device), cache, last_only=True)[:, -1]  # predicts each first choice token
+
+    # Row r of the forked batch is choice `flat[r]` of item `owners[r]`.
+    owners = [row for row, item in enumerate(choices) for _ in item]
+    flat = [ids for item in choices for ids in item]
+    cache.select(torch.tensor(owners, device=device))
+    logits = first_logits[owners][:, None]
+    if widest > 1:
+        # A choice's last token predicts nothing, so the run stops one short; positions past a
+        # choice's end are padding whose logits are never read (causal, so they affect nothing).
+        continuation = torch.full((len(flat), widest - 1), pad_id, dtype=torch.long)
+        for row, ids in enumerate(flat):
+            continuation[row, : len(ids) - 1] = torch.tensor(ids[:-1], dtype=torch.long)
+        logits = torch.cat([logits, model(continuation.to(device), cache)], dim=1)
+    logits = logits.cpu()
+    flat_scores = [_log_likelihood(logits[row, : len(ids)], ids) for row, ids in enumerate(flat)]
+    scores, taken = [], 0
+    for item in choices:
+        scores.append(flat_scores[taken : taken + len(item)])
+        taken += len(item)
+    return scores

@@ -1,0 +1,204 @@
+"""Multiple-choice evaluation: cached scoring equals one full forward per choice, oracle and uniform
+models score what they must, k-shot prompts, bad task files, and ``strata eval --tasks``."""
+
+import json
+import math
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from strata import build_model, load_config
+from strata.data import ByteTokenizer
+from strata.data.errors import DataError
+from strata.evals.multiple_choice import (
+    build_prompts,
+    evaluate_task,
+    load_task,
+    score_choices,
+)
+from strata.train.runs import open_run
+
+ROOT = Path(__file__).resolve().parents[1]
+ITEMS = 20
+
+
+@cache
+def tiny(family: str):
+    torch.manual_seed(0)
+    return build_model(load_config(ROOT / f"configs/tiny/{family}.yaml", ["model.init_std=0.1"]))
+
+
+class Uniform(nn.Module):
+    """Constant logits: every token equally likely."""
+
+    def __init__(self, vocab_size: int = 259):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.unused = nn.Parameter(torch.zeros(1))  # gives the scorer a device
+
+    def forward(self, tokens):
+        return torch.zeros(*tokens.shape, self.vocab_size)
+
+
+class Oracle(Uniform):
+    """Puts high probability on the next token of the gold continuation of whichever prompt the
+    sequence starts with; uniform anywhere else."""
+
+    def __init__(self, prompts: list[str], items, tokenizer):
+        super().__init__(tokenizer.vocab_size)
+        self.gold = {}  # prompt token ids -> prompt + gold continuation token ids
+        for prompt, item in zip(prompts, items, strict=True):
+            prompt_ids = (tokenizer.bos_id, *tokenizer.encode(prompt.encode()).tolist())
+            gold = tokenizer.encode((" " + item.choices[item.gold]).encode()).tolist()
+            self.gold[prompt_ids] = prompt_ids + tuple(gold)
+
+    def forward(self, tokens):
+        logits = super().forward(tokens)
+        for row, ids in enumerate(tokens.tolist()):
+            gold = next(self.gold[tuple(ids[:end])] for end in range(len(ids) + 1) if tuple(ids[:end]) in self.gold)
+            for position in range(len(ids)):
+                if position + 1 < len(gold) and ids[: position + 1] == list(gold[: position + 1]):
+                    logits[row, position, gold[position + 1]] = 20.0
+        return logits
+
+
+@pytest.fixture(scope="module")
+def winowhy(data_dir) -> Path:
+    return data_dir / "tasks" / "winowhy.jsonl"
+
+
+@pytest.mark.parametrize("shots", [0, 2])
+@pytest.mark.parametrize("family", ["intra", "transformer", "swa"])
+def test_cached_scores_equal_one_full_forward_per_choice(family, shots, winowhy):
+    items = load_task(winowhy)
+    prompts = build_prompts(items, shots)[:ITEMS]
+    model, tokenizer = tiny(family), ByteTokenizer()
+    model.train()
+    # Batches of 8 prompts of different lengths: left padding, forks and right padding all at once.
+    cached = score_choices(model, tokenizer, prompts, items[:ITEMS])
+    reference = score_choices(model, tokenizer, prompts, items[:ITEMS], use_cache=False)
+    assert model.training  # the mode is restored
+    for fast, slow in zip(cached, reference, strict=True):
+        assert fast == pytest.approx(slow, abs=1e-4)
+
+
+def test_an_oracle_scores_every_item(data_dir):
+    path = data_dir / "tasks" / "logical_deduction_three_objects.jsonl"
+    items, tokenizer = load_task(path)[:ITEMS], ByteTokenizer()
+    oracle = Oracle(build_prompts(load_task(path), 1)[:ITEMS], items, tokenizer)
+    result = evaluate_task(oracle, tokenizer, path, shots=1, limit=ITEMS, use_cache=False)
+    assert result == {"acc": 1.0, "acc_norm": 1.0, "n": ITEMS, "acc_stderr": 0.0, "acc_norm_stderr": 0.0}
+
+
+@pytest.mark.parametrize("task", ["winowhy", "logical_deduction_three_objects"])
+def test_a_uniform_model_scores_the_tie_breaking_rule(task, data_dir):
+    """With constant logits every byte costs log(vocab): ``acc`` picks the (first) shortest
+    choice and ``acc_norm`` ties everywhere, so it picks the first choice. What that scores is
+    fixed by the file, not by the model: for these files it is near 1 / number of choices."""
+    path = data_dir / "tasks" / f"{task}.jsonl"
+    items = load_task(path)[:200]
+    result = evaluate_task(Uniform(), ByteTokenizer(), path, limit=200, use_cache=False, return_items=True)
+    shortest = [min(range(len(item.choices)), key=lambda c: len(item.choices[c].encode())) for item in items]
+    expected_acc = sum(item.gold == pick for item, pick in zip(items, shortest, strict=True)) / len(items)
+    expected_norm = sum(item.gold == 0 for item in items) / len(items)
+    assert result["acc"] == pytest.approx(expected_acc)
+    assert result["acc_norm"] == pytest.approx(expected_norm)
+    assert result["acc_stderr"] == pytest.approx(math.sqrt(expected_acc * (1 - expected_acc) / len(items)))
+    assert all(entry["pred_norm"] == 0 for entry in result["items"])
+    chance = sum(1 / len(item.choices) for item in items) / len(items)
+    assert abs(result["acc_norm"] - chance) < 0.15
+
+
+def test_shots_are_other_items_and_reproducible(winowhy):
+    items = load_task(winowhy)[:50]
+    prompts = build_prompts(items, 3, seed=7)
+    assert prompts == build_prompts(items, 3, seed=7)
+    assert prompts != build_prompts(items, 3, seed=8)
+    examples = {f"{item.input} {item.choices[item.gold]}" for item in items}
+    for index, (item, prompt) in enumerate(zip(items, prompts, strict=True)):
+        *shots, last = prompt.split("\n\n")
+        assert last == item.input and len(shots) == 3 and set(shots) <= examples
+        assert f"{item.input} {item.choices[item.gold]}" not in shots
+        assert all(shot != f"{items[index].input} {choice}" for shot in shots for choice in item.choices)
+    assert build_prompts(items, 0) == [item.input for item in items]
+    with pytest.raises(ValueError, match="50 shots need at least 51 items"):
+        build_prompts(items, 50)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"input": "a", "choices": ["x"], "gold": 0}\n{"input": "a", "choices": ["x"]\n', ":2: bad JSON"),
+        ('{"input": "a", "choices": ["x"]}\n', ":1: missing key gold"),
+        ('\n{"input": "a", "choices": ["x", "y"], "gold": 2}\n', ":2: gold 2 is not an index into the 2 choices"),
+        ('{"input": "a", "choices": [], "gold": 0}\n', ":1: choices is empty"),
+        ('{"input": "a", "choices": "xy", "gold": 0}\n', ":1: choices must be a list of strings"),
+        ("", ": no items in the task file"),
+    ],
+)
+def test_bad_task_files_fail_with_one_line_naming_file_and_line(content, message, tmp_path):
+    path = tmp_path / "task.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError) as error:
+        load_task(path)
+    assert str(error.value).startswith(f"{path}{message}")
+    assert "\n" not in str(error.value)
+
+
+def test_a_missing_task_file_is_named(tmp_path):
+    with pytest.raises(DataError, match=r"missing\.jsonl: cannot read the task file"):
+        load_task(tmp_path / "missing.jsonl")
+
+
+def strata(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "strata.cli", *map(str, args)], capture_output=True, timeout=600, check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"strata {' '.join(map(str, args))} failed:\n{result.stderr.decode()[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def run(data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("multiple_choice") / "run"
+    strata(
+        "train", ROOT / "configs/tiny/transformer.yaml", "--data", data_dir / "corpora/shakespeare.txt", "--steps", 3,
+        "--out", out, "--quiet", "model.context_length=64", "train.batch_size=4", "train.eval_bytes=4096",
+        "data.valid_fraction=0.01",
+    )
+    return out
+
+
+def test_eval_tasks_prints_the_library_result(run, winowhy):
+    printed = json.loads(strata("eval", run, "--tasks", winowhy, "--shots", 1, "--limit", 40, "--json").stdout)
+    trained = open_run(run)
+    expected = evaluate_task(trained.model, trained.tokenizer, winowhy, shots=1, limit=40)
+    assert printed["winowhy"] == expected and printed["winowhy"]["n"] == 40
+    assert printed["checkpoint"] == str(trained.checkpoint) and "bpb" not in printed
+
+
+def test_eval_with_data_and_tasks_keeps_the_bpb_keys_and_prints_tables(run, winowhy, tmp_path):
+    text = tmp_path / "held_out.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 20)
+    both = json.loads(strata("eval", run, "--data", text, "--tasks", winowhy, "--limit", 5, "--json").stdout)
+    assert {"bpb", "bytes", "files", "checkpoint", "winowhy"} <= set(both)
+    table = strata("eval", run, "--tasks", winowhy, "--limit", 5).stdout.decode()
+    assert "winowhy" in table and "acc_norm" in table and "±" in table
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "give --data PATH (bits per byte) and/or --tasks FILE.jsonl (multiple choice)"),
+        (["--tasks", "/nonexistent/task.jsonl"], "/nonexistent/task.jsonl: cannot read the task file"),
+    ],
+)
+def test_bad_eval_arguments_fail_with_one_clear_line(run, args, message):
+    result = strata("eval", run, *args, check=False)
+    assert result.returncode == 2 and result.stdout == b""
+    assert message in result.stderr.decode().strip().splitlines()[-1]
+    assert b"Traceback" not in result.stderr
