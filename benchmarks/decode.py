@@ -32,12 +32,7 @@ from strata.inference.generate import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/tiny"
-FAMILIES = {
-    "transformer": [],
-    "mamba2": [],
-    "inter": [],
-    "intra": [],
-}
+FAMILIES = ("transformer", "mamba2", "inter", "intra")
 NO_FFN = "mamba2 (no FFN)"
 PEERS = (("transformer", "HF Llama"), (NO_FFN, "HF Mamba2"))
 
@@ -87,7 +82,7 @@ def hf_decode(model, prompts: torch.Tensor, new: int):
 
 
 def contenders(with_hf: bool) -> dict[str, torch.nn.Module]:
-    models = {name: build_model(load_config(TINY / f"{name}.yaml", overrides)).eval() for name, overrides in FAMILIES.items()}
+    models = {name: build_model(load_config(TINY / f"{name}.yaml")).eval() for name in FAMILIES}
     if with_hf:
         from strata.interop.hf import to_hf_llama, to_hf_mamba2
 

@@ -64,24 +64,22 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def whole_number(low: int):
+    """An argparse type: an integer of at least ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
+positive_int = whole_number(1)
 
 
 def bounded_float(low: float, high: float = float("inf"), low_inclusive: bool = True):
@@ -304,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run", metavar="RUN_OR_CKPT")
     evaluate.add_argument("--data", nargs="+", metavar="PATH", help="text to score in bits per byte")
     evaluate.add_argument("--tasks", nargs="+", metavar="FILE.jsonl", help="multiple-choice task files")
-    evaluate.add_argument("--shots", type=non_negative_int, default=0, help="examples before each task item (default 0)")
+    evaluate.add_argument("--shots", type=whole_number(0), default=0, help="examples before each task item (default 0)")
     evaluate.add_argument("--limit", type=positive_int, default=None, help="score only the first N items of each task")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(handler=run_eval)

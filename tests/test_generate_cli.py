@@ -1,37 +1,18 @@
 """``strata generate``: streaming a trained run's continuation, any prompt bytes, stop strings,
 the interactive loop, and clear errors."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_runner import strata, train_tiny
 
 from strata.inference.generate import generate
 from strata.train.runs import open_run
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def strata(*args, stdin=None, check=True):
-    result = subprocess.run(
-        [sys.executable, "-m", "strata.cli", *map(str, args)], input=stdin, capture_output=True, timeout=600
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"strata {' '.join(map(str, args))} failed:\n{result.stderr.decode()[-3000:]}")
-    return result
-
-
 @pytest.fixture(scope="module")
 def run(data_dir, tmp_path_factory) -> Path:
     """A few steps of the tiny intra-layer hybrid: attention and Mamba caches both decode."""
-    out = tmp_path_factory.mktemp("generate") / "run"
-    strata(
-        "train", ROOT / "configs/tiny/intra.yaml", "--data", data_dir / "corpora/shakespeare.txt", "--steps", 3,
-        "--out", out, "--quiet", "model.context_length=64", "train.batch_size=4", "train.eval_bytes=4096",
-        "data.valid_fraction=0.01",
-    )
-    return out
+    return train_tiny("intra", tmp_path_factory.mktemp("generate") / "run", data_dir)
 
 
 def test_greedy_output_is_the_prompt_then_the_api_continuation(run):

@@ -3,13 +3,12 @@ models score what they must, k-shot prompts, bad task files, and ``strata eval -
 
 import json
 import math
-import subprocess
-import sys
 from functools import cache
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import strata, train_tiny
 from torch import nn
 
 from strata import build_model, load_config
@@ -155,22 +154,9 @@ def test_a_missing_task_file_is_named(tmp_path):
         load_task(tmp_path / "missing.jsonl")
 
 
-def strata(*args, check=True):
-    result = subprocess.run([sys.executable, "-m", "strata.cli", *map(str, args)], capture_output=True, timeout=600, check=False)
-    if check and result.returncode != 0:
-        raise AssertionError(f"strata {' '.join(map(str, args))} failed:\n{result.stderr.decode()[-3000:]}")
-    return result
-
-
 @pytest.fixture(scope="module")
 def run(data_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("multiple_choice") / "run"
-    strata(
-        "train", ROOT / "configs/tiny/transformer.yaml", "--data", data_dir / "corpora/shakespeare.txt", "--steps", 3,
-        "--out", out, "--quiet", "model.context_length=64", "train.batch_size=4", "train.eval_bytes=4096",
-        "data.valid_fraction=0.01",
-    )
-    return out
+    return train_tiny("transformer", tmp_path_factory.mktemp("multiple_choice") / "run", data_dir)
 
 
 def test_eval_tasks_prints_the_library_result(run, winowhy):

@@ -224,8 +224,18 @@ class _Scanner(Protocol):
         """The level of ``char``, which follows the characters stepped before."""
 
 
+@dataclass
 class _TextSplitter(Splitter):
-    """A rule over characters: ``_char_levels`` (regexes) for whole texts, ``_scanner`` for streams."""
+    """A rule over characters with ``groups`` per level: ``_char_levels`` (regexes) for whole
+    texts, ``_scanner`` for streams."""
+
+    stages: int
+    groups: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        self.groups = tuple(self.groups)
+        _check_stages(self.stages)
+        _check_per_level("groups", self.groups, self.stages)
 
     def levels(self, data: bytes) -> np.ndarray:
         text = _new_decoder().decode(data, final=False)  # holds back an incomplete last character
@@ -277,14 +287,6 @@ _FIRST_NEWLINE = regex.compile(r"[\r\n]")
 @dataclass
 class WordSplitter(_TextSplitter):
     """Every groups[k-1]-th word's whitespace at level k; punctuation, digits, newlines deepest."""
-
-    stages: int
-    groups: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        self.groups = tuple(self.groups)
-        _check_stages(self.stages)
-        _check_per_level("groups", self.groups, self.stages)
 
     def _char_levels(self, text: str) -> np.ndarray:
         levels = np.zeros(len(text), np.int8)
@@ -365,14 +367,6 @@ _PIECE_RUNS = {"letters": (_LETTER, 16), "digits": (_DIGIT, 3), "punctuation": (
 @dataclass
 class PretokenizerSplitter(_TextSplitter):
     """A split at each pretokenizer piece's start; every groups[k-1]-th piece at level k."""
-
-    stages: int
-    groups: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        self.groups = tuple(self.groups)
-        _check_stages(self.stages)
-        _check_per_level("groups", self.groups, self.stages)
 
     def _char_levels(self, text: str) -> np.ndarray:
         starts = [match.start() for match in _PIECE.finditer(text)]

@@ -1,0 +1,27 @@
+"""Running the real ``strata`` command in a subprocess, for the CLI tests."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def strata(*args, stdin=None, check=True) -> subprocess.CompletedProcess:
+    """``strata ARGS`` with bytes in and out; a failure that ``check`` forbids shows stderr."""
+    result = subprocess.run(
+        [sys.executable, "-m", "strata.cli", *map(str, args)], input=stdin, capture_output=True, timeout=600, check=False
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"strata {' '.join(map(str, args))} failed:\n{result.stderr.decode()[-3000:]}")
+    return result
+
+
+def train_tiny(family: str, out: Path, data_dir: Path) -> Path:
+    """A few training steps of a tiny preset on Shakespeare: a real run directory to load."""
+    strata(
+        "train", ROOT / f"configs/tiny/{family}.yaml", "--data", data_dir / "corpora/shakespeare.txt", "--steps", 3,
+        "--out", out, "--quiet", "model.context_length=64", "train.batch_size=4", "train.eval_bytes=4096",
+        "data.valid_fraction=0.01",
+    )
+    return out
