@@ -6,15 +6,15 @@ The model exports are loaded on first use, so torch-free commands (``strata info
 from strata.config import Config, ConfigError, load_config
 from strata.layout import make_layout
 
-__all__ = ["Config", "ConfigError", "LanguageModel", "build_model", "generate", "load_config", "make_layout"]
+__all__ = ["AUNet", "Config", "ConfigError", "LanguageModel", "build_model", "generate", "load_config", "make_layout"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    if name in ("LanguageModel", "build_model"):
-        from strata.models import lm
+    if name in ("AUNet", "LanguageModel", "build_model"):
+        import strata.models
 
-        return getattr(lm, name)
+        return getattr(strata.models, name)
     if name == "generate":
         from strata.inference.generate import generate
 

@@ -8,10 +8,19 @@ here, once, instead of failing deep inside a module.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from strata.layout import PLACEMENTS, check_layout, make_layout
 
@@ -197,12 +206,14 @@ class LayoutSpec(Strict):
         return value
 
 
-class ModelConfig(Strict):
-    vocab_size: int = Field(gt=0)
+class StackConfig(Strict):
+    """A stack of residual blocks of one width: its layout and the sections its symbols need.
+
+    A plain language model is one stack; each stage of an AU-Net is one (``StageConfig``).
+    """
+
     d_model: int = Field(gt=0)
     layout: str
-    context_length: int = Field(2048, gt=0)
-    tie_embeddings: bool = True
     norm_eps: float = Field(1e-5, gt=0)
     init_std: float = Field(0.02, gt=0)
     attention: AttentionConfig | None = None
@@ -281,6 +292,108 @@ class ModelConfig(Strict):
             raise _KeyedError(f"{key}.n_groups", f"{mamba.n_groups} does not divide the {n_heads} SSM heads")
 
 
+class ModelConfig(StackConfig):
+    """A language model: embedding, one stack of blocks, final norm, output head."""
+
+    kind: Literal["lm"] = "lm"
+    vocab_size: int = Field(gt=0)
+    context_length: int = Field(2048, gt=0)
+    tie_embeddings: bool = True
+
+
+class StageConfig(StackConfig):
+    """One AU-Net stage. Stage 1 reads bytes; stage k > 1 reads the positions where the split rule
+    puts a split of depth k-1 or more. Stages below the deepest have an encoder and a decoder of
+    this layout each (separate weights); the deepest, the trunk, runs its layout once.
+
+    ``split_every``: words (word rule), pre-tokeniser pieces (pretokenizer rule) or bytes (stride
+    rule) per split of this stage; the rule's default when unset; must be unset for stage 1.
+    ``max_length``: a static length for this stage's sequences (for torch.compile); splits beyond
+    it are dropped and shorter sequences padded. Unset: as long as the batch needs.
+    """
+
+    split_every: int | None = Field(None, gt=0)
+    max_length: int | None = Field(None, gt=0)
+
+
+class SplitConfig(Strict):
+    """Where AU-Net pools: the rule that gives every byte a level (``strata.data.splitter``)."""
+
+    rule: Literal["word", "pretokenizer", "stride"] = "word"
+
+
+class AUNetConfig(Strict):
+    """The autoregressive U-Net over bytes (AU-Net brief §2): stages from bytes to the trunk.
+
+    ``upsample``: how a coarse vector is spread over the finer positions of its segment:
+    ``multilinear`` (a shared Linear plus one Linear per offset, offsets modulo ``max_offset``),
+    ``repeat`` (one Linear plus a learned bias per offset) or ``simple`` (one Linear, placed only
+    at the segment's first position).
+    """
+
+    kind: Literal["aunet"]
+    vocab_size: int = Field(gt=0)
+    context_length: int = Field(8192, gt=0)
+    init_std: float = Field(0.02, gt=0)
+    split: SplitConfig = SplitConfig()
+    upsample: Literal["multilinear", "repeat", "simple"] = "multilinear"
+    max_offset: int = Field(16, gt=0)
+    stages: list[StageConfig] = Field(min_length=2)
+
+    @model_validator(mode="after")
+    def _stages(self):
+        if self.stages[0].split_every is not None:
+            raise _KeyedError("stages.0.split_every", "stage 1 reads every byte; split_every applies to deeper stages")
+        given = [stage.split_every for stage in self.stages[1:]]
+        if any(every is not None for every in given) and None in given:
+            index = given.index(None) + 1
+            raise _KeyedError(f"stages.{index}.split_every", "give split_every for every stage after the first, or for none")
+        if None not in given:
+            for index in range(2, len(given) + 1):
+                if given[index - 1] <= given[index - 2]:
+                    raise _KeyedError(
+                        f"stages.{index}.split_every",
+                        f"{given[index - 1]} must exceed the previous stage's {given[index - 2]}: deeper stages are coarser",
+                    )
+        for index, stage in enumerate(self.stages[:-1]):
+            deeper = self.stages[index + 1].max_length
+            if stage.max_length is not None and deeper is not None and deeper > stage.max_length:
+                raise _KeyedError(f"stages.{index + 1}.max_length", "exceeds the previous stage's max_length")
+        return self
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def d_model(self) -> int:
+        """Width of the byte stage, where the embedding and the head are."""
+        return self.stages[0].d_model
+
+    @property
+    def layout(self) -> str:
+        """The stages' layouts joined by ';' (encoder layouts; decoders repeat them)."""
+        return ";".join(stage.layout for stage in self.stages)
+
+    def splitter_settings(self) -> dict:
+        """Keyword arguments of ``strata.data.splitter.make_splitter`` for this model."""
+        everies = [stage.split_every for stage in self.stages[1:]]
+        key = "strides" if self.split.rule == "stride" else "groups"
+        return {"rule": self.split.rule, "stages": self.n_stages, key: None if None in everies else everies}
+
+
+def _model_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return value.get("kind", "lm")
+    return getattr(value, "kind", "lm")
+
+
+AnyModelConfig = Annotated[
+    Annotated[ModelConfig, Tag("lm")] | Annotated[AUNetConfig, Tag("aunet")],
+    Discriminator(_model_kind, custom_error_type="model_kind", custom_error_message="kind must be 'lm' (one stack of blocks) or 'aunet'"),
+]
+
+
 class DataConfig(Strict):
     """What to train on. ``sources`` are .txt files, folders of them, .jsonl files (one JSON object a
     line, text under ``text_field``) or named corpora (``shakespeare``), fetched on first use."""
@@ -332,7 +445,7 @@ class Config(Strict):
     """A whole strata configuration file."""
 
     description: str = ""
-    model: ModelConfig
+    model: AnyModelConfig
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
 
@@ -363,7 +476,7 @@ def validate_config(data: dict, source: str = "<config>") -> Config:
         return Config.model_validate(data)
     except ValidationError as error:
         first = error.errors()[0]
-        key = ".".join(str(part) for part in first["loc"] if not str(part).startswith("function-after"))
+        key = ".".join(str(part) for part in first["loc"] if not _is_internal_loc(part))
         message = first["msg"].removeprefix("Value error, ")
         cause = (first.get("ctx") or {}).get("error")
         if isinstance(cause, _KeyedError):
@@ -376,6 +489,14 @@ def validate_config(data: dict, source: str = "<config>") -> Config:
         elif "input" in first and not isinstance(first["input"], (dict, list)):
             message += f" (got {first['input']!r})"
         raise ConfigError(f"{source}: {key or '<top level>'}: {message}") from None
+
+
+MODEL_KINDS = ("lm", "aunet")
+
+
+def _is_internal_loc(part) -> bool:
+    """Parts of a pydantic error location that are not keys of the file (validators, union tags)."""
+    return str(part).startswith("function-after") or part in MODEL_KINDS
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

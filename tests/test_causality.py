@@ -15,8 +15,8 @@ import torch
 
 import strata
 from strata.config import validate_config
-from strata.models.lm import LanguageModel, build_model
-from strata.nn.mlp import MoE
+from strata.models import LanguageModel, build_model
+from strata.nn.mlp import MoE, moe_layers
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 PRESETS = sorted(CONFIGS.glob("*.yaml"))
@@ -200,7 +200,7 @@ def test_moe_model_is_causal(top_k):
     config = moe_model_config(n_experts=4, top_k=top_k)
     assert config.layout == "MHM" and config.ffn.kind == "moe"
     model = build(config)
-    assert len(model.moe_layers()) == 3
+    assert len(moe_layers(model)) == 3
     assert_causal(model)
     model.train()  # routing is per token in training too (only the load counters differ)
     assert_causal(model)
@@ -240,7 +240,7 @@ def test_update_balance_bias_lowers_overloaded_and_raises_underloaded():
     rate = 0.01
     config = moe_model_config(n_experts=4, top_k=1, bias_update_rate=rate)
     model = build(config).train()
-    moes = model.moe_layers()
+    moes = moe_layers(model)
     # Start from an imbalance: expert 0 is favoured in every layer, so it takes (nearly) every token.
     for moe in moes:
         moe.balance_bias.copy_(torch.tensor([5.0, 0.0, 0.0, 0.0]))
@@ -270,11 +270,11 @@ def test_update_balance_bias_follows_the_sign_of_mean_minus_load(top_k):
     tokens = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         model(tokens)
-    loads = [moe.tokens_per_expert.clone() for moe in model.moe_layers()]
+    loads = [moe.tokens_per_expert.clone() for moe in moe_layers(model)]
     assert all(load.sum() == 4 * 32 * top_k for load in loads)
     assert any((load != load.mean()).any() for load in loads)  # something to balance
     model.update_balance_biases()
-    for moe, load in zip(model.moe_layers(), loads):
+    for moe, load in zip(moe_layers(model), loads):
         expected = rate * torch.sign(load.mean() - load)
         torch.testing.assert_close(moe.balance_bias, expected)
         over, under = load > load.mean(), load < load.mean()
@@ -285,16 +285,16 @@ def test_eval_forward_does_not_count_load():
     model = build(moe_model_config(n_experts=4, top_k=1, bias_update_rate=0.1)).eval()
     with torch.no_grad():
         model(torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2)))
-    assert all(moe.tokens_per_expert.sum() == 0 for moe in model.moe_layers())
+    assert all(moe.tokens_per_expert.sum() == 0 for moe in moe_layers(model))
     model.update_balance_biases()
-    assert all((moe.balance_bias == 0).all() for moe in model.moe_layers())
+    assert all((moe.balance_bias == 0).all() for moe in moe_layers(model))
 
 
 def test_balance_bias_chooses_experts_but_does_not_weight_them():
     """With top-2 routing forced onto experts 0 and 1 by the bias, the output is those experts mixed
     by their own sigmoid scores normalised to sum to one; the (huge) bias does not enter the weights."""
     config = moe_model_config(n_experts=4, top_k=2, n_shared=0)
-    moe = build(config).moe_layers()[0]
+    moe = moe_layers(build(config))[0]
     assert isinstance(moe, MoE) and len(moe.shared) == 0
     x = torch.randn(1, 10, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -7,11 +7,11 @@ import math
 import torch
 from torch import nn
 
-from strata.config import Config, ModelConfig, RopeConfig
+from strata.config import ModelConfig, RopeConfig, StackConfig
 from strata.nn.attention import Attention
 from strata.nn.hybrid import IntraLayerHybrid
 from strata.nn.mamba2 import Mamba2
-from strata.nn.mlp import MoE, build_ffn
+from strata.nn.mlp import build_ffn, update_balance_biases
 from strata.nn.norms import RMSNorm, rms_norm
 
 # Projections that write into the residual stream; initialised smaller so the stream's variance
@@ -19,7 +19,7 @@ from strata.nn.norms import RMSNorm, rms_norm
 RESIDUAL_PROJECTIONS = ("o_proj", "out_proj", "down", "attn_out", "ssm_out")
 
 
-def build_mixer(symbol: str, config: ModelConfig) -> nn.Module:
+def build_mixer(symbol: str, config: StackConfig) -> nn.Module:
     """The sequence mixer for one layout symbol."""
     d_model = config.d_model
     if symbol == "A":
@@ -39,7 +39,7 @@ def build_mixer(symbol: str, config: ModelConfig) -> nn.Module:
 class Block(nn.Module):
     """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x)) when the model has an FFN."""
 
-    def __init__(self, symbol: str, config: ModelConfig):
+    def __init__(self, symbol: str, config: StackConfig):
         super().__init__()
         self.symbol = symbol
         self.mixer_norm = RMSNorm(config.d_model, config.norm_eps)
@@ -55,27 +55,49 @@ class Block(nn.Module):
         return x
 
 
+def build_stack(config: StackConfig) -> nn.ModuleList:
+    """One block per symbol of ``config.layout``."""
+    return nn.ModuleList(Block(symbol, config) for symbol in config.layout)
+
+
+def run_stack(blocks: nn.ModuleList, x: torch.Tensor, cache=None) -> torch.Tensor:
+    """Run ``x`` through ``blocks``; with a ``StackCache`` (``strata.inference``) the steps of ``x``
+    follow those the cache holds, and the cache advances past them."""
+    if cache is None:
+        for block in blocks:
+            x = block(x)
+        return x
+    cache.sequence.begin(x.shape[1])
+    for block, layer_cache in zip(blocks, cache.layers, strict=True):
+        x = block(x, layer_cache)
+    cache.sequence.commit()
+    return x
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, std: float, n_blocks: int) -> None:
+    """Normal(0, std) for embeddings and projections; projections that write into a residual
+    stream get std / sqrt(2 · n_blocks)."""
+    residual_std = std / math.sqrt(2 * n_blocks)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, nn.Linear):
+            is_residual = name.rsplit(".", 1)[-1] in RESIDUAL_PROJECTIONS
+            nn.init.normal_(module.weight, std=residual_std if is_residual else std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
 class LanguageModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(Block(symbol, config) for symbol in config.layout)
+        self.blocks = build_stack(config)
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self._init_weights()
-
-    @torch.no_grad()
-    def _init_weights(self) -> None:
-        std = self.config.init_std
-        residual_std = std / math.sqrt(2 * len(self.blocks))
-        nn.init.normal_(self.embed.weight, std=std)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                is_residual = name.rsplit(".", 1)[-1] in RESIDUAL_PROJECTIONS
-                nn.init.normal_(module.weight, std=residual_std if is_residual else std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        init_weights(self, config.init_std, len(self.blocks))
 
     def forward(self, tokens: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, vocab] ([B, 1, vocab] with ``last_only``).
@@ -83,29 +105,10 @@ class LanguageModel(nn.Module):
         With a ``StackCache`` (``strata.inference``) the tokens are the next steps after those
         the cache holds, and the cache advances past them.
         """
-        x = self.embed(tokens)
-        if cache is None:
-            for block in self.blocks:
-                x = block(x)
-        else:
-            cache.sequence.begin(tokens.shape[1])
-            for block, layer_cache in zip(self.blocks, cache.layers, strict=True):
-                x = block(x, layer_cache)
-            cache.sequence.commit()
+        x = run_stack(self.blocks, self.embed(tokens), cache)
         x = self.norm(x[:, -1:] if last_only else x)
         return self.head(x) if self.head is not None else x @ self.embed.weight.t()
 
-    def moe_layers(self) -> list[MoE]:
-        return [m for m in self.modules() if isinstance(m, MoE)]
-
     def update_balance_biases(self) -> None:
         """Call after each optimiser step: aux-loss-free load balancing of every MoE layer."""
-        for moe in self.moe_layers():
-            moe.update_balance_bias()
-
-
-def build_model(config: Config | ModelConfig, device: str | torch.device | None = None) -> LanguageModel:
-    """A LanguageModel from a validated config (the ``model`` section or the whole file)."""
-    model_config = config.model if isinstance(config, Config) else config
-    with torch.device(device or "cpu"):
-        return LanguageModel(model_config)
+        update_balance_biases(self)

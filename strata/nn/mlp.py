@@ -81,3 +81,13 @@ def build_ffn(d_model: int, config: FFNConfig) -> nn.Module | None:
     if config.kind == "moe":
         return MoE(d_model, config)
     return SwiGLU(d_model, config.d_ffn)
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    return [module for module in model.modules() if isinstance(module, MoE)]
+
+
+def update_balance_biases(model: nn.Module) -> None:
+    """Call after each optimiser step: aux-loss-free load balancing of every MoE layer in ``model``."""
+    for moe in moe_layers(model):
+        moe.update_balance_bias()

@@ -32,7 +32,7 @@ from strata.data import (
 )
 from strata.evals.bpb import bits_per_byte
 from strata.inference.generate import generate
-from strata.models.lm import build_model
+from strata.models import build_model
 from strata.train.checkpoint import (
     latest_checkpoint,
     load_model_weights,

@@ -1,0 +1,67 @@
+"""Split levels of token ids for AU-Net: the split rule run on the bytes between special tokens.
+
+AU-Net reads byte ids (0..255) with the specials of ``ByteTokenizer``. A BOS gets the top level (a
+split at every stage: the model's first position of every document opens a segment everywhere),
+and the bytes after it get the levels the split rule gives the document's bytes from its start;
+any other special (EOS, PAD) gets level 0 and, like BOS, starts the rule afresh after it. The same
+levels come out whether the ids arrive as a packed training stream (``stream_levels``), as one
+batch row (``model_inputs``) or a few at a time during generation (``TokenLevels``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from strata.config import AUNetConfig, ModelConfig
+from strata.data.splitter import LevelStream, Splitter, make_splitter
+from strata.data.tokenizer import ByteTokenizer
+
+BYTE_IDS = 256
+
+
+def splitter_for(config: AUNetConfig) -> Splitter:
+    return make_splitter(**config.splitter_settings())
+
+
+def stream_levels(tokens: np.ndarray, splitter: Splitter) -> np.ndarray:
+    """The int8 level of every id of ``tokens`` (a packed stream, a document, a window)."""
+    tokens = np.asarray(tokens)
+    levels = np.zeros(len(tokens), dtype=np.int8)
+    special = np.flatnonzero(tokens >= BYTE_IDS)
+    levels[special[tokens[special] == ByteTokenizer.bos_id]] = splitter.stages - 1
+    for start, end in zip(np.concatenate([[0], special + 1]), np.concatenate([special, [len(tokens)]])):
+        if end > start:
+            levels[start:end] = splitter.levels(tokens[start:end].astype(np.uint8).tobytes())
+    return levels
+
+
+def model_inputs(config: ModelConfig | AUNetConfig, tokens: torch.Tensor) -> dict:
+    """What ``model(tokens, **model_inputs(model.config, tokens))`` needs beyond the ids: for an
+    AU-Net the levels of each row (read as the start of a stream), for other models nothing."""
+    if not isinstance(config, AUNetConfig):
+        return {}
+    splitter = splitter_for(config)
+    rows = [stream_levels(row, splitter) for row in tokens.cpu().numpy()]
+    return {"levels": torch.from_numpy(np.stack(rows)).to(tokens.device) if rows else tokens.new_zeros(tokens.shape)}
+
+
+class TokenLevels:
+    """``stream_levels`` of ids that arrive a few at a time (generation), at constant work per id."""
+
+    def __init__(self, splitter: Splitter):
+        self.splitter = splitter
+        self.stream: LevelStream = splitter.stream()
+
+    def feed(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        levels = np.zeros(len(ids), dtype=np.int8)
+        start = 0
+        for special in [*np.flatnonzero(ids >= BYTE_IDS), len(ids)]:
+            if special > start:
+                levels[start:special] = self.stream.feed(ids[start:special].astype(np.uint8).tobytes())
+            if special < len(ids):
+                levels[special] = self.splitter.stages - 1 if ids[special] == ByteTokenizer.bos_id else 0
+                self.stream = self.splitter.stream()
+            start = special + 1
+        return levels
