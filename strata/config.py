@@ -449,6 +449,12 @@ class Config(Strict):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
 
+    @model_validator(mode="after")
+    def _bytes_for_aunet(self):
+        if isinstance(self.model, AUNetConfig) and self.data.tokenizer != "bytes":
+            raise _KeyedError("data.tokenizer", "AU-Net reads bytes and pools them itself; set data.tokenizer: bytes")
+        return self
+
 
 # ---------------------------------------------------------------------------------------------
 # Loading
@@ -516,7 +522,7 @@ def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: {'is a directory, not' if path.is_dir() else 'no such'} config file")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
     except yaml.MarkedYAMLError as error:

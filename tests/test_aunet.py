@@ -54,7 +54,7 @@ def build(config, seed=0) -> AUNet:
 
 def logits_of(model, tokens):
     with torch.no_grad():
-        return model(tokens, **model_inputs(model.config, tokens))
+        return model(tokens, **model_inputs(model, tokens))
 
 
 def text_tokens(length=120):
@@ -132,7 +132,7 @@ def test_forward_needs_levels():
 def test_training_backward_reaches_every_parameter():
     model = build(aunet_config(3)).train()
     tokens = text_tokens(120)
-    logits = model(tokens, **model_inputs(model.config, tokens))
+    logits = model(tokens, **model_inputs(model, tokens))
     torch.nn.functional.cross_entropy(logits[0, :-1], tokens[0, 1:]).backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []

@@ -8,19 +8,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from strata.data import (
     ByteTokenizer,
     DataError,
     Document,
     TokenLoader,
+    corpora,
     corpus_path,
     fetch_corpus,
     load_documents,
     pack,
     split_documents,
 )
-from strata.data import corpora
 
 # ---------------------------------------------------------------------------------------------
 # load_documents
@@ -180,7 +181,7 @@ def test_pack_puts_bos_before_every_document():
 
 
 def batches(loader, count):
-    return [loader.next_batch() for _ in range(count)]
+    return [loader.next_batch().tokens for _ in range(count)]
 
 
 def test_loader_batches_are_windows_and_depend_only_on_the_seed():
@@ -215,6 +216,19 @@ def test_every_token_is_a_target_exactly_once_per_epoch():
         targets = np.concatenate([b[:, 1:].reshape(-1).numpy() for b in batches(loader, n_windows // 4)])
         assert sorted(targets.tolist()) == list(range(1, len(tokens)))
         assert loader.state_dict()["epoch"] == epoch + 1
+
+
+def test_loader_cuts_levels_into_the_same_windows_as_tokens():
+    tokens = np.arange(200, dtype=np.int32)
+    levels = (tokens % 3).astype(np.int8)
+    loader = TokenLoader(tokens, 16, 4, seed=2, levels=levels)
+    for _ in range(6):
+        batch = loader.next_batch()
+        assert torch.equal(batch.levels, batch.tokens % 3)
+        inputs = batch.inputs()
+        assert torch.equal(inputs["tokens"], batch.tokens[:, :-1]) and torch.equal(inputs["levels"], batch.levels[:, :-1])
+        assert torch.equal(batch.targets, batch.tokens[:, 1:])
+    assert "levels" not in TokenLoader(tokens, 16, 4, seed=2).next_batch().inputs()
 
 
 def test_loader_refuses_a_stream_shorter_than_one_window_and_foreign_state():

@@ -11,13 +11,21 @@ Every problem with the input is raised as a one-line DataError before training s
 from strata.data.corpora import CORPORA, corpus_path, fetch_corpus
 from strata.data.documents import Document, load_documents, split_documents
 from strata.data.errors import DataError
-from strata.data.loader import TokenLoader, pack
-from strata.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, build_tokenizer, load_tokenizer
+from strata.data.levels import model_inputs, model_levels
+from strata.data.loader import Batch, TokenLoader, pack
+from strata.data.tokenizer import (
+    BPETokenizer,
+    ByteTokenizer,
+    Tokenizer,
+    build_tokenizer,
+    load_tokenizer,
+)
 
 __all__ = [
-    "BPETokenizer",
-    "ByteTokenizer",
     "CORPORA",
+    "BPETokenizer",
+    "Batch",
+    "ByteTokenizer",
     "DataError",
     "Document",
     "TokenLoader",
@@ -27,6 +35,8 @@ __all__ = [
     "fetch_corpus",
     "load_documents",
     "load_tokenizer",
+    "model_inputs",
+    "model_levels",
     "pack",
     "split_documents",
 ]

@@ -36,14 +36,21 @@ def stream_levels(tokens: np.ndarray, splitter: Splitter) -> np.ndarray:
     return levels
 
 
-def model_inputs(config: ModelConfig | AUNetConfig, tokens: torch.Tensor) -> dict:
-    """What ``model(tokens, **model_inputs(model.config, tokens))`` needs beyond the ids: for an
-    AU-Net the levels of each row (read as the start of a stream), for other models nothing."""
+def model_levels(config: ModelConfig | AUNetConfig, tokens: np.ndarray) -> np.ndarray | None:
+    """The levels of a stream of ids for a model that pools by them (AU-Net), else None."""
+    return stream_levels(tokens, splitter_for(config)) if isinstance(config, AUNetConfig) else None
+
+
+def model_inputs(model: torch.nn.Module, tokens: torch.Tensor) -> dict:
+    """What ``model(tokens, **model_inputs(model, tokens))`` needs beyond the ids: for an AU-Net
+    the levels of each row (read as the start of a stream), for other models nothing."""
+    config = getattr(model, "config", None)
     if not isinstance(config, AUNetConfig):
         return {}
     splitter = splitter_for(config)
     rows = [stream_levels(row, splitter) for row in tokens.cpu().numpy()]
-    return {"levels": torch.from_numpy(np.stack(rows)).to(tokens.device) if rows else tokens.new_zeros(tokens.shape)}
+    levels = np.stack(rows) if rows else np.zeros(tuple(tokens.shape), np.int8)
+    return {"levels": torch.from_numpy(levels).to(tokens.device)}
 
 
 class TokenLevels:

@@ -6,6 +6,8 @@ The loader's whole state is (epoch, position), and each epoch's order comes from
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -23,21 +25,49 @@ def pack(documents, tokenizer) -> np.ndarray:
     return np.concatenate(parts).astype(np.int32, copy=False) if parts else np.zeros(0, np.int32)
 
 
+@dataclass
+class Batch:
+    """Windows of ``seq_len + 1`` ids and, for models that pool by split levels (AU-Net), the
+    level of each id. Inputs are ``[:, :-1]``, targets ``[:, 1:]``."""
+
+    tokens: torch.Tensor
+    levels: torch.Tensor | None = None
+
+    def to(self, device) -> Batch:
+        return Batch(self.tokens.to(device), None if self.levels is None else self.levels.to(device))
+
+    def inputs(self) -> dict:
+        """Keyword arguments of the model's forward."""
+        inputs = {"tokens": self.tokens[:, :-1]}
+        if self.levels is not None:
+            inputs["levels"] = self.levels[:, :-1]
+        return inputs
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.tokens[:, 1:]
+
+
 class TokenLoader:
     """Batches of ``batch_size`` windows of ``seq_len + 1`` tokens: inputs ``[:, :-1]``, targets ``[:, 1:]``.
 
     Windows start at 0, seq_len, 2·seq_len, ... and so share one token with the next window: every
     token after the first is a target exactly once per epoch (except a tail shorter than seq_len
     that fits no whole window). The window order is shuffled afresh each epoch; a batch that runs
-    past the end of an epoch continues with the next epoch's order.
+    past the end of an epoch continues with the next epoch's order. ``levels``, when given, are
+    cut into the same windows (computed once over the whole stream, so a window that starts
+    mid-document carries the levels its bytes have in the document).
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, levels: np.ndarray | None = None):
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be positive")
         if seed < 0:
             raise ValueError(f"seed must be non-negative for numpy's Generator, got {seed}")
         self.tokens = np.asarray(tokens)
+        self.levels = None if levels is None else np.asarray(levels)
+        if self.levels is not None and self.levels.shape != self.tokens.shape:
+            raise ValueError(f"levels {self.levels.shape} must match tokens {self.tokens.shape}")
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.n_windows = (len(self.tokens) - 1) // seq_len
         if self.n_windows < 1:
@@ -55,7 +85,7 @@ class TokenLoader:
             self._order, self._order_epoch = order * self.seq_len, self.epoch
         return self._order
 
-    def next_batch(self) -> torch.LongTensor:
+    def next_batch(self) -> Batch:
         starts = []
         while len(starts) < self.batch_size:
             take = min(self.batch_size - len(starts), self.n_windows - self.position)
@@ -64,7 +94,8 @@ class TokenLoader:
             if self.position == self.n_windows:
                 self.epoch, self.position = self.epoch + 1, 0
         index = np.asarray(starts)[:, None] + np.arange(self.seq_len + 1)
-        return torch.from_numpy(self.tokens[index].astype(np.int64))
+        tokens = torch.from_numpy(self.tokens[index].astype(np.int64))
+        return Batch(tokens, None if self.levels is None else torch.from_numpy(self.levels[index].astype(np.int64)))
 
     def state_dict(self) -> dict:
         """Where the loader is, plus what it was built for (checked on load)."""

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from strata.data.errors import DataError
+from strata.data.levels import model_levels
 
 
 def bits_per_byte(model, tokenizer, documents, seq_len: int, batch_size: int = 8, device=None) -> dict:
@@ -26,24 +27,28 @@ def bits_per_byte(model, tokenizer, documents, seq_len: int, batch_size: int = 8
     BOS is never a target and no EOS is added: the targets are exactly the document's text tokens,
     whose bytes are the document's bytes.
 
-    ``model(tokens [B, T]) -> logits [B, T, V]``. Runs under ``torch.no_grad`` with ``model.eval()``
-    and restores the model's training mode afterwards.
+    ``model(tokens [B, T]) -> logits [B, T, V]``; a model that pools by split levels (AU-Net) also
+    gets ``levels=``, computed over each whole document, as in training. Runs under
+    ``torch.no_grad`` with ``model.eval()`` and restores the model's training mode afterwards.
     """
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    windows, per_document = [], []  # windows: (index into per_document, token ids)
+    config = getattr(model, "config", None)
+    windows, per_document = [], []  # windows: (index into per_document, token ids, levels or None)
     for document in documents:
         if not document.text:
             continue
         tokens = np.concatenate([[tokenizer.bos_id], tokenizer.encode(document.text)]).astype(np.int64)
-        starts = range(0, len(tokens) - 1, seq_len)
-        windows += [(len(per_document), tokens[start : start + seq_len + 1]) for start in starts]
+        levels = model_levels(config, tokens)
+        for start in range(0, len(tokens) - 1, seq_len):
+            window = slice(start, start + seq_len + 1)
+            windows.append((len(per_document), tokens[window], None if levels is None else levels[window]))
         per_document.append({"name": document.name, "bytes": len(document.text), "nats": 0.0,
                              "tokens": len(tokens) - 1})
     if not windows:
         raise DataError("nothing to evaluate: every document is empty")
-    nats = _score(model, [window for _, window in windows], tokenizer.pad_id, batch_size, device)
-    for (slot, _), window_nats in zip(windows, nats):
+    nats = _score(model, [window[1:] for window in windows], tokenizer.pad_id, batch_size, device)
+    for (slot, _, _), window_nats in zip(windows, nats):
         per_document[slot]["nats"] += window_nats
     total_nats = sum(item["nats"] for item in per_document)
     total_bytes = sum(item["bytes"] for item in per_document)
@@ -60,7 +65,8 @@ def bits_per_byte(model, tokenizer, documents, seq_len: int, batch_size: int = 8
 
 
 def _score(model, windows, pad_id: int, batch_size: int, device) -> list[float]:
-    """Summed -log p(target) of each window (inputs = window[:-1], targets = window[1:])."""
+    """Summed -log p(target) of each (tokens, levels or None) window (inputs = tokens[:-1],
+    targets = tokens[1:])."""
     was_training = model.training
     model.eval()
     nats = []
@@ -68,16 +74,20 @@ def _score(model, windows, pad_id: int, batch_size: int, device) -> list[float]:
         with torch.no_grad():
             for first in range(0, len(windows), batch_size):
                 chunk = windows[first : first + batch_size]
-                width = max(len(window) for window in chunk)
+                width = max(len(tokens) for tokens, _ in chunk)
                 batch = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-                for row, window in enumerate(chunk):
-                    batch[row, : len(window)] = torch.from_numpy(window)
+                levels = torch.zeros((len(chunk), width), dtype=torch.long)
+                for row, (tokens, window_levels) in enumerate(chunk):
+                    batch[row, : len(tokens)] = torch.from_numpy(tokens)
+                    if window_levels is not None:
+                        levels[row, : len(tokens)] = torch.from_numpy(window_levels.astype(np.int64))
                 batch = batch.to(device)
                 # Right padding: a causal model's outputs at real positions never see the pads.
                 inputs, targets = batch[:, :-1], batch[:, 1:]
-                lengths = torch.tensor([len(window) - 1 for window in chunk], device=device)
+                extra = {"levels": levels[:, :-1].to(device)} if chunk[0][1] is not None else {}
+                lengths = torch.tensor([len(tokens) - 1 for tokens, _ in chunk], device=device)
                 real = torch.arange(width - 1, device=device)[None, :] < lengths[:, None]
-                log_probs = model(inputs).float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+                log_probs = model(inputs, **extra).float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
                 nats.extend((-torch.where(real, log_probs, 0.0)).double().sum(-1).tolist())
     finally:
         model.train(was_training)

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from strata.data.errors import DataError
-from strata.inference.cache import StackCache
+from strata.data.levels import model_inputs
+from strata.inference import model_cache
 
 
 @dataclass
@@ -177,7 +178,7 @@ def _log_likelihood(logits: torch.Tensor, targets: list[int]) -> float:
 
 def _full_forward(model, prompt: list[int], choice: list[int], device) -> float:
     tokens = torch.tensor([prompt + choice], device=device)
-    logits = model(tokens)[0, len(prompt) - 1 : -1].cpu()  # the positions that predict the choice
+    logits = model(tokens, **model_inputs(model, tokens))[0, len(prompt) - 1 : -1].cpu()  # the positions that predict the choice
     return _log_likelihood(logits, choice)
 
 
@@ -189,7 +190,7 @@ def _cached(model, prompts: list[list[int]], choices: list[list[list[int]]], pad
     for row, ids in enumerate(prompts):
         batch[row, starts[row] :] = torch.tensor(ids)
     widest = max(len(ids) for item in choices for ids in item)
-    cache = StackCache(model.blocks, len(prompts), longest + widest, starts=starts)
+    cache = model_cache(model, len(prompts), longest + widest, starts=starts)
     first_logits = model(batch.to(device), cache, last_only=True)[:, -1]  # predicts each first choice token
 
     # Row r of the forked batch is choice `flat[r]` of item `owners[r]`.

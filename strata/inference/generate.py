@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from strata.data.levels import model_inputs
 from strata.data.tokenizer import Tokenizer
-from strata.inference.cache import StackCache
+from strata.inference import model_cache
 from strata.inference.sampling import choose_tokens, penalize_repetition
 from strata.inference.stop import StopStrings
 
@@ -180,7 +181,7 @@ class _CachedSteps:
         for row, ids in enumerate(prompt_ids):
             self.batch[row, starts[row] :] = torch.tensor(ids, dtype=torch.long)
         # Room for every step the generation can take, so the KV caches never reallocate.
-        self.cache = StackCache(model.blocks, len(prompt_ids), longest + max_new_tokens, starts=starts)
+        self.cache = model_cache(model, len(prompt_ids), longest + max_new_tokens, starts=starts)
         self.prefill_chunk = prefill_chunk
 
     def first(self) -> torch.Tensor:
@@ -204,7 +205,8 @@ class _FullSteps:
         self.sequences = [list(ids) for ids in prompt_ids]
 
     def first(self) -> torch.Tensor:
-        return torch.cat([self.model(torch.tensor([ids], device=self.device))[:, -1] for ids in self.sequences])
+        rows = [torch.tensor([ids], device=self.device) for ids in self.sequences]
+        return torch.cat([self.model(row, **model_inputs(self.model, row))[:, -1] for row in rows])
 
     def next(self, tokens: torch.Tensor) -> torch.Tensor:
         for ids, token in zip(self.sequences, tokens.tolist(), strict=True):

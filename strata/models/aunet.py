@@ -164,7 +164,7 @@ class AUNet(nn.Module):
     def n_blocks(self) -> int:
         return len(self.trunk) + 2 * sum(len(encoder) for encoder in self.encoders)
 
-    def forward(self, tokens: torch.Tensor, levels: torch.Tensor | None = None, cache=None, last_only: bool = False):
+    def forward(self, tokens: torch.Tensor, cache=None, last_only: bool = False, *, levels: torch.Tensor | None = None):
         """tokens [B, T] and their levels [B, T] -> logits [B, T, vocab] ([B, 1, vocab] with
         ``last_only``). With a cache, the cache finds the levels and drives the stages."""
         if cache is not None:

@@ -11,7 +11,12 @@ from torch import nn
 from strata.config import Config, load_config
 from strata.data import Tokenizer, load_tokenizer
 from strata.models import build_model
-from strata.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model_weights
+from strata.train.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_weights,
+)
 
 
 @dataclass

@@ -23,12 +23,13 @@ from strata.analysis.cost import model_cost
 from strata.config import Config, config_to_dict, validate_config
 from strata.data import (
     Document,
+    TokenLoader,
     build_tokenizer,
     load_documents,
     load_tokenizer,
+    model_levels,
     pack,
     split_documents,
-    TokenLoader,
 )
 from strata.evals.bpb import bits_per_byte
 from strata.inference.generate import generate
@@ -134,7 +135,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, train)
         self.forward = torch.compile(self.model) if train.compile else self.model
 
-        self.loader = TokenLoader(pack(self.train_documents, self.tokenizer), self.seq_len, train.batch_size, train.seed)
+        stream = pack(self.train_documents, self.tokenizer)
+        levels = model_levels(config.model, stream)
+        self.loader = TokenLoader(stream, self.seq_len, train.batch_size, train.seed, levels)
         self.tokens_per_step = train.batch_size * self.seq_len * train.grad_accum
         cost = model_cost(config.model, self.seq_len, "fp32")
         self.flops_per_token = cost.flops_per_token_with_head
@@ -222,8 +225,8 @@ class Trainer:
         for _ in range(train.grad_accum):
             batch = self.loader.next_batch().to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                logits = self.forward(batch[:, :-1])
-            loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten()) / train.grad_accum
+                logits = self.forward(**batch.inputs())
+            loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten()) / train.grad_accum
             loss.backward()
             total_loss += loss.item()
         self.step += 1
