@@ -9,29 +9,22 @@ import os
 import sys
 from pathlib import Path
 
-from strata.config import ConfigError, load_config
-
-
-def _human(number: float, unit: str = "") -> str:
-    for threshold, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(number) >= threshold:
-            return f"{number / threshold:.3g}{suffix}{unit}"
-    return f"{number:.3g}{unit}"
-
-
-def _mib(size: int) -> str:
-    return f"{size / 2**20:,.2f} MiB"
+from strata.config import AUNetConfig, ConfigError, load_config
 
 
 def run_info(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from strata.analysis.cost import model_cost
-    from strata.layout import BLOCK_SYMBOLS
+    from strata.analysis.info import aunet_info, lm_info
 
     config = load_config(args.config, args.overrides)
-    cost = model_cost(config.model, args.context, args.dtype)
+    if isinstance(config.model, AUNetConfig):
+        cost, rows, details = aunet_info(config, args.context, args.dtype, args.data)
+    elif args.data is not None:
+        raise ValueError(f"{args.config}: --data measures an AU-Net's contraction; this model reads tokens")
+    else:
+        cost, rows, details = lm_info(config.model, args.context, args.dtype)
     if args.json:
         print(json.dumps(cost.to_dict()))
         return 0
@@ -41,26 +34,10 @@ def run_info(args: argparse.Namespace) -> int:
     summary = Table(show_header=False, box=None, pad_edge=False)
     summary.add_column(style="cyan")
     summary.add_column(justify="right")
-    summary.add_row("layout", cost.layout)
-    summary.add_row("parameters", f"{cost.params:,} ({_human(cost.params)})")
-    summary.add_row("non-embedding parameters", f"{cost.non_embedding_params:,} ({_human(cost.non_embedding_params)})")
-    summary.add_row(f"training FLOPs / token @ {cost.context:,}", _human(cost.flops_per_token))
-    summary.add_row("  with the output head", _human(cost.flops_per_token_with_head))
-    summary.add_row(f"cache @ {cost.context:,} tokens, {cost.dtype}", _mib(cost.cache_bytes))
+    for row in rows:
+        summary.add_row(*row)
     console.print(summary)
-
-    per_block = Table(title="per block", title_justify="left")
-    for column in ("#", "block", "params", "FLOPs/token", "cache"):
-        per_block.add_column(column, justify="left" if column == "block" else "right")
-    for block in cost.blocks:
-        per_block.add_row(
-            str(block.index),
-            f"{block.symbol} {BLOCK_SYMBOLS[block.symbol]}",
-            f"{block.params:,}",
-            _human(block.flops_per_token),
-            _mib(block.cache_bytes),
-        )
-    console.print(per_block)
+    console.print(details)
     return 0
 
 
@@ -286,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--context", type=positive_int, default=None, help="sequence length (default: model.context_length)")
     info.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="cache element type")
     info.add_argument("--json", action="store_true", help="one JSON object instead of tables")
+    info.add_argument("--data", metavar="FILE", help="AU-Net: measure bytes per stage position on this text")
     info.set_defaults(handler=run_info)
 
     train = commands.add_parser("train", help="train a model (or continue one with --resume)")

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from strata import Config, ConfigError, load_config, make_layout
-from strata.config import config_to_dict, validate_config
+from strata.config import AUNetConfig, config_to_dict, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "configs" / "paper"
@@ -35,17 +35,18 @@ def config_error(path, overrides=None, data=None) -> str:
 def test_every_preset_loads(path):
     config = load_config(path)
     assert isinstance(config, Config)
-    model = config.model
-    assert isinstance(model.layout, str) and model.layout
-    assert set(model.layout) <= set("AWMH")
-    assert model.n_layers == len(model.layout)
     assert config.description
-    if "A" in model.layout or "W" in model.layout:
-        assert model.attention.head_dim is not None  # resolved
-    if "W" in model.layout:
-        assert model.sliding_window is not None
-    if "H" in model.layout:
-        assert model.hybrid.attention.v_head_dim is not None  # resolved
+    # An AU-Net is a list of stacks (its stages), every other model one stack.
+    for stack in config.model.stages if isinstance(config.model, AUNetConfig) else [config.model]:
+        assert isinstance(stack.layout, str) and stack.layout
+        assert set(stack.layout) <= set("AWMH")
+        assert stack.n_layers == len(stack.layout)
+        if "A" in stack.layout or "W" in stack.layout:
+            assert stack.attention.head_dim is not None  # resolved
+        if "W" in stack.layout:
+            assert stack.sliding_window is not None
+        if "H" in stack.layout:
+            assert stack.hybrid.attention.v_head_dim is not None  # resolved
 
 
 @pytest.mark.parametrize(
@@ -253,7 +254,7 @@ def test_layout_string_is_stripped():
 def test_config_to_dict_round_trips(path):
     config = load_config(path)
     data = config_to_dict(config)
-    assert isinstance(data["model"]["layout"], str)
+    assert all(isinstance(stack["layout"], str) for stack in data["model"].get("stages", [data["model"]]))
     again = validate_config(data)
     assert again == config
     assert config_to_dict(again) == data

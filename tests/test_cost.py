@@ -4,7 +4,7 @@ Weights are only ever allocated on the ``meta`` device.
 """
 
 import itertools
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -19,16 +19,19 @@ from strata.analysis.cost import (
     mixer_params,
     model_cost,
 )
+from strata.config import AUNetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "configs" / "paper"
 TINY = ROOT / "configs" / "tiny"
 ALL_CONFIGS = sorted(PAPER.glob("*.yaml")) + sorted(TINY.glob("*.yaml"))
+# AU-Net presets have their own cost model (tests/test_aunet_cost.py).
+LM_CONFIGS = [path for path in ALL_CONFIGS if not isinstance(load_config(path).model, AUNetConfig)]
 MIB = 2**20
 CONTEXT = 8192
 
 
-@lru_cache(maxsize=None)
+@cache
 def paper(name: str, *overrides: str):
     return load_config(PAPER / f"{name}.yaml", list(overrides)).model
 
@@ -44,15 +47,17 @@ def rel(actual: float, expected: float) -> float:
 def test_all_presets_found():
     grid = {f"{family}-{size}.yaml" for family in ("llama", "mamba2", "swa", "inter", "intra") for size in ("100m", "350m", "1b", "3b")}
     ablations = {"intra-hymba-1b.yaml", "intra-falconh1-1b.yaml"}
-    assert {path.name for path in PAPER.glob("*.yaml")} == grid | ablations
-    assert len(list(TINY.glob("*.yaml"))) == 6
+    aunets = {"aunet2-1b.yaml", "aunet3-1b.yaml", "aunet4-1b.yaml", "aunet2-7b.yaml"}
+    assert {path.name for path in PAPER.glob("*.yaml")} == grid | ablations | aunets
+    assert len(list(TINY.glob("*.yaml"))) == 11
+    assert len(LM_CONFIGS) == len(ALL_CONFIGS) - len(aunets) - 3  # tiny aunet2, aunet3, aunet2-hybrid
 
 
 def test_hymba_and_falcon_h1_like_presets_carry_the_papers_axes():
     hymba = load_config(PAPER / "intra-hymba-1b.yaml").model
     falcon = load_config(PAPER / "intra-falconh1-1b.yaml").model
     assert hymba.layout == falcon.layout == "H" * 13  # the ablations make every layer hybrid
-    axes = lambda h: (h.norm, h.scale, h.fusion, h.out_proj)  # noqa: E731
+    axes = lambda h: (h.norm, h.scale, h.fusion, h.out_proj)
     assert axes(hymba.hybrid) == ("group", "vector", "add", "joint")
     assert axes(falcon.hybrid) == ("none", "none", "concat", "joint")
     # 13 hybrid blocks at the 1:1 split: the appendix's 180 MiB at 8K, within 5 %
@@ -312,7 +317,7 @@ def assert_exact(config):
     assert c.non_embedding_params == c.params - embedding
 
 
-@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+@pytest.mark.parametrize("path", LM_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_params_exact_for_every_preset(path):
     assert_exact(load_config(path))
 

@@ -16,7 +16,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from strata.config import AttentionConfig, FFNConfig, HybridConfig, Mamba2Config, ModelConfig
+from strata.config import (
+    AttentionConfig,
+    FFNConfig,
+    HybridConfig,
+    Mamba2Config,
+    ModelConfig,
+    StackConfig,
+)
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -108,7 +115,7 @@ def ffn_params(d_model: int, ffn: FFNConfig, active: bool = False) -> int:
     return d_model * moe.n_experts + (experts + moe.n_shared) * 3 * d_model * ffn.expert_width
 
 
-def mixer_params(symbol: str, config: ModelConfig) -> int:
+def mixer_params(symbol: str, config: StackConfig) -> int:
     if symbol in "AW":
         return attention_params(config.d_model, config.attention)
     if symbol == "M":
@@ -116,7 +123,7 @@ def mixer_params(symbol: str, config: ModelConfig) -> int:
     return hybrid_params(config.d_model, config.hybrid)
 
 
-def block_params(symbol: str, config: ModelConfig, active: bool = False) -> int:
+def block_params(symbol: str, config: StackConfig, active: bool = False) -> int:
     norms = config.d_model * (2 if config.ffn.kind != "none" else 1)
     return norms + mixer_params(symbol, config) + ffn_params(config.d_model, config.ffn, active)
 
@@ -140,7 +147,7 @@ def mamba_sequence_flops(d_ssm: int, d_state: int, length: int) -> float:
     return 3 * length * (9 * d_ssm * d_state + 2 * d_ssm)
 
 
-def mixer_sequence_flops(symbol: str, config: ModelConfig, length: int) -> float:
+def mixer_sequence_flops(symbol: str, config: StackConfig, length: int) -> float:
     """The training FLOPs of one sequence beyond 6·params·L (brief §2)."""
     if symbol == "A":
         return attention_sequence_flops(config.attention, length)
@@ -167,7 +174,7 @@ def mamba_cache_elements(d_model: int, mamba: Mamba2Config) -> int:
     return d_ssm * mamba.d_state + mamba.conv_kernel * (2 * mamba.n_groups * mamba.d_state + d_ssm)
 
 
-def mixer_cache_elements(symbol: str, config: ModelConfig, length: int) -> int:
+def mixer_cache_elements(symbol: str, config: StackConfig, length: int) -> int:
     if symbol == "A":
         return attention_cache_elements(config.attention, length)
     if symbol == "W":
