@@ -94,8 +94,13 @@ def matmul_peak(sizes=(1024, 2048, 3072), repeats: int = 5) -> float:
     return best
 
 
-# Tiny presets, plus a d_model-256 transformer (the width at which the MFU target applies).
-FAMILIES = {path.stem: (path, []) for path in sorted((ROOT / "configs/tiny").glob("*.yaml"))}
+# Tiny layout-stack presets (AU-Net has its own benchmark, aunet.py), plus a d_model-256
+# transformer (the width at which the MFU target applies).
+FAMILIES = {
+    path.stem: (path, [])
+    for path in sorted((ROOT / "configs/tiny").glob("*.yaml"))
+    if load_config(path).model.kind == "lm"
+}
 FAMILIES["transformer-256"] = (ROOT / "configs/tiny/transformer.yaml", ["model.d_model=256", "model.ffn.d_ffn=768"])
 
 

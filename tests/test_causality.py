@@ -15,6 +15,7 @@ import torch
 
 import strata
 from strata.config import validate_config
+from strata.data.levels import model_inputs
 from strata.models import LanguageModel, build_model
 from strata.nn.mlp import MoE, moe_layers
 
@@ -72,8 +73,9 @@ def perturbation_diffs(model, positions=POSITIONS, length=LENGTH, seed=0):
         row = base.clone()
         row[t] = (row[t] + torch.randint(1, vocab, (), generator=generator)) % vocab  # always a different token
         rows.append(row)
+    batch = torch.stack(rows)
     with torch.no_grad():
-        logits = model(torch.stack(rows))
+        logits = model(batch, **model_inputs(model, batch))
     assert torch.isfinite(logits).all()
     return {t: (logits[i + 1] - logits[0]).abs().amax(-1) for i, t in enumerate(positions)}
 
@@ -216,7 +218,7 @@ def test_tiny_preset_builds_and_runs(path):
     model = build(config)
     tokens = torch.randint(0, config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logits = model(tokens)
+        logits = model(tokens, **model_inputs(model, tokens))
     assert logits.shape == (2, 17, config.vocab_size)
     assert logits.dtype == torch.float32
     assert torch.isfinite(logits).all()
@@ -228,7 +230,7 @@ def test_tiny_preset_is_causal(path):
 
 
 def test_tiny_presets_cover_every_block_kind():
-    layouts = "".join(strata.load_config(path).model.layout for path in PRESETS)
+    layouts = "".join(strata.load_config(path).model.layout.replace(";", "") for path in PRESETS)
     assert set(layouts) == {"A", "W", "M", "H"}
 
 

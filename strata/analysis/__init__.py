@@ -1,1 +1,21 @@
-"""Analysis: the cost model (and, later, sweeps and reports)."""
+"""Analysis: the cost models (parameters, FLOPs, cache) of every model kind, and what ``strata info`` prints."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from strata.analysis.aunet_cost import aunet_cost, contraction_of_levels
+from strata.analysis.cost import model_cost
+from strata.config import AUNetConfig, ModelConfig
+
+
+def training_flops(config: ModelConfig | AUNetConfig, context: int, levels: np.ndarray | None = None) -> tuple[float, float]:
+    """(FLOPs per token, the same with the output head) of training at ``context``; for an AU-Net
+    a token is a byte, and its stage contraction is measured on ``levels``, the split levels of
+    the training stream (``strata.data.levels``)."""
+    if isinstance(config, AUNetConfig):
+        contraction = contraction_of_levels(levels, config.n_stages) if levels is not None else None
+        cost = aunet_cost(config, context, "fp32", contraction)
+        return cost.flops_per_byte, cost.flops_per_byte_with_head
+    cost = model_cost(config, context, "fp32")
+    return cost.flops_per_token, cost.flops_per_token_with_head

@@ -109,9 +109,9 @@ class Upsample(nn.Module):
     def forward(self, coarse: torch.Tensor, segment: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         normed = rms_norm(coarse, self.norm.weight, self.norm.eps)
         shared = _gather_rows(F.linear(normed, self.proj.weight), segment)
-        offset = torch.remainder(offset, self.max_offset)
         if self.mode == "simple":
             return shared * (offset == 0).unsqueeze(-1).to(shared.dtype)
+        offset = torch.remainder(offset, self.max_offset)
         if self.mode == "repeat":
             return shared + self.offset_bias[offset]
         d_out = self.offset_weight.shape[1]

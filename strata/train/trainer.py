@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from strata.analysis.cost import model_cost
+from strata.analysis import training_flops
 from strata.config import Config, config_to_dict, validate_config
 from strata.data import (
     Document,
@@ -139,9 +139,8 @@ class Trainer:
         levels = model_levels(config.model, stream)
         self.loader = TokenLoader(stream, self.seq_len, train.batch_size, train.seed, levels)
         self.tokens_per_step = train.batch_size * self.seq_len * train.grad_accum
-        cost = model_cost(config.model, self.seq_len, "fp32")
-        self.flops_per_token = cost.flops_per_token_with_head
-        self.total_steps = plan_steps(config, self.tokens_per_step, cost.flops_per_token)
+        flops_per_token, self.flops_per_token = training_flops(config.model, self.seq_len, levels)
+        self.total_steps = plan_steps(config, self.tokens_per_step, flops_per_token)
 
         self.step, self.tokens, self.bad_in_a_row, self.elapsed = 0, 0, 0, 0.0
         if resume:
