@@ -6,10 +6,13 @@ depth is reached on a known schedule) and generated greedily; both are compared 
 forward of each row alone.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 from test_aunet import TEXT, aunet_config, build
 
+from strata import build_model, load_config
 from strata.data import ByteTokenizer
 from strata.data.levels import model_inputs
 from strata.evals.multiple_choice import evaluate_task
@@ -17,6 +20,7 @@ from strata.inference import model_cache
 from strata.inference.generate import generate
 
 TOLERANCE = 1e-4
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 CONFIGS = {
     "aunet2": {"stages": 2},
     "aunet3": {"stages": 3},
@@ -60,9 +64,11 @@ def test_teacher_forced_decoding_equals_the_full_forward(name):
         assert (got[row, start:] - expected).abs().max() < TOLERANCE, row
 
 
-@pytest.mark.parametrize("name", ["aunet2", "aunet3", "aunet2-hybrid"])
-def test_greedy_generation_with_caches_equals_recomputing(name):
-    model = build(aunet_config(**CONFIGS[name]), seed=1)
+@pytest.mark.parametrize("preset", ["aunet2", "aunet3", "aunet2-hybrid"])
+def test_greedy_generation_of_the_tiny_presets_with_caches_equals_recomputing(preset):
+    # A wider init than the presets' 0.02 keeps greedy choices clear of near-ties.
+    torch.manual_seed(1)
+    model = build_model(load_config(TINY / f"{preset}.yaml", ["model.init_std=0.1"])).eval()
     prompts = [TEXTS[0][:1], TEXTS[1][:33], TEXTS[2][:64]]
     tokenizer = ByteTokenizer()
     cached = generate(model, prompts, 24, tokenizer=tokenizer, return_logits=True)
