@@ -548,14 +548,21 @@ def _apply_override(data: dict, override: str, source: str) -> None:
         value = raw
     parts = key.strip().split(".")
     node = data
-    for index, part in enumerate(parts[:-1]):
-        child = node.get(part)
+    for index, part in enumerate(parts):
+        where = ".".join(parts[: index + 1])
+        if isinstance(node, list):  # a list item by number: model.stages.1.d_model=128
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{source}: {where}: {'.'.join(parts[:index])} is a list of {len(node)}; use an index 0..{len(node) - 1}")
+            part = int(part)
+        if index == len(parts) - 1:
+            node[part] = value
+            return
+        child = node.get(part) if isinstance(node, dict) else node[part]
         if child is None:
             child = node[part] = {}
-        elif not isinstance(child, dict):
-            raise ConfigError(f"{source}: {'.'.join(parts[: index + 1])}: is a value, cannot set {key} below it")
+        elif not isinstance(child, (dict, list)):
+            raise ConfigError(f"{source}: {where}: is a value, cannot set {key} below it")
         node = child
-    node[parts[-1]] = value
 
 
 def _deep_copy(value):

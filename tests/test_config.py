@@ -1,5 +1,6 @@
 """Configuration loading, overrides, resolution and one-line errors that name the file and the key."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -449,3 +450,14 @@ def test_duplicate_keys_are_rejected(tmp_path):
     path = tmp_path / "dup.yaml"
     path.write_text(TRANSFORMER.read_text() + "\n  d_model: 256\n")
     config_error(path)
+
+
+def test_override_a_list_item_by_index():
+    config = load_config(TINY / "aunet3.yaml", ["model.stages.1.d_model=96", "model.stages.2.max_length=64"])
+    assert config.model.stages[1].d_model == 96 and config.model.stages[2].max_length == 64
+
+
+@pytest.mark.parametrize("key", ["model.stages.3.d_model", "model.stages.x.d_model", "model.stages.-1.d_model"])
+def test_override_a_list_item_out_of_range_names_the_key(key):
+    with pytest.raises(ConfigError, match=rf"{re.escape(key.rsplit('.', 1)[0])}: model.stages is a list of 3; use an index 0..2"):
+        load_config(TINY / "aunet3.yaml", [f"{key}=8"])
