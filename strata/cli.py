@@ -112,65 +112,51 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    if args.compare:
+        return _compare(args)
+    from strata.evals.suite import EvalRequest, run_suite
     from strata.train.runs import open_run
 
-    if not args.data and not args.tasks:
-        raise ValueError("give --data PATH (bits per byte) and/or --tasks FILE.jsonl (multiple choice)")
+    if args.run is None:
+        raise ValueError("give RUN_OR_CKPT to evaluate, or --compare RUN RUN ...")
+    request = EvalRequest(data=args.data or [], tasks=args.tasks or [], shots=args.shots, limit=args.limit,
+                          long=args.long or [], length=args.length, windows=args.windows, languages=args.languages)
+    if not (request.data or request.tasks or request.long or request.languages):
+        raise ValueError("give at least one of --data, --tasks, --long, --languages")
     trained = open_run(args.run)
-    report: dict = {"checkpoint": str(trained.checkpoint)}
-    if args.data:
-        report.update(_bits_per_byte_report(trained, args.data))
-    if args.tasks:
-        from strata.evals.multiple_choice import evaluate_task
-
-        for path in args.tasks:
-            report[Path(path).stem] = evaluate_task(trained.model, trained.tokenizer, path, shots=args.shots,
-                                                    limit=args.limit)
+    report = run_suite(trained, request)
     if args.json:
-        print(json.dumps(report))
+        # Held-out scores at the top level and each task under its file's name, as before.
+        flat: dict = {"checkpoint": str(trained.checkpoint)}
+        for name, record in report.items():
+            if name == "heldout":
+                flat.update(record["result"])
+            else:
+                flat[name.removeprefix("task-")] = record["result"]
+        print(json.dumps(flat))
         return 0
     from rich.console import Console
-    from rich.table import Table
 
-    console = Console()
-    if args.data:
-        table = Table(title=f"bits per byte — {trained.checkpoint}", title_justify="left")
-        table.add_column("file")
-        table.add_column("bytes", justify="right")
-        table.add_column("bpb", justify="right")
-        for row in report["files"]:
-            table.add_row(row["file"], f"{row['bytes']:,}", f"{row['bpb']:.4f}")
-        table.add_row("[bold]overall[/bold]", f"{report['bytes']:,}", f"[bold]{report['bpb']:.4f}[/bold]")
-        console.print(table)
-    if args.tasks:
-        table = Table(title=f"multiple choice, {args.shots}-shot — {trained.checkpoint}", title_justify="left")
-        table.add_column("task")
-        for column in ("n", "acc", "acc_norm"):
-            table.add_column(column, justify="right")
-        for path in args.tasks:
-            task = report[Path(path).stem]
-            table.add_row(Path(path).stem, f"{task['n']:,}", f"{task['acc']:.4f} ± {task['acc_stderr']:.4f}",
-                          f"{task['acc_norm']:.4f} ± {task['acc_norm_stderr']:.4f}")
-        console.print(table)
+    from strata.evals.terminal import print_report
+
+    print_report(Console(), trained.checkpoint, report, args.shots)
     return 0
 
 
-def _bits_per_byte_report(trained, data: list[str]) -> dict:
-    """Overall bits per byte of ``data`` and per file."""
-    from strata.data import load_documents
-    from strata.evals.bpb import bits_per_byte
+def _compare(args: argparse.Namespace) -> int:
+    from rich.console import Console
 
-    documents = load_documents(data)
-    seq_len = trained.config.train.seq_len or trained.config.model.context_length
-    result = bits_per_byte(trained.model, trained.tokenizer, documents, seq_len)
-    per_file: dict[str, list[float]] = {}
-    for item in result["per_document"]:
-        name = item["name"].split(":")[0]
-        bits_and_bytes = per_file.setdefault(name, [0.0, 0])
-        bits_and_bytes[0] += item["bpb"] * item["bytes"]
-        bits_and_bytes[1] += item["bytes"]
-    files = [{"file": name, "bpb": bits / size, "bytes": size} for name, (bits, size) in per_file.items()]
-    return {"bpb": result["bpb"], "bytes": result["bytes"], "files": files}
+    from strata.evals.report import write_comparison
+    from strata.evals.terminal import print_comparison
+
+    runs = [Path(run) for run in args.compare]
+    out = Path(args.out)
+    metrics, table = write_comparison(runs, out)
+    if args.json:
+        print(json.dumps(table))
+        return 0
+    print_comparison(Console(), metrics, table, out)
+    return 0
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -276,12 +262,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress output")
     train.set_defaults(handler=run_train)
 
-    evaluate = commands.add_parser("eval", help="bits per byte on held-out text, multiple-choice accuracy on tasks")
-    evaluate.add_argument("run", metavar="RUN_OR_CKPT")
-    evaluate.add_argument("--data", nargs="+", metavar="PATH", help="text to score in bits per byte")
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a run (results saved in RUN/evals/), or --compare runs",
+        description="Evaluate a trained run; every evaluation is saved as JSON and Markdown (and plots) in RUN/evals/.",
+    )
+    evaluate.add_argument("run", metavar="RUN_OR_CKPT", nargs="?")
+    evaluate.add_argument("--data", nargs="+", metavar="PATH", help="held-out text: bits per byte and per character")
     evaluate.add_argument("--tasks", nargs="+", metavar="FILE.jsonl", help="multiple-choice task files")
     evaluate.add_argument("--shots", type=whole_number(0), default=0, help="examples before each task item (default 0)")
     evaluate.add_argument("--limit", type=positive_int, default=None, help="score only the first N items of each task")
+    evaluate.add_argument("--long", nargs="+", metavar="PATH", help="long documents: loss by position, with a plot")
+    evaluate.add_argument("--length", type=positive_int, default=None,
+                          help="window for --long in tokens (default 4x the training length)")
+    evaluate.add_argument("--windows", type=positive_int, default=32, help="windows for --long, at most (default 32)")
+    evaluate.add_argument("--languages", metavar="DIR", help="one text per language (e.g. shared/data/udhr): bpb and bpc each")
+    evaluate.add_argument("--compare", nargs="+", metavar="RUN", help="one table (and plots) across these runs' saved evaluations")
+    evaluate.add_argument("--out", default="comparison", help="folder for --compare's table and plots (default ./comparison)")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(handler=run_eval)
 

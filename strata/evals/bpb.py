@@ -1,9 +1,11 @@
-"""Bits per byte: held-out cross-entropy normalised by UTF-8 bytes, not tokens.
+"""Bits per byte (and per character): held-out cross-entropy normalised by UTF-8 bytes, not tokens.
 
 Per-token loss depends on the tokenizer (a BPE token carries several bytes), so models with
 different tokenizers are compared on the total information they assign to the same bytes:
 ``sum over tokens of -log2 p(token) / number of bytes``. Byte and BPE models scored on the same
-documents are then directly comparable, and comparable to a compressor's bits per byte.
+documents are then directly comparable, and comparable to a compressor's bits per byte. Bits per
+character divide the same total by the characters instead, which compares languages whose
+scripts take 1 to 4 bytes a character.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ def bits_per_byte(model, tokenizer, documents, seq_len: int, batch_size: int = 8
         for start in range(0, len(tokens) - 1, seq_len):
             window = slice(start, start + seq_len + 1)
             windows.append((len(per_document), tokens[window], None if levels is None else levels[window]))
-        per_document.append({"name": document.name, "bytes": len(document.text), "nats": 0.0,
-                             "tokens": len(tokens) - 1})
+        per_document.append({"name": document.name, "bytes": len(document.text), "chars": count_chars(document.text),
+                             "nats": 0.0, "tokens": len(tokens) - 1})
     if not windows:
         raise DataError("nothing to evaluate: every document is empty")
     nats = _score(model, [window[1:] for window in windows], tokenizer.pad_id, batch_size, device)
@@ -52,16 +54,29 @@ def bits_per_byte(model, tokenizer, documents, seq_len: int, batch_size: int = 8
         per_document[slot]["nats"] += window_nats
     total_nats = sum(item["nats"] for item in per_document)
     total_bytes = sum(item["bytes"] for item in per_document)
+    total_chars = sum(item["chars"] for item in per_document)
     return {
         "bpb": total_nats / math.log(2) / total_bytes,
+        "bpc": total_nats / math.log(2) / total_chars,
         "nats": total_nats,
         "bytes": total_bytes,
+        "chars": total_chars,
         "tokens": sum(item["tokens"] for item in per_document),
         "per_document": [
-            {"name": item["name"], "bpb": item["nats"] / math.log(2) / item["bytes"], "bytes": item["bytes"]}
+            {"name": item["name"], "bpb": item["nats"] / math.log(2) / item["bytes"],
+             "bpc": item["nats"] / math.log(2) / item["chars"], "bytes": item["bytes"], "chars": item["chars"],
+             "nats": item["nats"]}
             for item in per_document
         ],
     }
+
+
+def count_chars(data: bytes) -> int:
+    """Characters of UTF-8 text: every byte that does not continue a character (so an undecodable
+    byte counts as one character, as a decoder with replacement shows it). Never zero for non-empty
+    data, so bits per character are always defined."""
+    array = np.frombuffer(data, dtype=np.uint8)
+    return max(1, int(np.count_nonzero((array & 0xC0) != 0x80))) if len(array) else 0
 
 
 def _score(model, windows, pad_id: int, batch_size: int, device) -> list[float]:

@@ -1,0 +1,130 @@
+"""``strata eval``: run the requested evaluations on one trained model, save each into the run
+directory (``strata.evals.report``), and return one report for the terminal or ``--json``.
+
+Each evaluation is a function ``(trained, request) -> (headline, result, markdown, plots)``; the
+suite runs those the request names, in a fixed order, and writes ``RUN/evals/<name>.{json,md}``
+plus any plots there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from strata.evals.report import evals_dir, save_evaluation
+
+
+@dataclass
+class EvalRequest:
+    data: list[str] = field(default_factory=list)  # held-out text: bits per byte / character
+    tasks: list[str] = field(default_factory=list)  # multiple-choice JSONL files
+    shots: int = 0
+    limit: int | None = None
+    long: list[str] = field(default_factory=list)  # long documents: loss by position
+    length: int | None = None  # window for loss by position (default 4x the training length)
+    windows: int = 32  # windows for loss by position, at most
+    languages: str | None = None  # folder of per-language texts
+
+
+def run_dir_of(trained) -> Path:
+    """The run directory that holds the checkpoint being evaluated."""
+    checkpoint = Path(trained.checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
+
+
+def training_length(trained) -> int:
+    return trained.config.train.seq_len or trained.config.model.context_length
+
+
+def run_suite(trained, request: EvalRequest) -> dict:
+    """Run every evaluation ``request`` asks for; return {name: record} (records as saved)."""
+    steps = [
+        ("heldout", request.data, _heldout),
+        ("long_context", request.long, _long_context),
+        ("languages", request.languages, _languages),
+    ]
+    run_dir = run_dir_of(trained)
+    report = {}
+    for name, wanted, evaluate in steps:
+        if wanted:
+            headline, result, markdown = evaluate(trained, request, evals_dir(run_dir))
+            save_evaluation(run_dir, name, str(trained.checkpoint), headline, result, markdown)
+            report[name] = {"headline": headline, "result": result}
+    for path in request.tasks:
+        name = Path(path).stem
+        headline, result, markdown = _task(trained, request, path)
+        save_evaluation(run_dir, f"task-{name}", str(trained.checkpoint), headline, result, markdown)
+        report[f"task-{name}"] = {"headline": headline, "result": result}
+    return report
+
+
+def _heldout(trained, request, folder):
+    from strata.data import load_documents
+    from strata.evals.bpb import bits_per_byte
+
+    result = bits_per_byte(trained.model, trained.tokenizer, load_documents(request.data), training_length(trained))
+    files: dict[str, dict] = {}
+    for item in result.pop("per_document"):
+        entry = files.setdefault(item["name"].split(":")[0], {"nats": 0.0, "bytes": 0, "chars": 0})
+        for key in ("nats", "bytes", "chars"):
+            entry[key] += item[key]
+    result["files"] = [
+        {"file": name, "bpb": entry["nats"] / math.log(2) / entry["bytes"],
+         "bpc": entry["nats"] / math.log(2) / entry["chars"], "bytes": entry["bytes"], "chars": entry["chars"]}
+        for name, entry in files.items()
+    ]
+    rows = [f"| {f['file']} | {f['bytes']:,} | {f['bpb']:.4f} | {f['bpc']:.4f} |" for f in result["files"]]
+    markdown = "\n".join(["| file | bytes | bits/byte | bits/char |", "|---|---|---|---|", *rows,
+                          f"| **overall** | {result['bytes']:,} | **{result['bpb']:.4f}** | **{result['bpc']:.4f}** |"])
+    return {"bpb": result["bpb"], "bpc": result["bpc"]}, result, markdown
+
+
+def _long_context(trained, request, folder):
+    from strata.data import load_documents
+    from strata.evals.long_context import (
+        loss_by_position,
+        loss_by_position_markdown,
+        plot_loss_by_position,
+    )
+
+    trained_length = training_length(trained)
+    length = request.length or 4 * trained_length
+    result = loss_by_position(trained.model, trained.tokenizer, load_documents(request.long), length,
+                              max_windows=request.windows)
+    result["train_length"] = trained_length
+    plot = folder / "loss_by_position.png"
+    plot_loss_by_position({run_dir_of(trained).name: result}, plot, {run_dir_of(trained).name: trained_length})
+    result["plot"] = str(plot)
+    beyond = [b for b in result["buckets"] if b["start"] >= trained_length]
+    within = [b for b in result["buckets"] if b["end"] <= trained_length]
+    headline = {"bpb": result["bpb"]}
+    if within and beyond:
+        headline["bpb_last_within"] = within[-1]["bpb"]
+        headline["bpb_last_beyond"] = beyond[-1]["bpb"]
+    return headline, result, loss_by_position_markdown(result) + f"\n\n![loss by position]({plot.name})"
+
+
+def _languages(trained, request, folder):
+    from strata.evals.languages import (
+        evaluate_languages,
+        languages_markdown,
+        plot_languages,
+    )
+
+    result = evaluate_languages(trained.model, trained.tokenizer, request.languages, training_length(trained))
+    plot = folder / "languages.png"
+    plot_languages({run_dir_of(trained).name: result}, plot)
+    result["plot"] = str(plot)
+    return ({"mean_bpb": result["mean_bpb"], "mean_bpc": result["mean_bpc"]}, result,
+            languages_markdown(result) + f"\n\n![bits per character by language]({plot.name})")
+
+
+def _task(trained, request, path):
+    from strata.evals.multiple_choice import evaluate_task
+
+    result = evaluate_task(trained.model, trained.tokenizer, path, shots=request.shots, limit=request.limit)
+    row = (f"| {result['n']:,} | {result['acc']:.4f} ± {result['acc_stderr']:.4f} | "
+           f"{result['acc_norm']:.4f} ± {result['acc_norm_stderr']:.4f} | {request.shots} |")
+    markdown = f"| n | acc | acc_norm | shots |\n|---|---|---|---|\n{row}"
+    return {"acc": result["acc"], "acc_norm": result["acc_norm"]}, result, markdown

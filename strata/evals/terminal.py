@@ -1,0 +1,63 @@
+"""Readable terminal tables for ``strata eval`` (rich), from the records the suite saved."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_report(console: Console, checkpoint, report: dict, shots: int) -> None:
+    if "heldout" in report:
+        result = report["heldout"]["result"]
+        table = Table(title=f"held-out text — {checkpoint}", title_justify="left")
+        for column, justify in (("file", "left"), ("bytes", "right"), ("bits/byte", "right"), ("bits/char", "right")):
+            table.add_column(column, justify=justify)
+        for row in result["files"]:
+            table.add_row(row["file"], f"{row['bytes']:,}", f"{row['bpb']:.4f}", f"{row['bpc']:.4f}")
+        table.add_row("[bold]overall[/bold]", f"{result['bytes']:,}", f"[bold]{result['bpb']:.4f}[/bold]",
+                      f"[bold]{result['bpc']:.4f}[/bold]")
+        console.print(table)
+    tasks = {name.removeprefix("task-"): record["result"] for name, record in report.items() if name.startswith("task-")}
+    if tasks:
+        table = Table(title=f"multiple choice, {shots}-shot — {checkpoint}", title_justify="left")
+        table.add_column("task")
+        for column in ("n", "acc", "acc_norm"):
+            table.add_column(column, justify="right")
+        for name, task in tasks.items():
+            table.add_row(name, f"{task['n']:,}", f"{task['acc']:.4f} ± {task['acc_stderr']:.4f}",
+                          f"{task['acc_norm']:.4f} ± {task['acc_norm_stderr']:.4f}")
+        console.print(table)
+    if "long_context" in report:
+        result = report["long_context"]["result"]
+        table = Table(title=f"loss by position, windows of {result['length']:,} tokens (trained at "
+                            f"{result['train_length']:,}) — plot: {result['plot']}", title_justify="left")
+        for column in ("positions", "bits/byte"):
+            table.add_column(column, justify="right")
+        for bucket in result["buckets"]:
+            beyond = " (beyond training)" if bucket["start"] >= result["train_length"] else ""
+            table.add_row(f"{bucket['start']}-{bucket['end'] - 1}{beyond}", f"{bucket['bpb']:.4f}")
+        console.print(table)
+    if "languages" in report:
+        result = report["languages"]["result"]
+        table = Table(title=f"languages — plot: {result['plot']}", title_justify="left")
+        for column, justify in (("language", "left"), ("bits/byte", "right"), ("bits/char", "right")):
+            table.add_column(column, justify=justify)
+        for row in sorted(result["languages"], key=lambda row: row["bpc"]):
+            table.add_row(f"{row['name']} ({row['code']})", f"{row['bpb']:.3f}", f"{row['bpc']:.3f}")
+        table.add_row("[bold]mean[/bold]", f"{result['mean_bpb']:.3f}", f"{result['mean_bpc']:.3f}")
+        console.print(table)
+    console.print(f"saved in {Path(checkpoint).parent.parent / 'evals'}/")
+
+
+def print_comparison(console: Console, metrics: list[str], table: dict[str, dict[str, float]], out: Path) -> None:
+    """Metrics down, runs across: a run is a column, so many metrics still fit a terminal."""
+    grid = Table(title="comparison (from each run's evals/)", title_justify="left")
+    grid.add_column("metric")
+    for run in table:
+        grid.add_column(Path(run).name, justify="right")
+    for metric in metrics:
+        grid.add_row(metric, *(f"{values[metric]:.4f}" if metric in values else "–" for values in table.values()))
+    console.print(grid)
+    console.print(f"table and plots written to {out}/")
