@@ -120,9 +120,12 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.run is None:
         raise ValueError("give RUN_OR_CKPT to evaluate, or --compare RUN RUN ...")
     request = EvalRequest(data=args.data or [], tasks=args.tasks or [], shots=args.shots, limit=args.limit,
-                          long=args.long or [], length=args.length, windows=args.windows, languages=args.languages)
-    if not (request.data or request.tasks or request.long or request.languages):
-        raise ValueError("give at least one of --data, --tasks, --long, --languages")
+                          long=args.long or [], length=args.length, windows=args.windows, languages=args.languages,
+                          needle=args.needle or [], passkey=args.passkey, lengths=args.lengths, trials=args.trials,
+                          **({"depths": args.depths} if args.depths else {}))
+    if not (request.data or request.tasks or request.long or request.languages or request.needle or request.passkey):
+        raise ValueError("give something to evaluate: --data PATH (bits per byte), --tasks FILE.jsonl (multiple choice), "
+                         "--long PATH (loss by position), --languages DIR, --needle PATH or --passkey")
     trained = open_run(args.run)
     report = run_suite(trained, request)
     if args.json:
@@ -276,6 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
                           help="window for --long in tokens (default 4x the training length)")
     evaluate.add_argument("--windows", type=positive_int, default=32, help="windows for --long, at most (default 32)")
     evaluate.add_argument("--languages", metavar="DIR", help="one text per language (e.g. shared/data/udhr): bpb and bpc each")
+    evaluate.add_argument("--needle", nargs="+", metavar="PATH",
+                          help="needle in a haystack with filler from these files (give held-out text): accuracy heat map")
+    evaluate.add_argument("--passkey", action="store_true", help="passkey retrieval: accuracy heat map")
+    evaluate.add_argument("--lengths", type=positive_int, nargs="+", metavar="N",
+                          help="context lengths in tokens for --needle/--passkey (default 1/2 to 4x the training length)")
+    evaluate.add_argument("--depths", type=bounded_float(0, 1), nargs="+", metavar="D",
+                          help="needle depths, 0 (start) to 1 (end) (default 0 0.25 0.5 0.75 1)")
+    evaluate.add_argument("--trials", type=positive_int, default=3, help="prompts per length and depth (default 3)")
     evaluate.add_argument("--compare", nargs="+", metavar="RUN", help="one table (and plots) across these runs' saved evaluations")
     evaluate.add_argument("--out", default="comparison", help="folder for --compare's table and plots (default ./comparison)")
     evaluate.add_argument("--json", action="store_true")

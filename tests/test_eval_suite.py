@@ -110,5 +110,10 @@ def test_eval_cli_saves_every_evaluation_and_compares_runs(tmp_path, data_dir):
     for name in ("comparison.png", "loss_by_position.png", "languages.png"):
         assert_png(tmp_path / "cmp" / name)
     assert "| run |" in (tmp_path / "cmp" / "comparison.md").read_text()
-    shown = strata("eval", runs[0], "--data", long).stdout.decode()
-    assert "bits/char" in shown and "saved in" in shown
+    shown = strata("eval", runs[0], "--data", long, "--needle", long, "--passkey", "--lengths", 320, "--depths", 0, 1,
+                   "--trials", 1).stdout.decode()
+    assert "bits/char" in shown and "needle: accuracy by depth" in shown and "saved in" in shown
+    for name in ("needle", "passkey"):
+        record = json.loads((runs[0] / "evals" / f"{name}.json").read_text())
+        assert record["result"]["lengths"] == [320] and 0 <= record["headline"]["accuracy"] <= 1
+        assert_png(runs[0] / "evals" / f"{name}.png")

@@ -179,7 +179,7 @@ def test_eval_with_data_and_tasks_keeps_the_bpb_keys_and_prints_tables(run, wino
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ([], "give --data PATH (bits per byte) and/or --tasks FILE.jsonl (multiple choice)"),
+        ([], "give something to evaluate: --data PATH (bits per byte), --tasks FILE.jsonl (multiple choice)"),
         (["--tasks", "/nonexistent/task.jsonl"], "/nonexistent/task.jsonl: cannot read the task file"),
     ],
 )

@@ -25,6 +25,11 @@ class EvalRequest:
     length: int | None = None  # window for loss by position (default 4x the training length)
     windows: int = 32  # windows for loss by position, at most
     languages: str | None = None  # folder of per-language texts
+    needle: list[str] = field(default_factory=list)  # filler text for needle-in-a-haystack (give held-out text)
+    passkey: bool = False
+    lengths: list[int] | None = None  # context lengths in tokens for needle/passkey (default around training)
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    trials: int = 3
 
 
 def run_dir_of(trained) -> Path:
@@ -43,6 +48,8 @@ def run_suite(trained, request: EvalRequest) -> dict:
         ("heldout", request.data, _heldout),
         ("long_context", request.long, _long_context),
         ("languages", request.languages, _languages),
+        ("needle", request.needle, _needle),
+        ("passkey", request.passkey, _passkey),
     ]
     run_dir = run_dir_of(trained)
     report = {}
@@ -118,6 +125,40 @@ def _languages(trained, request, folder):
     result["plot"] = str(plot)
     return ({"mean_bpb": result["mean_bpb"], "mean_bpc": result["mean_bpc"]}, result,
             languages_markdown(result) + f"\n\n![bits per character by language]({plot.name})")
+
+
+def context_lengths(trained, request) -> list[int]:
+    """The needle/passkey lengths asked for, or half to four times the training length (at least
+    320 tokens: a byte-level passkey prompt alone takes about 260)."""
+    if request.lengths:
+        return request.lengths
+    trained_length = training_length(trained)
+    return sorted({max(320, length) for length in (trained_length // 2, trained_length, 2 * trained_length, 4 * trained_length)})
+
+
+def _needle(trained, request, folder):
+    from strata.data import load_documents
+    from strata.evals.needle import needle_grid
+
+    result = needle_grid(trained.model, trained.tokenizer, load_documents(request.needle), context_lengths(trained, request), request.depths,
+                         request.trials, name=run_dir_of(trained).name)
+    return _heatmap(result, folder, "needle")
+
+
+def _passkey(trained, request, folder):
+    from strata.evals.needle import passkey_grid
+
+    result = passkey_grid(trained.model, trained.tokenizer, context_lengths(trained, request), request.depths,
+                          request.trials, name=run_dir_of(trained).name)
+    return _heatmap(result, folder, "passkey")
+
+
+def _heatmap(result, folder, name):
+    from strata.evals.needle import needle_markdown, plot_heatmap
+
+    plot = plot_heatmap(result, folder / f"{name}.png")
+    result["plot"] = str(plot)
+    return {"accuracy": result["mean"]}, result, needle_markdown(result) + f"\n\n![{name} heat map]({plot.name})"
 
 
 def _task(trained, request, path):

@@ -8,10 +8,17 @@ from rich.console import Console
 from rich.table import Table
 
 
+def _titled(console: Console, title: str) -> Table:
+    """A table whose title is printed above it as a line of its own: a title inside the table would
+    wrap at the width of a narrow table (a heat map of two columns)."""
+    console.print(f"[bold]{title}[/bold]")
+    return Table()
+
+
 def print_report(console: Console, checkpoint, report: dict, shots: int) -> None:
     if "heldout" in report:
         result = report["heldout"]["result"]
-        table = Table(title=f"held-out text — {checkpoint}", title_justify="left")
+        table = _titled(console, f"held-out text — {checkpoint}")
         for column, justify in (("file", "left"), ("bytes", "right"), ("bits/byte", "right"), ("bits/char", "right")):
             table.add_column(column, justify=justify)
         for row in result["files"]:
@@ -21,7 +28,7 @@ def print_report(console: Console, checkpoint, report: dict, shots: int) -> None
         console.print(table)
     tasks = {name.removeprefix("task-"): record["result"] for name, record in report.items() if name.startswith("task-")}
     if tasks:
-        table = Table(title=f"multiple choice, {shots}-shot — {checkpoint}", title_justify="left")
+        table = _titled(console, f"multiple choice, {shots}-shot — {checkpoint}")
         table.add_column("task")
         for column in ("n", "acc", "acc_norm"):
             table.add_column(column, justify="right")
@@ -31,8 +38,8 @@ def print_report(console: Console, checkpoint, report: dict, shots: int) -> None
         console.print(table)
     if "long_context" in report:
         result = report["long_context"]["result"]
-        table = Table(title=f"loss by position, windows of {result['length']:,} tokens (trained at "
-                            f"{result['train_length']:,}) — plot: {result['plot']}", title_justify="left")
+        table = _titled(console, f"loss by position, windows of {result['length']:,} tokens (trained at "
+                                 f"{result['train_length']:,}) — plot: {result['plot']}")
         for column in ("positions", "bits/byte"):
             table.add_column(column, justify="right")
         for bucket in result["buckets"]:
@@ -41,19 +48,30 @@ def print_report(console: Console, checkpoint, report: dict, shots: int) -> None
         console.print(table)
     if "languages" in report:
         result = report["languages"]["result"]
-        table = Table(title=f"languages — plot: {result['plot']}", title_justify="left")
+        table = _titled(console, f"languages — plot: {result['plot']}")
         for column, justify in (("language", "left"), ("bits/byte", "right"), ("bits/char", "right")):
             table.add_column(column, justify=justify)
         for row in sorted(result["languages"], key=lambda row: row["bpc"]):
             table.add_row(f"{row['name']} ({row['code']})", f"{row['bpb']:.3f}", f"{row['bpc']:.3f}")
         table.add_row("[bold]mean[/bold]", f"{result['mean_bpb']:.3f}", f"{result['mean_bpc']:.3f}")
         console.print(table)
+    for name in ("needle", "passkey"):
+        if name in report:
+            result = report[name]["result"]
+            table = _titled(console, f"{name}: accuracy by depth (rows) and length in tokens (columns), mean "
+                                     f"{result['mean']:.2f} — plot: {result['plot']}")
+            table.add_column("depth")
+            for length in result["lengths"]:
+                table.add_column(f"{length:,}", justify="right")
+            for depth, row in zip(result["depths"], result["accuracy"], strict=True):
+                table.add_row(f"{depth:.0%}", *(f"{value:.2f}" for value in row))
+            console.print(table)
     console.print(f"saved in {Path(checkpoint).parent.parent / 'evals'}/")
 
 
 def print_comparison(console: Console, metrics: list[str], table: dict[str, dict[str, float]], out: Path) -> None:
     """Metrics down, runs across: a run is a column, so many metrics still fit a terminal."""
-    grid = Table(title="comparison (from each run's evals/)", title_justify="left")
+    grid = _titled(console, "comparison (from each run's evals/)")
     grid.add_column("metric")
     for run in table:
         grid.add_column(Path(run).name, justify="right")
