@@ -39,15 +39,17 @@ def paired_ratio(numerator: list[float], denominator: list[float]) -> tuple[floa
     return statistics.median(ratios), ratios[0], ratios[-1]
 
 
+def timed(step: Callable[[], object]) -> Callable[[], float]:
+    """A callable that runs ``step`` and returns its wall-clock seconds (for ``alternate``)."""
+
+    def measure() -> float:
+        start = time.perf_counter()
+        step()
+        return time.perf_counter() - start
+
+    return measure
+
+
 def time_alternating(steps: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
     """Median wall-clock seconds per call of each callable, timed in alternation."""
-
-    def timed(step):
-        def measure() -> float:
-            start = time.perf_counter()
-            step()
-            return time.perf_counter() - start
-
-        return measure
-
     return measure_alternating({name: timed(step) for name, step in steps.items()}, repeats, warmup)
