@@ -122,10 +122,12 @@ def run_eval(args: argparse.Namespace) -> int:
     request = EvalRequest(data=args.data or [], tasks=args.tasks or [], shots=args.shots, limit=args.limit,
                           long=args.long or [], length=args.length, windows=args.windows, languages=args.languages,
                           needle=args.needle or [], passkey=args.passkey, lengths=args.lengths, trials=args.trials,
-                          **({"depths": args.depths} if args.depths else {}))
-    if not (request.data or request.tasks or request.long or request.languages or request.needle or request.passkey):
+                          **({"depths": args.depths} if args.depths else {}), characters=args.characters or [],
+                          character_items=args.character_items, character_shots=args.character_shots)
+    if not (request.data or request.tasks or request.long or request.languages or request.needle or request.passkey
+            or request.characters):
         raise ValueError("give something to evaluate: --data PATH (bits per byte), --tasks FILE.jsonl (multiple choice), "
-                         "--long PATH (loss by position), --languages DIR, --needle PATH or --passkey")
+                         "--long PATH (loss by position), --languages DIR, --needle PATH, --passkey or --characters PATH")
     trained = open_run(args.run)
     report = run_suite(trained, request)
     if args.json:
@@ -287,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--depths", type=bounded_float(0, 1), nargs="+", metavar="D",
                           help="needle depths, 0 (start) to 1 (end) (default 0 0.25 0.5 0.75 1)")
     evaluate.add_argument("--trials", type=positive_int, default=3, help="prompts per length and depth (default 3)")
+    evaluate.add_argument("--characters", nargs="+", metavar="PATH",
+                          help="character tasks in the style of CUTE (spell, insert, swap, ...) on words of these texts")
+    evaluate.add_argument("--character-items", type=positive_int, default=100, help="items per character task (default 100)")
+    evaluate.add_argument("--character-shots", type=whole_number(0), default=3,
+                          help="examples before each character question (default 3)")
     evaluate.add_argument("--compare", nargs="+", metavar="RUN", help="one table (and plots) across these runs' saved evaluations")
     evaluate.add_argument("--out", default="comparison", help="folder for --compare's table and plots (default ./comparison)")
     evaluate.add_argument("--json", action="store_true")

@@ -11,6 +11,7 @@ from test_bpb import Uniform
 
 from strata.data import ByteTokenizer, DataError, Document
 from strata.evals.bpb import bits_per_byte, count_chars
+from strata.evals.characters import TASKS
 from strata.evals.languages import evaluate_languages, languages_markdown
 from strata.evals.long_context import _buckets, loss_by_position
 from strata.evals.report import (
@@ -111,8 +112,12 @@ def test_eval_cli_saves_every_evaluation_and_compares_runs(tmp_path, data_dir):
         assert_png(tmp_path / "cmp" / name)
     assert "| run |" in (tmp_path / "cmp" / "comparison.md").read_text()
     shown = strata("eval", runs[0], "--data", long, "--needle", long, "--passkey", "--lengths", 320, "--depths", 0, 1,
-                   "--trials", 1).stdout.decode()
+                   "--trials", 1, "--characters", long, "--character-items", 2, "--character-shots", 1).stdout.decode()
     assert "bits/char" in shown and "needle: accuracy by depth" in shown and "saved in" in shown
+    assert "character tasks, 1-shot" in shown and "swap_char" in shown
+    characters = json.loads((runs[0] / "evals" / "characters.json").read_text())
+    assert set(characters["result"]["tasks"]) == set(TASKS) and characters["result"]["tasks"]["spell"]["n"] == 2
+    assert "| **average** |" in (runs[0] / "evals" / "characters.md").read_text()
     for name in ("needle", "passkey"):
         record = json.loads((runs[0] / "evals" / f"{name}.json").read_text())
         assert record["result"]["lengths"] == [320] and 0 <= record["headline"]["accuracy"] <= 1

@@ -30,6 +30,9 @@ class EvalRequest:
     lengths: list[int] | None = None  # context lengths in tokens for needle/passkey (default around training)
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     trials: int = 3
+    characters: list[str] = field(default_factory=list)  # corpus whose words make the character tasks
+    character_items: int = 100  # items per character task
+    character_shots: int = 3
 
 
 def run_dir_of(trained) -> Path:
@@ -50,6 +53,7 @@ def run_suite(trained, request: EvalRequest) -> dict:
         ("languages", request.languages, _languages),
         ("needle", request.needle, _needle),
         ("passkey", request.passkey, _passkey),
+        ("characters", request.characters, _characters),
     ]
     run_dir = run_dir_of(trained)
     report = {}
@@ -159,6 +163,16 @@ def _heatmap(result, folder, name):
     plot = plot_heatmap(result, folder / f"{name}.png")
     result["plot"] = str(plot)
     return {"accuracy": result["mean"]}, result, needle_markdown(result) + f"\n\n![{name} heat map]({plot.name})"
+
+
+def _characters(trained, request, folder):
+    from strata.data import load_documents
+    from strata.evals.characters import characters_markdown, evaluate_characters
+
+    corpus = b"\n".join(document.text for document in load_documents(request.characters))
+    result = evaluate_characters(trained.model, trained.tokenizer, corpus, n=request.character_items,
+                                 shots=request.character_shots)
+    return {"acc": result["average"]["acc"]}, result, characters_markdown(result)
 
 
 def _task(trained, request, path):

@@ -66,6 +66,17 @@ def print_report(console: Console, checkpoint, report: dict, shots: int) -> None
             for depth, row in zip(result["depths"], result["accuracy"], strict=True):
                 table.add_row(f"{depth:.0%}", *(f"{value:.2f}" for value in row))
             console.print(table)
+    if "characters" in report:
+        result = report["characters"]["result"]
+        table = _titled(console, f"character tasks, {result['shots']}-shot, exact match of the answer line")
+        for column, justify in (("task", "left"), ("n", "right"), ("acc", "right"), ("chance", "right")):
+            table.add_column(column, justify=justify)
+        for name, row in result["tasks"].items():
+            table.add_row(name, f"{row['n']:,}", f"{row['acc']:.3f} ± {row['acc_stderr']:.3f}", f"{row['chance']:.2f}")
+        average = result["average"]
+        table.add_row("[bold]average[/bold]", "", f"[bold]{average['acc']:.3f}[/bold] ± {average['acc_stderr']:.3f}",
+                      f"{average['chance']:.2f}")
+        console.print(table)
     console.print(f"saved in {Path(checkpoint).parent.parent / 'evals'}/")
 
 
