@@ -48,7 +48,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
 from strata.data.levels import model_levels
 from strata.data.tokenizer import Tokenizer
-from strata.inference import model_cache
+from strata.evals.multiple_choice import score_continuations
 from strata.inference.generate import generate
 from strata.train.runs import open_run
 
@@ -103,7 +103,8 @@ class StrataLM(LM):
         with torch.inference_mode():
             for first in range(0, len(order), self.batch_size):
                 batch = order[first : first + self.batch_size]
-                scores = self._score_continuations([prompts[g] for g in batch], [continuations[g] for g in batch])
+                scores = score_continuations(self.model, [prompts[g] for g in batch], [continuations[g] for g in batch],
+                                             self.tokenizer.pad_id, self._device)
                 for group, group_scores in zip(batch, scores, strict=True):
                     for index, score in zip(groups[contexts[group]], group_scores, strict=True):
                         results[index] = score
@@ -154,42 +155,6 @@ class StrataLM(LM):
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text.encode()).tolist()
-
-    def _score_continuations(self, prompts: list[list[int]], continuations: list[list[list[int]]]):
-        """One left-padded prefill of the prompts, a cache fork per continuation, one right-padded
-        run of the continuations: the cached scoring of ``strata.evals.multiple_choice``, step for
-        step, so the log-likelihoods come out bit for bit the same; with greedy matches beside them."""
-        pad_id, device = self.tokenizer.pad_id, self._device
-        longest = max(map(len, prompts))
-        starts = [longest - len(ids) for ids in prompts]
-        batch = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
-        for row, ids in enumerate(prompts):
-            batch[row, starts[row] :] = torch.tensor(ids)
-        widest = max(len(ids) for group in continuations for ids in group)
-        cache = model_cache(self.model, len(prompts), longest + widest, starts=starts)
-        first_logits = self.model(batch.to(device), cache, last_only=True)[:, -1]
-        owners = [row for row, group in enumerate(continuations) for _ in group]
-        flat = [ids for group in continuations for ids in group]
-        cache.select(torch.tensor(owners, device=device))
-        logits = first_logits[owners][:, None]
-        if widest > 1:
-            # A continuation's last token predicts nothing; logits past a continuation's end are never read.
-            rest = torch.full((len(flat), widest - 1), pad_id, dtype=torch.long)
-            for row, ids in enumerate(flat):
-                rest[row, : max(len(ids) - 1, 0)] = torch.tensor(ids[:-1], dtype=torch.long)
-            logits = torch.cat([logits, self.model(rest.to(device), cache)], dim=1)
-        logits = logits.cpu()
-        scores = []
-        for row, ids in enumerate(flat):
-            row_logits, targets = logits[row, : len(ids)], torch.tensor(ids, dtype=torch.long)
-            # Summed in float64, as strata's scoring sums them: equal choices tie exactly.
-            log_likelihood = row_logits.float().log_softmax(-1)[torch.arange(len(ids)), targets].double().sum().item()
-            scores.append((log_likelihood, bool((row_logits.argmax(-1) == targets).all())))
-        grouped, taken = [], 0
-        for group in continuations:
-            grouped.append(scores[taken : taken + len(group)])
-            taken += len(group)
-        return grouped
 
     def _score_windows(self, windows) -> list[float]:
         """Summed log p of the last ``n`` ids of each (request, ids, levels, n) window, right-padded."""

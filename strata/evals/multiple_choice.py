@@ -121,10 +121,10 @@ def score_choices(model, tokenizer, prompts: list[str], items: list[Item], *, us
             order = sorted(range(len(items)), key=lambda index: len(prompt_ids[index]))
             for first in range(0, len(order), batch_size):
                 batch = order[first : first + batch_size]
-                batch_scores = _cached(model, [prompt_ids[i] for i in batch], [choice_ids[i] for i in batch],
-                                       tokenizer.pad_id, device)
+                batch_scores = score_continuations(model, [prompt_ids[i] for i in batch],
+                                                   [choice_ids[i] for i in batch], tokenizer.pad_id, device)
                 for index, item_scores in zip(batch, batch_scores, strict=True):
-                    scores[index] = item_scores
+                    scores[index] = [log_likelihood for log_likelihood, _ in item_scores]
             return scores
     finally:
         model.train(was_training)
@@ -173,7 +173,7 @@ def _log_likelihood(logits: torch.Tensor, targets: list[int]) -> float:
     finds equally likely per byte tie exactly and the tie rule (first choice) decides.
     """
     log_probs = logits.float().log_softmax(-1)
-    return log_probs[torch.arange(len(targets)), torch.tensor(targets)].double().sum().item()
+    return log_probs[torch.arange(len(targets)), torch.tensor(targets, dtype=torch.long)].double().sum().item()
 
 
 def _full_forward(model, prompt: list[int], choice: list[int], device) -> float:
@@ -182,33 +182,42 @@ def _full_forward(model, prompt: list[int], choice: list[int], device) -> float:
     return _log_likelihood(logits, choice)
 
 
-def _cached(model, prompts: list[list[int]], choices: list[list[list[int]]], pad_id: int, device) -> list[list[float]]:
-    """One left-padded prefill of the prompts, a fork per choice, one right-padded continuation run."""
+def score_continuations(model, prompts: list[list[int]], continuations: list[list[list[int]]], pad_id: int,
+                        device) -> list[list[tuple[float, bool]]]:
+    """(log-likelihood, greedy) of each continuation of each prompt: one left-padded prefill of the
+    prompts, a cache fork per continuation, one right-padded run of the continuations.
+
+    ``greedy`` says whether every continuation token is the model's argmax (lm_eval asks for it).
+    Call under ``torch.inference_mode`` with the model in eval mode.
+    """
     longest = max(map(len, prompts))
     starts = [longest - len(ids) for ids in prompts]
     batch = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
     for row, ids in enumerate(prompts):
         batch[row, starts[row] :] = torch.tensor(ids)
-    widest = max(len(ids) for item in choices for ids in item)
+    widest = max(len(ids) for group in continuations for ids in group)
     cache = model_cache(model, len(prompts), longest + widest, starts=starts)
-    first_logits = model(batch.to(device), cache, last_only=True)[:, -1]  # predicts each first choice token
+    first_logits = model(batch.to(device), cache, last_only=True)[:, -1]  # predicts each first continuation token
 
-    # Row r of the forked batch is choice `flat[r]` of item `owners[r]`.
-    owners = [row for row, item in enumerate(choices) for _ in item]
-    flat = [ids for item in choices for ids in item]
+    # Row r of the forked batch is continuation `flat[r]` of prompt `owners[r]`.
+    owners = [row for row, group in enumerate(continuations) for _ in group]
+    flat = [ids for group in continuations for ids in group]
     cache.select(torch.tensor(owners, device=device))
     logits = first_logits[owners][:, None]
     if widest > 1:
-        # A choice's last token predicts nothing, so the run stops one short; positions past a
-        # choice's end are padding whose logits are never read (causal, so they affect nothing).
-        continuation = torch.full((len(flat), widest - 1), pad_id, dtype=torch.long)
+        # A continuation's last token predicts nothing, so the run stops one short; positions past
+        # a continuation's end are padding whose logits are never read (causal: they affect nothing).
+        rest = torch.full((len(flat), widest - 1), pad_id, dtype=torch.long)
         for row, ids in enumerate(flat):
-            continuation[row, : len(ids) - 1] = torch.tensor(ids[:-1], dtype=torch.long)
-        logits = torch.cat([logits, model(continuation.to(device), cache)], dim=1)
+            rest[row, : max(len(ids) - 1, 0)] = torch.tensor(ids[:-1], dtype=torch.long)
+        logits = torch.cat([logits, model(rest.to(device), cache)], dim=1)
     logits = logits.cpu()
-    flat_scores = [_log_likelihood(logits[row, : len(ids)], ids) for row, ids in enumerate(flat)]
-    scores, taken = [], 0
-    for item in choices:
-        scores.append(flat_scores[taken : taken + len(item)])
-        taken += len(item)
-    return scores
+    scores = []
+    for row, ids in enumerate(flat):
+        row_logits = logits[row, : len(ids)]
+        scores.append((_log_likelihood(row_logits, ids), bool((row_logits.argmax(-1) == torch.tensor(ids, dtype=torch.long)).all())))
+    grouped, taken = [], 0
+    for group in continuations:
+        grouped.append(scores[taken : taken + len(group)])
+        taken += len(group)
+    return grouped
