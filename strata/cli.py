@@ -99,6 +99,8 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         raise ConfigError("give a CONFIG to train, or --resume RUN_DIR")
     result = train(config, run_dir, resume=bool(args.resume), quiet=args.quiet)
+    if result.rank != 0:  # under torchrun, rank 0 reports for the run
+        return 0
 
     console = Console(soft_wrap=True)
     verdict = "beats" if result.val_bpb < result.gzip_bpb else "does not beat"

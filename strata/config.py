@@ -198,6 +198,13 @@ class LayoutSpec(Strict):
     special: str = "A"
     base: str = "M"
 
+    @field_validator("ratio", mode="before")
+    @classmethod
+    def _quoted(cls, value):
+        if isinstance(value, int):  # YAML 1.1 reads an unquoted 1:5 as the base-60 number 65
+            raise ValueError('quote the ratio ("1:5"): YAML reads an unquoted 1:5 as a base-60 number')
+        return value
+
     @field_validator("placement")
     @classmethod
     def _known(cls, value):
@@ -406,7 +413,16 @@ class DataConfig(Strict):
 
 
 class TrainConfig(Strict):
-    """How to train. The run stops at the first of steps, tokens, flops, or time_limit (seconds)."""
+    """How to train. The run stops at the first of steps, tokens, flops, or time_limit (seconds).
+
+    Under ``torchrun`` (``strata/train/distributed.py``): ``parallel`` is ``ddp`` (replicated
+    weights, averaged gradients) or ``fsdp`` (FSDP2, weights and optimiser state sharded per
+    block); ``auto`` is ddp with several processes and nothing with one. ``batch_size`` stays the
+    global batch, split evenly among the processes. ``activation_checkpointing`` recomputes each
+    block's activations in the backward pass; ``compile`` compiles each block; both apply to the
+    training forward only. ``dist_timeout``: seconds a collective waits for the other processes
+    before the run fails (a dead or stuck rank).
+    """
 
     steps: int = Field(1000, gt=0)
     tokens: int | None = Field(None, gt=0)
@@ -431,6 +447,9 @@ class TrainConfig(Strict):
     keep_last: int = Field(3, gt=0)
     max_bad_steps: int = Field(5, gt=0)
     compile: bool = False
+    activation_checkpointing: bool = False
+    parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    dist_timeout: float = Field(600.0, gt=0)
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
@@ -469,11 +488,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if data is None:
         if path is None:
             raise ConfigError("load_config needs a path or data")
-        data = _read_yaml(Path(path))
+        data = read_yaml(Path(path))
     else:
         data = _deep_copy(data)
     for override in overrides or []:
-        _apply_override(data, override, source)
+        apply_override(data, override, source)
     return validate_config(data, source)
 
 
@@ -518,7 +537,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
+    """A YAML mapping (``safe_load`` rules, a key given twice refused); ConfigError names the file."""
     if not path.is_file():
         raise ConfigError(f"{path}: {'is a directory, not' if path.is_dir() else 'no such'} config file")
     try:
@@ -538,7 +558,8 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _apply_override(data: dict, override: str, source: str) -> None:
+def apply_override(data: dict, override: str, source: str) -> None:
+    """Apply one ``key.sub=value`` override to config data, the value read as YAML."""
     key, sep, raw = override.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"{source}: override {override!r}: expected key.sub=value")
@@ -546,7 +567,14 @@ def _apply_override(data: dict, override: str, source: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    parts = key.strip().split(".")
+    set_key(data, key.strip(), value, source)
+
+
+def set_key(data: dict, key: str, value: Any, source: str = "<config>") -> None:
+    """Set the dotted ``key`` of config data to a value already parsed (an override's, or one a
+    sweep file gives), creating mappings on the way; a number picks a list item."""
+    value = _deep_copy(value)  # the caller's value may be set into several configs
+    parts = key.split(".")
     node = data
     for index, part in enumerate(parts):
         where = ".".join(parts[: index + 1])

@@ -85,7 +85,14 @@ class TokenLoader:
             self._order, self._order_epoch = order * self.seq_len, self.epoch
         return self._order
 
-    def next_batch(self) -> Batch:
+    def next_batch(self, rank: int = 0, world_size: int = 1) -> Batch:
+        """The next batch, or with ``world_size`` processes this ``rank``'s equal share of its rows.
+
+        Every process steps through the same global order and takes its own rows, so the state is
+        the same on every process and a run resumes as exactly with another number of them.
+        """
+        if self.batch_size % world_size:
+            raise ValueError(f"batch_size ({self.batch_size}) does not split evenly among {world_size} processes")
         starts = []
         while len(starts) < self.batch_size:
             take = min(self.batch_size - len(starts), self.n_windows - self.position)
@@ -93,7 +100,8 @@ class TokenLoader:
             self.position += take
             if self.position == self.n_windows:
                 self.epoch, self.position = self.epoch + 1, 0
-        index = np.asarray(starts)[:, None] + np.arange(self.seq_len + 1)
+        share = self.batch_size // world_size
+        index = np.asarray(starts[rank * share : (rank + 1) * share])[:, None] + np.arange(self.seq_len + 1)
         tokens = torch.from_numpy(self.tokens[index].astype(np.int64))
         return Batch(tokens, None if self.levels is None else torch.from_numpy(self.levels[index].astype(np.int64)))
 

@@ -58,10 +58,12 @@ class MoE(nn.Module):
         if self.training:
             self.tokens_per_expert += torch.bincount(chosen.flatten(), minlength=self.n_experts).float()
         out = torch.zeros_like(flat)
+        # Every expert runs, on no rows when none chose it, so every parameter gets a gradient
+        # (zero for an idle expert) at every step: the same set of gradients on every process,
+        # which DDP's and FSDP's gradient reductions need.
         for expert_index, expert in enumerate(self.experts):
             rows, slot = torch.where(chosen == expert_index)
-            if rows.numel():
-                out.index_add_(0, rows, expert(flat[rows]) * weights[rows, slot, None])
+            out.index_add_(0, rows, expert(flat[rows]) * weights[rows, slot, None])
         for expert in self.shared:
             out = out + expert(flat)
         return out.reshape(x.shape)

@@ -8,7 +8,9 @@
 
 A crash mid-save leaves only a ``.tmp-*`` directory, which is ignored and cleaned up; the newest
 complete checkpoint is untouched. Loading tries the newest first and falls back, with a warning,
-to older ones if it is unreadable.
+to older ones if it is unreadable. A distributed run's checkpoint holds ``dcp/`` (model and
+optimiser as DCP shards, ``strata.train.distributed_checkpoint``) instead of ``optimizer.pt``, and
+the same whole-model ``model.safetensors``, so eval and generate read either kind.
 """
 
 from __future__ import annotations
@@ -33,12 +35,16 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class Checkpoint:
+    """``sharded``: the DCP folder of a distributed run's checkpoint; opened for training, its
+    weights and optimiser state are read from there (``model`` and ``optimizer`` are then None)."""
+
     path: Path
     step: int
     state: dict
-    model: dict[str, torch.Tensor]
+    model: dict[str, torch.Tensor] | None
     optimizer: dict | None
     rng: dict | None
+    sharded: Path | None = None
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -62,23 +68,38 @@ def save_checkpoint(
     state: dict,
     keep_last: int,
 ) -> Path:
-    folder = checkpoint_dir(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"step-{step:06d}"
-    temporary = folder / f".tmp-step-{step:06d}"
+    temporary = start_checkpoint(run_dir, step)
+    torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
+    return finish_checkpoint(temporary, step, model.state_dict(), state, keep_last)
+
+
+def temporary_dir(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` is written before it is published."""
+    return checkpoint_dir(run_dir) / f".tmp-step-{step:06d}"
+
+
+def start_checkpoint(run_dir: Path, step: int) -> Path:
+    """A fresh temporary directory for the checkpoint of ``step``."""
+    temporary = temporary_dir(run_dir, step)
+    temporary.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
-    weights = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
-    save_file(weights, str(temporary / "model.safetensors"))
-    torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
+    return temporary
+
+
+def finish_checkpoint(temporary: Path, step: int, weights: dict[str, torch.Tensor], state: dict, keep_last: int) -> Path:
+    """Add the weights, RNG states and trainer state to ``temporary``, then publish it by renaming
+    and drop all but the newest ``keep_last`` checkpoints."""
+    save_file({name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()}, str(temporary / "model.safetensors"))
     torch.save(_rng_states(), temporary / "rng.pt")
     (temporary / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
     _fsync_dir(temporary)
+    final = temporary.parent / f"step-{step:06d}"
     if final.exists():  # re-saving the same step (e.g. at the end after a periodic save)
         shutil.rmtree(final)
     os.replace(temporary, final)
-    _fsync_dir(folder)
-    for old in list_checkpoints(run_dir)[keep_last:]:
+    _fsync_dir(temporary.parent)
+    for old in list_checkpoints(temporary.parent.parent)[keep_last:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -86,18 +107,23 @@ def save_checkpoint(
 def load_checkpoint(path: Path, with_training_state: bool = True) -> Checkpoint:
     """Read one checkpoint directory; raise CheckpointError naming the file that is bad."""
     path = Path(path)
+    sharded = path / "dcp" if (path / "dcp").is_dir() else None
     try:
         state = json.loads((path / "state.json").read_text())
-        model = load_file(str(path / "model.safetensors"))
-        optimizer = rng = None
+        model = optimizer = rng = None
+        if not (with_training_state and sharded):
+            model = load_file(str(path / "model.safetensors"))
         if with_training_state:
-            optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
             rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
+            if sharded is None:
+                optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+            else:
+                (sharded / ".metadata").stat()  # the shards themselves are read when loaded into a model
     except FileNotFoundError as error:
         raise CheckpointError(f"{path}: missing {Path(error.filename).name}") from None
     except (json.JSONDecodeError, SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError) as error:
         raise CheckpointError(f"{path}: unreadable ({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
-    return Checkpoint(path, int(state["step"]), state, model, optimizer, rng)
+    return Checkpoint(path, int(state["step"]), state, model, optimizer, rng, sharded if with_training_state else None)
 
 
 def latest_checkpoint(run_dir: Path, with_training_state: bool = True) -> Checkpoint | None:
@@ -114,13 +140,19 @@ def latest_checkpoint(run_dir: Path, with_training_state: bool = True) -> Checkp
 
 def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
     """Load weights, or explain in one line why they belong to another architecture."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
+    check_shapes({name: tensor.shape for name, tensor in model.state_dict().items()},
+                 {name: tensor.shape for name, tensor in weights.items()}, source)
+    model.load_state_dict(weights)
+
+
+def check_shapes(expected: dict[str, torch.Size], found: dict[str, torch.Size], source: Path) -> None:
+    """Raise CheckpointError unless ``found`` has exactly the names and shapes the model expects."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     mismatched = [
-        f"{name} {tuple(weights[name].shape)} vs {tuple(tensor.shape)}"
-        for name, tensor in expected.items()
-        if name in weights and weights[name].shape != tensor.shape
+        f"{name} {tuple(found[name])} vs {tuple(shape)}"
+        for name, shape in expected.items()
+        if name in found and tuple(found[name]) != tuple(shape)
     ]
     if missing or unexpected or mismatched:
         details = "; ".join(
@@ -133,7 +165,6 @@ def load_model_weights(model: nn.Module, weights: dict[str, torch.Tensor], sourc
             if part
         )
         raise CheckpointError(f"{source}: written by a different architecture than the config ({details})")
-    model.load_state_dict(weights)
 
 
 def restore_rng(states: dict) -> None:

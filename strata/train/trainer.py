@@ -4,12 +4,19 @@ Nothing model-specific happens here: any config that ``build_model`` accepts tra
 A run directory holds the resolved config, the tokenizer, ``metrics.jsonl`` (one JSON object per
 optimiser step and one per validation) and the checkpoints; ``resume=True`` continues the exact run
 (same data order, optimiser state and RNG), so 20 + 20 steps equal 40 steps.
+
+Under ``torchrun`` every rank runs this same loop on its rows of each global batch
+(``strata.train.distributed``); rank 0 writes the run directory, the metrics and the progress,
+all ranks save together (``strata.train.distributed_checkpoint``), and decisions to stop are
+taken by all ranks at the same step. Validation and the sample run on every rank alike, since a
+sharded (FSDP) model needs every rank for a forward pass.
 """
 
 from __future__ import annotations
 
 import gzip
 import math
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -40,6 +47,17 @@ from strata.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from strata.train.distributed import (
+    World,
+    clip_gradients,
+    gradient_sync,
+    lost_peer,
+    parallelize,
+    resolve_device,
+    session,
+    sync_expert_loads,
+)
+from strata.train.distributed_checkpoint import load_sharded, load_whole, save_sharded
 from strata.train.metrics import MetricsLog, Progress
 from strata.train.optim import build_optimizer, learning_rate_factor
 
@@ -57,6 +75,7 @@ class RunResult:
     gzip_bpb: float
     sample: str
     stopped_early: str | None = None
+    rank: int = 0
 
 
 def prepare_run_dir(run_dir: Path) -> None:
@@ -68,12 +87,6 @@ def prepare_run_dir(run_dir: Path) -> None:
         probe.unlink()
     except OSError as error:
         raise TrainingError(f"{run_dir}: run directory is not writable ({error.strerror})") from None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def gzip_bits_per_byte(documents: list[Document]) -> float:
@@ -105,21 +118,21 @@ def plan_steps(config: Config, tokens_per_step: int, flops_per_token: float) -> 
 
 
 class Trainer:
-    def __init__(self, config: Config, run_dir: Path, resume: bool = False, quiet: bool = False):
+    def __init__(self, config: Config, run_dir: Path, resume: bool = False, quiet: bool = False, world: World | None = None):
+        self.world = world or World(device=resolve_device(config.train.device))
         self.run_dir = Path(run_dir)
         self.resume = resume
-        self.quiet = quiet
-        prepare_run_dir(self.run_dir)
+        self.quiet = quiet or not self.world.is_main
+        if self.world.is_main:
+            prepare_run_dir(self.run_dir)
+        if not resume:
+            self._refuse_to_overwrite()
         train = config.train
 
         # Data first: every bad input is reported before a model is built.
         documents = load_documents(config.data.sources, config.data.text_field)
         self.train_documents, self.valid_documents = split_documents(documents, config.data.valid_fraction)
-        tokenizer_file = self.run_dir / "tokenizer.json"
-        if resume and tokenizer_file.exists():
-            self.tokenizer = load_tokenizer(self.run_dir)
-        else:
-            self.tokenizer = build_tokenizer(config.data, self.train_documents)
+        self.tokenizer = self._tokenizer(config, resume)
         if config.model.vocab_size != self.tokenizer.vocab_size:
             data = config_to_dict(config)
             data["model"]["vocab_size"] = self.tokenizer.vocab_size
@@ -127,13 +140,14 @@ class Trainer:
         self.config = config
         self.seq_len = train.seq_len or config.model.context_length
 
-        self.device = resolve_device(train.device)
+        self.device = self.world.device
         precision = train.precision if train.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.autocast = precision == "bf16"
-        torch.manual_seed(train.seed)
+        torch.manual_seed(train.seed)  # the same on every rank: every rank builds the same model
         self.model = build_model(config, device=self.device)
-        self.optimizer = build_optimizer(self.model, train)
-        self.forward = torch.compile(self.model) if train.compile else self.model
+        # self.model stays the plain module (state, validation, sampling); self.forward trains.
+        self.forward = parallelize(self.model, self.world, train, self.autocast)
+        self.optimizer = build_optimizer(self.model, train)  # after FSDP has replaced the parameters
 
         stream = pack(self.train_documents, self.tokenizer)
         levels = model_levels(config.model, stream)
@@ -145,24 +159,41 @@ class Trainer:
         self.step, self.tokens, self.bad_in_a_row, self.elapsed = 0, 0, 0, 0.0
         if resume:
             self._restore()
-        else:
-            self._start_fresh()
-        self.metrics = MetricsLog(self.run_dir, truncate_after=self.step)
+        elif self.world.is_main:
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
+            self.tokenizer.save(self.run_dir)
+        self.metrics = MetricsLog(self.run_dir, truncate_after=self.step) if self.world.is_main else None
 
-    def _start_fresh(self) -> None:
+    def _refuse_to_overwrite(self) -> None:
         if (self.run_dir / "checkpoints").exists() and any((self.run_dir / "checkpoints").iterdir()):
             raise TrainingError(
                 f"{self.run_dir}: already holds checkpoints; continue it with --resume {self.run_dir} or choose another --out"
             )
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
-        self.tokenizer.save(self.run_dir)
+
+    def _tokenizer(self, config: Config, resume: bool):
+        """The run's own tokenizer on resume, else a new one. Under torchrun rank 0 builds it and
+        the others read it back, rather than each training a BPE and trusting it to match."""
+        if resume and (self.run_dir / "tokenizer.json").exists():
+            return load_tokenizer(self.run_dir)
+        if not self.world.distributed:
+            return build_tokenizer(config.data, self.train_documents)
+        if self.world.is_main:
+            build_tokenizer(config.data, self.train_documents).save(self.run_dir)
+        self.world.barrier()
+        return load_tokenizer(self.run_dir)
 
     def _restore(self) -> None:
         checkpoint = latest_checkpoint(self.run_dir)
         if checkpoint is None:
             raise TrainingError(f"{self.run_dir}: no readable checkpoint to resume from")
-        load_model_weights(self.model, checkpoint.model, checkpoint.path)
-        self.optimizer.load_state_dict(checkpoint.optimizer)
+        # A checkpoint of either kind continues at any number of processes.
+        if checkpoint.sharded is not None:
+            load_sharded(checkpoint, self.model, self.optimizer, self.world)
+        elif self.world.distributed:
+            load_whole(checkpoint, self.model, self.optimizer)
+        else:
+            load_model_weights(self.model, checkpoint.model, checkpoint.path)
+            self.optimizer.load_state_dict(checkpoint.optimizer)
         restore_rng(checkpoint.rng)
         state = checkpoint.state
         self.loader.load_state_dict(state["loader"])
@@ -189,7 +220,7 @@ class Trainer:
                 record = self._train_step()
                 self.elapsed = time.perf_counter() - start_time
                 record.update(time=round(self.elapsed, 3), tokens_per_s=round(self.tokens / max(self.elapsed, 1e-9)))
-                self.metrics.write(record)
+                self._log(record)
                 progress.update(self.step, record)
                 if self.bad_in_a_row >= train.max_bad_steps:
                     raise TrainingError(
@@ -200,10 +231,12 @@ class Trainer:
                     progress.update(self.step, self._validate(head_of(self.valid_documents, train.eval_bytes)))
                 if self.step % train.save_every == 0:
                     self._save()
-                if interrupted["flag"]:
+                out_of_time = train.time_limit is not None and self.elapsed >= train.time_limit
+                interrupt, out_of_time = self.world.any(interrupted["flag"], out_of_time)
+                if interrupt:
                     stopped_early = "interrupted"
                     break
-                if train.time_limit is not None and self.elapsed >= train.time_limit:
+                if out_of_time:
                     stopped_early = "time limit"
                     break
         finally:
@@ -212,7 +245,8 @@ class Trainer:
         self._save()
         final = self._validate(self.valid_documents)
         text = self._sample()
-        return RunResult(self.run_dir, self.step, self.tokens, final["val_bpb"], gzip_bits_per_byte(self.valid_documents), text, stopped_early)
+        return RunResult(self.run_dir, self.step, self.tokens, final["val_bpb"], gzip_bits_per_byte(self.valid_documents), text,
+                         stopped_early, self.world.rank)
 
     def _train_step(self) -> dict:
         train = self.config.train
@@ -221,20 +255,19 @@ class Trainer:
             group["lr"] = lr
         self.model.train()
         total_loss = 0.0
-        for _ in range(train.grad_accum):
-            batch = self.loader.next_batch().to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                logits = self.forward(**batch.inputs())
-            loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten()) / train.grad_accum
-            loss.backward()
+        for micro in range(train.grad_accum):
+            batch = self.loader.next_batch(self.world.rank, self.world.size).to(self.device)
+            with gradient_sync(self.forward, enabled=micro == train.grad_accum - 1):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    logits = self.forward(**batch.inputs())
+                loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten()) / train.grad_accum
+                loss.backward()
             total_loss += loss.item()
+        # The mean over ranks is the global batch's loss: every rank has the same number of rows.
+        total_loss = self.world.mean(total_loss)
         self.step += 1
         self.tokens += self.tokens_per_step
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), train.clip).item()
-            if train.clip is not None
-            else math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in self.model.parameters() if p.grad is not None))
-        )
+        grad_norm = clip_gradients(list(self.model.parameters()), train.clip)
         if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_in_a_row += 1
@@ -242,14 +275,19 @@ class Trainer:
         self.bad_in_a_row = 0
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        sync_expert_loads(self.model, self.world)
         self.model.update_balance_biases()
         return {"step": self.step, "loss": total_loss, "lr": lr, "tokens": self.tokens, "grad_norm": grad_norm}
 
     def _validate(self, documents: list[Document]) -> dict:
         result = bits_per_byte(self.model, self.tokenizer, documents, self.seq_len, self.config.train.batch_size, self.device)
         record = {"step": self.step, "val_bpb": result["bpb"], "val_bytes": result["bytes"]}
-        self.metrics.write(record)
+        self._log(record)
         return record
+
+    def _log(self, record: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write(record)
 
     def _save(self) -> None:
         state = {
@@ -258,7 +296,11 @@ class Trainer:
             "bad_in_a_row": self.bad_in_a_row,
             "elapsed": self.elapsed,
         }
-        save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, self.config.train.keep_last)
+        keep_last = self.config.train.keep_last
+        if self.world.distributed:
+            save_sharded(self.run_dir, self.step, self.model, self.optimizer, state, keep_last, self.world)
+        else:
+            save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, keep_last)
 
     def _sample(self, max_new: int = 200) -> str:
         first_line = self.valid_documents[0].text.split(b"\n", 1)[0][:48] or b"\n"
@@ -268,7 +310,26 @@ class Trainer:
 
 
 def train(config: Config, run_dir: Path, resume: bool = False, quiet: bool = False) -> RunResult:
-    """Train ``config`` into ``run_dir`` (or continue it); raises DataError, ConfigError,
-    CheckpointError or TrainingError with a one-line message on bad input."""
-    return Trainer(config, run_dir, resume, quiet).run()
+    """Train ``config`` into ``run_dir`` (or continue it), in this process or, under torchrun, in
+    all of them; raises DataError, ConfigError, CheckpointError or TrainingError with a one-line
+    message on bad input, or when the run lost one of its processes."""
+    with session(config.train) as world:
+        if not world.distributed:
+            return Trainer(config, run_dir, resume, quiet, world).run()
+        hint = f"continue from the last complete checkpoint with --resume {run_dir}"
 
+        def on_terminate(signum, frame):
+            raise TrainingError(f"rank {world.rank}: terminated (torchrun stops every process of a run when one fails, "
+                                f"as schedulers stop jobs); {hint}")
+
+        previous_handler = signal.signal(signal.SIGTERM, on_terminate)
+        try:
+            return Trainer(config, run_dir, resume, quiet, world).run()
+        except BaseException as error:  # DCP raises its CheckpointException, a BaseException
+            if not lost_peer(error):
+                raise
+            # gloo's message opens with its source position and closes with generic advice.
+            reason = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip().splitlines()[0]).split(". ")[0][:160]
+            raise TrainingError(f"rank {world.rank}: lost contact with another process of the run ({reason}); {hint}") from None
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
