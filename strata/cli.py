@@ -227,6 +227,26 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_sweep(args: argparse.Namespace) -> int:
+    from strata.analysis.sweep import run_sweep as sweep
+
+    return sweep(args.sweep, args.size, args.out, args.jobs, args.dry_run, args.overrides)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from strata.analysis.report import collect, print_report, write_report
+
+    report = collect(args.dirs, args.context)
+    out = Path(args.out or (args.dirs[0] if len(args.dirs) == 1 else "report"))
+    for title, outcome in write_report(report, out).items():
+        if not outcome.endswith(".png"):
+            print(f"{title}: skipped, {outcome}", file=sys.stderr)
+    print_report(Console(), report, out)
+    return 0
+
+
 def run_data_fetch(args: argparse.Namespace) -> int:
     from strata.data import fetch_corpus
 
@@ -321,6 +341,21 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = data.add_parser("fetch", help="download a named corpus into the cache")
     fetch.add_argument("name")
     fetch.set_defaults(handler=run_data_fetch)
+
+    sweep = commands.add_parser("sweep", help="run a sweep file's grid of runs, matched by a budget, and evaluate them")
+    sweep.add_argument("sweep", metavar="SWEEP.yaml")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides for every run, e.g. data.sources=[DIR]")
+    sweep.add_argument("--size", help="one of the sweep's sizes (default: the first it lists)")
+    sweep.add_argument("--out", help="sweep folder (default sweeps/<file name>-<size>)")
+    sweep.add_argument("--jobs", type=positive_int, default=1, help="runs at a time, each its own process (default 1)")
+    sweep.add_argument("--dry-run", action="store_true", help="print the runs with their costs and steps; train nothing")
+    sweep.set_defaults(handler=run_sweep)
+
+    report = commands.add_parser("report", help="tables (Markdown, CSV) and plots of sweeps or runs")
+    report.add_argument("dirs", nargs="+", metavar="SWEEP_OR_RUN_DIR")
+    report.add_argument("--context", type=positive_int, default=8192, help="context for the cache column (default 8192)")
+    report.add_argument("--out", help="folder for report.md, report.csv and plots (default: the one sweep given, else ./report)")
+    report.set_defaults(handler=run_report)
 
     tokenizer = commands.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tokenizer_command", required=True)
     bpe = tokenizer.add_parser("train", help="train a byte-level BPE tokenizer on the training split")

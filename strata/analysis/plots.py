@@ -1,0 +1,158 @@
+"""The plots of ``strata report``, each a PNG drawn on a bare matplotlib ``Figure`` (no display):
+
+- ``quality_vs_flops.png``: validation bits per byte (MQAR runs: held-out recall) against
+  training FLOPs, a curve per run;
+- ``quality_vs_decode.png``: validation bpb (or MQAR recall) against decode tokens/s, the Pareto
+  front (no other run both faster and better) joined and starred;
+- ``cache_vs_context.png``: inference cache against context length, from the cost model;
+- ``mqar.png``: recall against key-value pairs, per run and length;
+- ``needle.png``: needle / passkey accuracy against context length (mean over depths), per run.
+
+A plot whose data no run has is skipped with the reason, never drawn empty.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+CONTEXTS = [2**n for n in range(8, 16)]  # 256 .. 32K
+
+
+def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> list[int]:
+    """Indices of the (speed, quality) points that no other point dominates: at least as fast and
+    at least as good, and strictly better in one. Higher speed is always better."""
+
+    def better(a: float, b: float) -> bool:
+        return a > b if higher_is_better else a < b
+
+    front = []
+    for i, (speed, quality) in enumerate(points):
+        dominated = any(
+            s >= speed and (q == quality or better(q, quality)) and (s > speed or better(q, quality))
+            for j, (s, q) in enumerate(points) if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def _save(figure: Figure, path: Path) -> str:
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    return str(path)
+
+
+def quality_vs_flops(report, path: Path) -> str:
+    if any(run.curve for run in report.runs):
+        curves, label = {run.name: run.curve for run in report.runs if run.curve}, "validation bits per byte"
+    elif any(run.recall_curve for run in report.runs):
+        curves, label = {run.name: run.recall_curve for run in report.runs if run.recall_curve}, "MQAR recall (held-out)"
+    else:
+        return "no run has validation (or MQAR recall) points in metrics.jsonl"
+    figure = Figure(figsize=(6.4, 4.4))
+    axes = figure.subplots()
+    for name, curve in curves.items():
+        flops, quality = zip(*curve)
+        axes.plot(flops, quality, marker="o", markersize=3, label=name)
+    axes.set_xscale("log")
+    axes.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log range overlap
+    axes.set_xlabel("training FLOPs (cost model)")
+    axes.set_ylabel(label)
+    axes.set_title("Quality against training compute")
+    axes.grid(alpha=0.3, which="both")
+    axes.legend(fontsize="x-small", ncol=2)
+    return _save(figure, path)
+
+
+def quality_vs_decode(report, path: Path) -> str:
+    timed = [run for run in report.runs if "decode/tokens_per_s" in run.headlines]
+    if not timed:
+        return "no run has a decode evaluation"
+    if all(run.val_bpb is not None for run in timed):
+        quality, label, higher = [run.val_bpb for run in timed], "validation bits per byte (lower is better)", False
+    elif all("mqar/recall" in run.headlines for run in timed):
+        quality, label, higher = [run.headlines["mqar/recall"] for run in timed], "MQAR recall (higher is better)", True
+    else:
+        return "the runs with decode rates share no quality measure (validation bpb or MQAR recall)"
+    points = [(run.headlines["decode/tokens_per_s"], q) for run, q in zip(timed, quality)]
+    front = pareto_front(points, higher)
+    figure = Figure(figsize=(6.4, 4.4))
+    axes = figure.subplots()
+    axes.scatter(*zip(*points), color="C0", zorder=2)
+    for run, (speed, q) in zip(timed, points):
+        axes.annotate(run.name, (speed, q), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    axes.plot([points[i][0] for i in front], [points[i][1] for i in front], color="C3", marker="*", markersize=12,
+              linestyle="--", zorder=3, label="Pareto front")
+    axes.set_xscale("log")
+    axes.xaxis.set_minor_formatter(NullFormatter())
+    axes.set_xlabel("decode tokens/s (measured on this machine)")
+    axes.set_ylabel(label)
+    axes.set_title("Quality against decode throughput")
+    axes.grid(alpha=0.3, which="both")
+    axes.legend(fontsize="small")
+    return _save(figure, path)
+
+
+def cache_vs_context(report, path: Path) -> str:
+    contexts = sorted(set(CONTEXTS) | {report.context})
+    figure = Figure(figsize=(6.4, 4.4))
+    axes = figure.subplots()
+    for run in report.runs:
+        axes.plot(contexts, [run.cache_bytes(n) / 2**20 for n in contexts], marker="o", markersize=3, label=run.name)
+    axes.set_xscale("log", base=2)
+    axes.xaxis.set_major_formatter(ScalarFormatter())
+    axes.set_yscale("log")
+    axes.set_xlabel("context length (tokens; bytes for byte-level models)")
+    axes.set_ylabel("cache per sequence (MiB, bf16)")
+    axes.set_title("Inference cache against context (cost model)")
+    axes.grid(alpha=0.3, which="both")
+    axes.legend(fontsize="x-small", ncol=2)
+    return _save(figure, path)
+
+
+def mqar(report, path: Path) -> str:
+    from strata.evals.mqar import plot_mqar
+
+    rows = [{**row, "family": run.name} for run in report.runs if "mqar" in run.evaluations
+            for row in run.evaluations["mqar"]["result"]["rows"]]
+    if not rows:
+        return "no run has an MQAR evaluation"
+    return str(plot_mqar(rows, path))
+
+
+def needle(report, path: Path) -> str:
+    tasks = [task for task in ("needle", "passkey") if any(task in run.evaluations for run in report.runs)]
+    if not tasks:
+        return "no run has a needle or passkey evaluation"
+    figure = Figure(figsize=(5.2 * len(tasks), 4.2))
+    for axes, task in zip(figure.subplots(1, len(tasks), squeeze=False)[0], tasks):
+        for run in report.runs:
+            if task in run.evaluations:
+                result = run.evaluations[task]["result"]
+                by_length = [sum(row[j] for row in result["accuracy"]) / len(result["accuracy"])
+                             for j in range(len(result["lengths"]))]
+                axes.plot(result["lengths"], by_length, marker="o", label=run.name)
+        axes.set_xscale("log", base=2)
+        axes.xaxis.set_major_formatter(ScalarFormatter())
+        axes.set_ylim(-0.02, 1.02)
+        axes.set_xlabel("prompt length (tokens)")
+        axes.set_ylabel("accuracy (mean over depths)")
+        axes.set_title(f"{task} retrieval")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="x-small")
+    return _save(figure, path)
+
+
+def draw_all(report, out: Path) -> dict[str, str]:
+    """Every plot into ``out``: {title: the PNG's path, or the reason it was skipped}."""
+    plots = {
+        "quality against training FLOPs": (quality_vs_flops, "quality_vs_flops.png"),
+        "quality against decode throughput": (quality_vs_decode, "quality_vs_decode.png"),
+        "cache against context length": (cache_vs_context, "cache_vs_context.png"),
+        "MQAR recall": (mqar, "mqar.png"),
+        "needle and passkey accuracy": (needle, "needle.png"),
+    }
+    return {title: draw(report, out / name) for title, (draw, name) in plots.items()}
