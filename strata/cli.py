@@ -243,7 +243,9 @@ def run_report(args: argparse.Namespace) -> int:
     for title, outcome in write_report(report, out).items():
         if not outcome.endswith(".png"):
             print(f"{title}: skipped, {outcome}", file=sys.stderr)
-    print_report(Console(), report, out)
+    # Piped or redirected output gets a wide table instead of rich's 80 columns, which would fold
+    # every cell of a sweep's table into a column of single characters.
+    print_report(Console(width=None if sys.stdout.isatty() else 200), report, out)
     return 0
 
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from matplotlib import colormaps
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter, ScalarFormatter
+from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter, ScalarFormatter
 
 CONTEXTS = [2**n for n in range(8, 16)]  # 256 .. 32K
 
@@ -54,17 +55,27 @@ def quality_vs_flops(report, path: Path) -> str:
         return "no run has validation (or MQAR recall) points in metrics.jsonl"
     figure = Figure(figsize=(6.4, 4.4))
     axes = figure.subplots()
+    if len(curves) > 10:  # the default cycle has 10 colours: an 11th curve would repeat the first's
+        axes.set_prop_cycle(color=colormaps["tab20"].colors)
     for name, curve in curves.items():
         flops, quality = zip(*curve)
         axes.plot(flops, quality, marker="o", markersize=3, label=name)
-    axes.set_xscale("log")
-    axes.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log range overlap
+    _log_x(axes)
     axes.set_xlabel("training FLOPs (cost model)")
     axes.set_ylabel(label)
     axes.set_title("Quality against training compute")
     axes.grid(alpha=0.3, which="both")
     axes.legend(fontsize="x-small", ncol=2)
     return _save(figure, path)
+
+
+def _log_x(axes) -> None:
+    """A log x axis labelled at 1, 2 and 5 of each decade (5 k, 1 M, 2 T): sweeps often span less
+    than a decade, which plain decade ticks would leave without a single label."""
+    axes.set_xscale("log")
+    axes.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axes.xaxis.set_major_formatter(EngFormatter(sep=" "))
+    axes.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log range overlap
 
 
 def quality_vs_decode(report, path: Path) -> str:
@@ -86,8 +97,7 @@ def quality_vs_decode(report, path: Path) -> str:
         axes.annotate(run.name, (speed, q), fontsize=7, xytext=(3, 3), textcoords="offset points")
     axes.plot([points[i][0] for i in front], [points[i][1] for i in front], color="C3", marker="*", markersize=12,
               linestyle="--", zorder=3, label="Pareto front")
-    axes.set_xscale("log")
-    axes.xaxis.set_minor_formatter(NullFormatter())
+    _log_x(axes)
     axes.set_xlabel("decode tokens/s (measured on this machine)")
     axes.set_ylabel(label)
     axes.set_title("Quality against decode throughput")

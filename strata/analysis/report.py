@@ -193,14 +193,17 @@ def csv_text(report: Report) -> str:
 
 def print_report(console: Console, report: Report, out: Path) -> None:
     """The table for a terminal: the Markdown table's columns less the ones per task (their mean
-    stays), the non-embedding parameters and the finished flag."""
+    stays), the axes (the run's name spells them), the non-embedding parameters, the training
+    FLOPs (the heading of report.md says what they were matched at) and the finished flag."""
     header, table = rows(report)
-    hidden = {"non-embedding params", "finished", *(_label(m) for m in report.metrics if m.startswith("task-"))}
+    hidden = {*report.axes, "non-embedding params", "train FLOPs", "finished",
+              *(_label(m) for m in report.metrics if m.startswith("task-"))}
     shown = [i for i, name in enumerate(header) if name not in hidden]
-    grid = Table(title=f"{len(report.runs)} runs — cache at {report.context:,} tokens, bf16", title_justify="left")
+    console.print(f"[bold]{len(report.runs)} runs — cache at {report.context:,} tokens, bf16[/bold]")
+    grid = Table()
     for index in shown:
-        grid.add_column(header[index], justify="left" if index <= len(report.axes) + 1 else "right", overflow="fold",
-                        no_wrap=header[index] in ("run", "blocks"))
+        grid.add_column(header[index], justify="left" if header[index] in ("run", "blocks") else "right",
+                        overflow="fold", no_wrap=header[index] in ("run", "blocks"))
     for row in table:
         grid.add_row(*(_cell(header[i], row[i]) for i in shown))
     console.print(grid)
