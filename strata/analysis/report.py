@@ -48,6 +48,11 @@ class RunReport:
     headlines: dict[str, float] = field(default_factory=dict)  # "evaluation/metric" -> value
     evaluations: dict[str, dict] = field(default_factory=dict)
     finished: bool = False
+    head: bool = False  # FLOPs count the output head, as the run's sweep matched them
+
+    @property
+    def flops_per_token(self) -> float:
+        return self.cost.flops_per_token_with_head if self.head else self.cost.flops_per_token
 
     @property
     def task_mean(self) -> float | None:
@@ -56,7 +61,7 @@ class RunReport:
 
     @property
     def flops(self) -> float | None:
-        return None if self.tokens is None else self.tokens * self.cost.flops_per_token
+        return None if self.tokens is None else self.tokens * self.flops_per_token
 
     def cache_bytes(self, context: int) -> int:
         model = self.config.model
@@ -87,7 +92,9 @@ def collect(paths: list[str | Path], context: int) -> Report:
             sweep = json.loads((path / "sweep.json").read_text())
             sweeps.append(sweep)
             axes += [axis for axis in sweep["axes"] if axis not in axes]
-            runs += [read_run(path / run["name"]) for run in sweep["runs"] if (path / run["name"] / "config.yaml").exists()]
+            head = bool(sweep["budget"] and sweep["budget"].get("head"))
+            runs += [read_run(path / run["name"], head) for run in sweep["runs"]
+                     if (path / run["name"] / "config.yaml").exists()]
         elif (path / "config.yaml").exists():
             runs.append(read_run(path))
         else:
@@ -97,7 +104,8 @@ def collect(paths: list[str | Path], context: int) -> Report:
     return Report(runs, axes, sweeps, context)
 
 
-def read_run(run_dir: Path) -> RunReport:
+def read_run(run_dir: Path, head: bool = False) -> RunReport:
+    """One run's figures; ``head``: its FLOPs count the output head (its sweep matched them so)."""
     plan_file = run_dir / "plan.json"
     if plan_file.exists():
         plan = json.loads(plan_file.read_text())
@@ -106,7 +114,7 @@ def read_run(run_dir: Path) -> RunReport:
     else:
         config = load_config(run_dir / "config.yaml")
         cost, choices = run_cost(config), {}
-    report = RunReport(run_dir.name, run_dir, config, cost, choices, finished=(run_dir / "done.json").exists())
+    report = RunReport(run_dir.name, run_dir, config, cost, choices, finished=(run_dir / "done.json").exists(), head=head)
     tokens_at: dict[int, int] = {}
     metrics = run_dir / "metrics.jsonl"
     for line in metrics.read_text().splitlines() if metrics.exists() else []:
@@ -117,9 +125,9 @@ def read_run(run_dir: Path) -> RunReport:
         if record.get("val_bpb") is not None:
             report.val_bpb = record["val_bpb"]
             tokens = tokens_at.get(record["step"], record["step"] * cost.tokens_per_step)
-            report.curve.append((tokens * cost.flops_per_token, record["val_bpb"]))
+            report.curve.append((tokens * report.flops_per_token, record["val_bpb"]))
         if record.get("recall") is not None:
-            report.recall_curve.append((record["tokens"] * cost.flops_per_token, record["recall"]))
+            report.recall_curve.append((record["tokens"] * report.flops_per_token, record["recall"]))
     report.evaluations = load_evaluations(run_dir)
     for name, record in report.evaluations.items():
         for metric, value in record["headline"].items():
@@ -151,7 +159,7 @@ def rows(report: Report) -> tuple[list[str], list[list]]:
     table = []
     for run in report.runs:
         table.append([run.name, *(run.choices.get(axis, "") for axis in report.axes), run.config.model.layout,
-                      run.cost.params, run.cost.non_embedding_params, run.cost.flops_per_token, run.tokens, run.flops,
+                      run.cost.params, run.cost.non_embedding_params, run.flops_per_token, run.tokens, run.flops,
                       run.cache_bytes(report.context) / 2**20, run.val_bpb, *([run.task_mean] if tasks else []),
                       *(run.headlines.get(m) for m in report.metrics), run.finished])
     return header, table
@@ -226,8 +234,9 @@ def _heading(report: Report) -> list[str]:
             matched += " (output head counted)" if budget["head"] else " (output head not counted)"
         lines.append(f"- `{sweep['sweep']}`" + (f", size `{sweep['size']}`" if sweep["size"] else "")
                      + f": {sweep['description'] or 'no description'}; {matched}.")
+    counted = " (+ the output head, where the sweep counted it)" if any(run.head for run in report.runs) else ""
     lines += ["", "Training FLOPs per token from the cost model (6 x non-embedding parameters + the mixers' sequence "
-              "terms; a token is a byte for byte-level models and AU-Net); tokens and FLOPs as trained; cache at "
+              f"terms{counted}; a token is a byte for byte-level models and AU-Net); tokens and FLOPs as trained; cache at "
               f"{report.context:,} tokens in bf16 from the cost model; val bpb is the trainer's last validation."]
     measured = [run.evaluations["decode"]["result"]["machine"] for run in report.runs if "decode" in run.evaluations]
     machines = {(where["processor"], where["device"], where["threads"]) for where in measured}
