@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 from dataclasses import dataclass, field
 
 from strata.analysis.aunet_cost import aunet_cost, contraction_of_levels
@@ -110,25 +111,23 @@ def run_cost(config: Config, mqar: MQARTraining | None = None) -> RunCost:
 
 
 def measured_contraction(config: Config) -> list[float]:
-    """An AU-Net's bytes per stage position on its training stream, as the trainer measures them."""
+    """An AU-Net's bytes per stage position on its training stream, as the trainer measures them
+    (cached: the runs of a sweep often share their data and split rule)."""
     data = config.data
-    settings = config.model.splitter_settings()
-    everies = settings.get("groups", settings.get("strides"))
-    return _contraction(tuple(data.sources), data.text_field, data.valid_fraction, settings["rule"],
-                        settings["stages"], tuple(everies) if everies else None)
+    settings = json.dumps(config.model.splitter_settings(), sort_keys=True)
+    return _contraction(tuple(data.sources), data.text_field, data.valid_fraction, settings)
 
 
 @functools.lru_cache(maxsize=16)
-def _contraction(sources: tuple, text_field: str, valid_fraction: float, rule: str, stages: int,
-                 everies: tuple | None) -> list[float]:
+def _contraction(sources: tuple, text_field: str, valid_fraction: float, splitter_settings: str) -> list[float]:
     from strata.data import load_documents, pack, split_documents
     from strata.data.levels import stream_levels
     from strata.data.splitter import make_splitter
 
+    settings = json.loads(splitter_settings)
     train, _ = split_documents(load_documents(list(sources), text_field), valid_fraction)
-    key = "strides" if rule == "stride" else "groups"
-    splitter = make_splitter(rule, stages, **{key: list(everies) if everies else None})
-    return contraction_of_levels(stream_levels(pack(train, ByteTokenizer()), splitter), stages)
+    levels = stream_levels(pack(train, ByteTokenizer()), make_splitter(**settings))
+    return contraction_of_levels(levels, settings["stages"])
 
 
 def _validated(data: dict, source: str, text: bool) -> Config:
