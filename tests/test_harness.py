@@ -89,7 +89,7 @@ def test_loglikelihood_is_strata_multiple_choice_scoring(family, data_dir):
     items = load_task(data_dir / "tasks/winowhy.jsonl")[:5]
     results = lm.loglikelihood(requests("loglikelihood", *[(item.input, " " + choice) for item in items
                                                            for choice in item.choices]))
-    expected = score_choices(lm.model, lm.tokenizer, [item.input for item in items], items, batch_size=lm.batch_size)
+    expected = score_choices(lm.model, lm.tokenizer, [item.input for item in items], items, max_rows=lm.batch_size)
     assert [ll for ll, _ in results] == [ll for scores in expected for ll in scores]  # bit for bit
 
     # Against one plain forward per request, with greedy flags: a one-byte continuation that is the

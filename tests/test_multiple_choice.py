@@ -78,7 +78,7 @@ def test_cached_scores_equal_one_full_forward_per_choice(family, shots, winowhy)
     prompts = build_prompts(items, shots)[:ITEMS]
     model, tokenizer = tiny(family), ByteTokenizer()
     model.train()
-    # Batches of 8 prompts of different lengths: left padding, forks and right padding all at once.
+    # One prefix tree of all items: forks, rows ended early and rows that go on, all at once.
     cached = score_choices(model, tokenizer, prompts, items[:ITEMS])
     reference = score_choices(model, tokenizer, prompts, items[:ITEMS], use_cache=False)
     assert model.training  # the mode is restored

@@ -14,12 +14,12 @@ instance: ``simple_evaluate(model=StrataLM(model=..., tokenizer=...), ...)``.
 
 The three request types are scored as strata scores them elsewhere:
 
-- ``loglikelihood(context, continuation)``: ``[BOS] + encode(context)`` is prefilled through the
-  inference caches and ``encode(continuation)`` is scored after it, tokenised on its own, exactly
-  as ``strata.evals.multiple_choice`` scores ``" " + choice``. Requests sharing a context share one
-  prefill, ``batch_size`` contexts per batch ordered by length, as ``strata eval`` batches them: a
-  task that asks strata's questions (tests/test_harness.py has winowhy's YAML) with
-  ``--batch_size 8`` (strata eval's) gets its log-likelihoods bit for bit, other batch sizes the
+- ``loglikelihood(context, continuation)``: ``encode(continuation)``, tokenised on its own, is
+  scored after ``[BOS] + encode(context)``, exactly as ``strata.evals.multiple_choice`` scores
+  ``" " + choice``: all requests go through one prefix tree (``strata.evals.prefix_tree``), so
+  every distinct prefix of the (context, continuation) sequences runs once, ``batch_size`` rows a
+  forward. A task that asks strata's questions (tests/test_harness.py has winowhy's YAML) with
+  ``--batch_size 64`` (strata eval's) gets its log-likelihoods bit for bit, other batch sizes the
   same to rounding. No context is truncated: a model is scored on what it is given, as by strata eval.
 - ``loglikelihood_rolling(text)``: ``[BOS] + encode(text)`` cut into windows of the model's context
   (the training ``seq_len``, else ``context_length``) that predict every text token once, as
@@ -48,7 +48,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
 from strata.data.levels import model_levels
 from strata.data.tokenizer import Tokenizer
-from strata.evals.multiple_choice import score_continuations
+from strata.evals.prefix_tree import score_continuations
 from strata.inference.generate import generate
 from strata.train.runs import open_run
 
@@ -98,17 +98,13 @@ class StrataLM(LM):
         prompts = [[self.tokenizer.bos_id, *self._encode(context)] for context in contexts]
         continuations = [[self._encode(requests[index].args[1]) for index in groups[context]] for context in contexts]
         results: list[tuple[float, bool]] = [(0.0, True)] * len(requests)
-        # Contexts of similar lengths together, so little of a batch is padding (as strata eval does).
-        order = sorted(range(len(contexts)), key=lambda group: len(prompts[group]))
         with torch.inference_mode():
-            for first in range(0, len(order), self.batch_size):
-                batch = order[first : first + self.batch_size]
-                scores = score_continuations(self.model, [prompts[g] for g in batch], [continuations[g] for g in batch],
-                                             self.tokenizer.pad_id, self._device)
-                for group, group_scores in zip(batch, scores, strict=True):
-                    for index, score in zip(groups[contexts[group]], group_scores, strict=True):
-                        results[index] = score
-                        self.cache_hook.add_partial("loglikelihood", requests[index].args, score)
+            scores = score_continuations(self.model, prompts, continuations, self.tokenizer.pad_id, self._device,
+                                         max_rows=self.batch_size)
+        for context, group_scores in zip(contexts, scores, strict=True):
+            for index, score in zip(groups[context], group_scores, strict=True):
+                results[index] = score
+                self.cache_hook.add_partial("loglikelihood", requests[index].args, score)
         return results
 
     def loglikelihood_rolling(self, requests: list[Instance]) -> list[float]:

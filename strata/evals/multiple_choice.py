@@ -15,9 +15,10 @@ log-likelihood divided by the continuation's UTF-8 byte length, so long choices 
 for having more tokens. Ties go to the first choice (``argmax`` order): a model with constant
 logits picks the first choice on ``acc_norm`` with a byte tokenizer, not a random one.
 
-The cached path runs each prompt once through the inference caches, forks the cache to one row per
-choice (``StackCache.select`` with repeated rows) and runs all continuations as one right-padded
-batch; ``use_cache=False`` is the reference, one full forward per (prompt, choice).
+The cached path runs every distinct prefix of the items' (prompt, choice) sequences once, through a
+prefix tree of them all and forks of the inference caches (``strata.evals.prefix_tree``): an item's
+choices share its prompt, and items share their first sentences. ``use_cache=False`` is the
+reference, one full forward per (prompt, choice).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 
 from strata.data.errors import DataError
 from strata.data.levels import model_inputs
-from strata.inference import model_cache
+from strata.evals.prefix_tree import score_continuations
 
 
 @dataclass
@@ -100,11 +101,12 @@ def build_prompts(items: list[Item], shots: int = 0, seed: int = 0) -> list[str]
 
 
 def score_choices(model, tokenizer, prompts: list[str], items: list[Item], *, use_cache: bool = True,
-                  batch_size: int = 8) -> list[list[float]]:
+                  max_rows: int = 64) -> list[list[float]]:
     """Log-likelihood of each choice's continuation given its item's prompt.
 
-    ``batch_size`` items share one left-padded prefill (cached path only). Runs under
-    ``torch.inference_mode`` with ``model.eval()``, restoring the training mode afterwards.
+    The cached path scores all items through one prefix tree (``strata.evals.prefix_tree``),
+    ``max_rows`` rows a forward. Runs under ``torch.inference_mode`` with ``model.eval()``,
+    restoring the training mode afterwards.
     """
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     prompt_ids = [[tokenizer.bos_id, *tokenizer.encode(prompt.encode()).tolist()] for prompt in prompts]
@@ -116,16 +118,8 @@ def score_choices(model, tokenizer, prompts: list[str], items: list[Item], *, us
             if not use_cache:
                 return [[_full_forward(model, prompt, choice, device) for choice in choices]
                         for prompt, choices in zip(prompt_ids, choice_ids, strict=True)]
-            scores: list[list[float]] = [[] for _ in items]
-            # Similar lengths together, so little of a batch is padding.
-            order = sorted(range(len(items)), key=lambda index: len(prompt_ids[index]))
-            for first in range(0, len(order), batch_size):
-                batch = order[first : first + batch_size]
-                batch_scores = score_continuations(model, [prompt_ids[i] for i in batch],
-                                                   [choice_ids[i] for i in batch], tokenizer.pad_id, device)
-                for index, item_scores in zip(batch, batch_scores, strict=True):
-                    scores[index] = [log_likelihood for log_likelihood, _ in item_scores]
-            return scores
+            scores = score_continuations(model, prompt_ids, choice_ids, tokenizer.pad_id, device, max_rows=max_rows)
+            return [[log_likelihood for log_likelihood, _ in item_scores] for item_scores in scores]
     finally:
         model.train(was_training)
 
@@ -180,44 +174,3 @@ def _full_forward(model, prompt: list[int], choice: list[int], device) -> float:
     tokens = torch.tensor([prompt + choice], device=device)
     logits = model(tokens, **model_inputs(model, tokens))[0, len(prompt) - 1 : -1].cpu()  # the positions that predict the choice
     return _log_likelihood(logits, choice)
-
-
-def score_continuations(model, prompts: list[list[int]], continuations: list[list[list[int]]], pad_id: int,
-                        device) -> list[list[tuple[float, bool]]]:
-    """(log-likelihood, greedy) of each continuation of each prompt: one left-padded prefill of the
-    prompts, a cache fork per continuation, one right-padded run of the continuations.
-
-    ``greedy`` says whether every continuation token is the model's argmax (lm_eval asks for it).
-    Call under ``torch.inference_mode`` with the model in eval mode.
-    """
-    longest = max(map(len, prompts))
-    starts = [longest - len(ids) for ids in prompts]
-    batch = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        batch[row, starts[row] :] = torch.tensor(ids)
-    widest = max(len(ids) for group in continuations for ids in group)
-    cache = model_cache(model, len(prompts), longest + widest, starts=starts)
-    first_logits = model(batch.to(device), cache, last_only=True)[:, -1]  # predicts each first continuation token
-
-    # Row r of the forked batch is continuation `flat[r]` of prompt `owners[r]`.
-    owners = [row for row, group in enumerate(continuations) for _ in group]
-    flat = [ids for group in continuations for ids in group]
-    cache.select(torch.tensor(owners, device=device))
-    logits = first_logits[owners][:, None]
-    if widest > 1:
-        # A continuation's last token predicts nothing, so the run stops one short; positions past
-        # a continuation's end are padding whose logits are never read (causal: they affect nothing).
-        rest = torch.full((len(flat), widest - 1), pad_id, dtype=torch.long)
-        for row, ids in enumerate(flat):
-            rest[row, : max(len(ids) - 1, 0)] = torch.tensor(ids[:-1], dtype=torch.long)
-        logits = torch.cat([logits, model(rest.to(device), cache)], dim=1)
-    logits = logits.cpu()
-    scores = []
-    for row, ids in enumerate(flat):
-        row_logits = logits[row, : len(ids)]
-        scores.append((_log_likelihood(row_logits, ids), bool((row_logits.argmax(-1) == torch.tensor(ids, dtype=torch.long)).all())))
-    grouped, taken = [], 0
-    for group in continuations:
-        grouped.append(scores[taken : taken + len(group)])
-        taken += len(group)
-    return grouped

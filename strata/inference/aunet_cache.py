@@ -89,8 +89,10 @@ class AUNetCache:
     def length(self) -> int:
         return self.byte_encoder.length
 
-    def forward(self, model: AUNet, tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """The logits of ``tokens`` [B, T], the steps after those the cache holds."""
+    def forward(self, model: AUNet, tokens: torch.Tensor, last_only: bool = False,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits of ``tokens`` [B, T], the steps after those the cache holds (selected as
+        ``AUNet.forward`` selects them)."""
         steps = tokens.shape[1]
         first_step = self.byte_encoder.length
         padding = (self.byte_encoder.sequence.starts - first_step).clamp(0, steps).tolist()
@@ -105,16 +107,30 @@ class AUNetCache:
                 self.started[row] = True
             up[row, pad:] = self.deep[row].advance(model, 1, hidden[row, pad:], levels)
         y = run_stack(model.decoders[0], hidden + up, self.byte_decoder)
-        return model.logits(y[:, -1:] if last_only else y)
+        return model.logits(y[logits_at] if logits_at is not None else y[:, -1:] if last_only else y)
+
+    holds_trailing_padding = False  # see AUNet.forward
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep these rows (a row given twice is forked: the copies go on independently)."""
         self.byte_encoder.select(rows)
         self.byte_decoder.select(rows)
+        self._take_rows(rows, copy_all=False)
+
+    def fork(self, rows: torch.Tensor, room: int) -> AUNetCache:
+        """A new cache of these rows with room for ``room`` more steps; this cache stays as it is."""
+        fork = copy.copy(self)
+        fork.byte_encoder, fork.byte_decoder = self.byte_encoder.fork(rows, room), self.byte_decoder.fork(rows, room)
+        fork._take_rows(rows, copy_all=True)
+        return fork
+
+    def _take_rows(self, rows: torch.Tensor, copy_all: bool) -> None:
+        """The per-row split state and deep stages of these rows; a row's objects are copied when
+        it is given twice, or always (``copy_all``) when another cache keeps the originals."""
         taken: set[int] = set()
         levels, deep, started = [], [], []
         for row in rows.tolist():
-            fork = copy.deepcopy if row in taken else (lambda item: item)
+            fork = copy.deepcopy if copy_all or row in taken else (lambda item: item)
             taken.add(row)
             levels.append(fork(self.levels[row]))
             deep.append(fork(self.deep[row]))

@@ -12,12 +12,21 @@ and the Mamba-2 mixer zeroes padded conv inputs and step sizes, so padding never
 Positions are per sequence (0 at its first real token), so RoPE and the sink tokens of sliding-
 window attention see a padded sequence exactly as they would see it alone.
 
+A forward may also end rows early (``lengths``: the steps after are *trailing padding*) and the
+rows then go on from their last real step. The stored pads become holes that attention masks for
+good; Mamba-2 gives them a zero step size (the state passes through unchanged) and keeps the conv
+inputs of the last real steps. So rows forked from one prefix (``StackCache.fork``) can run
+continuations of different lengths in one batch and each go on (the prefix-tree scorer of
+multiple choice does). A ring buffer cannot skip a hole, so sliding-window attention refuses
+trailing padding (``holds_trailing_padding``).
+
 Mixers use these objects through ``update`` (attention) and the ``conv``/``ssm`` tensors (Mamba-2);
 the model layers never import this module.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -35,18 +44,26 @@ class SequenceState:
     """Where the tokens of each sequence in the batch are, shared by every layer of one stack.
 
     ``length`` counts the time steps already stored (padding included); ``starts[b]`` is how many of
-    the first steps of sequence ``b`` are padding. Between ``begin(T)`` and ``commit()`` the layers
-    process steps ``length .. length+T−1``; ``positions`` are their per-sequence positions and
-    ``pad`` marks the padded ones (None when there are none among them).
+    the first steps of sequence ``b`` are padding, and ``shift[b]`` how many stored steps are padding
+    in all (left padding plus the trailing padding of earlier forwards), so a step's position is
+    its index minus ``shift``. Once a forward has ended rows early, ``real`` [B, length] marks the
+    stored steps that are tokens (None before: then only left padding exists).
+
+    Between ``begin(T)`` and ``commit()`` the layers process steps ``length .. length+T−1``;
+    ``positions`` are their per-sequence positions, ``pad`` marks the padded ones (None when there
+    are none among them) and ``lengths`` [B] says how many of them each row keeps (None: all).
     """
 
     def __init__(self, starts: torch.Tensor):
         self.starts = starts
+        self.shift = starts
+        self.real: torch.Tensor | None = None
         self.length = 0
         self._update_padding()
         self.steps = 0
         self.positions: torch.Tensor | None = None
         self.pad: torch.Tensor | None = None
+        self.lengths: torch.Tensor | None = None
         self._step_memo: dict = {}
 
     @property
@@ -59,31 +76,52 @@ class SequenceState:
 
     def _update_padding(self) -> None:
         # Python ints, so that deciding whether a step needs masking never waits on the device.
-        starts = self.starts.tolist()
-        self.padded = any(starts)
-        self.max_start = max(starts, default=0)
+        self.padded = any(self.shift.tolist())
+        self.max_start = max(self.starts.tolist(), default=0)
 
-    def begin(self, steps: int) -> None:
+    def begin(self, steps: int, lengths: torch.Tensor | None = None) -> None:
         self.steps = steps
         self._step_memo = {}
         steps_range = torch.arange(self.length, self.length + steps, device=self.device)
         if self.padded:
-            self.positions = steps_range[None] - self.starts[:, None]
+            self.positions = steps_range[None] - self.shift[:, None]
             self.pad = self.positions < 0 if self.length < self.max_start else None
         else:
             self.positions, self.pad = steps_range[None], None
+        self.lengths = lengths
+        if lengths is not None:
+            trailing = torch.arange(steps, device=self.device)[None] >= lengths[:, None]
+            self.pad = trailing if self.pad is None else self.pad | trailing
 
     def commit(self) -> None:
+        if self.lengths is not None or self.real is not None:
+            if self.real is None:  # the first holes: until now only left padding was not real
+                self.real = torch.arange(self.length, device=self.device)[None] >= self.starts[:, None]
+            self.real = torch.cat([self.real, self._new_real()], dim=1)
+        if self.lengths is not None:
+            self.shift = self.shift + (self.steps - self.lengths)
+            self._update_padding()
         self.length += self.steps
         self.steps = 0
+        self.lengths = None
 
-    def select(self, rows: torch.Tensor) -> None:
-        self.starts = self.starts[rows]
-        self._update_padding()
+    def _new_real(self) -> torch.Tensor:
+        """[B, T]: which of this forward's steps are tokens."""
+        if self.pad is None:
+            return torch.ones(self.batch_size, self.steps, dtype=torch.bool, device=self.device)
+        return ~self.pad.expand(self.batch_size, -1)
+
+    def forked(self, rows: torch.Tensor) -> SequenceState:
+        """A copy holding only these rows (a row given twice is forked)."""
+        fork = copy.copy(self)
+        fork.starts, fork.shift = self.starts[rows], self.shift[rows]
+        fork.real = None if self.real is None else self.real[rows]
+        fork._update_padding()
+        return fork
 
     def real_lengths(self) -> torch.Tensor:
         """[B]: how many real (unpadded) steps of each sequence are stored."""
-        return self.length - self.starts
+        return self.length - self.shift
 
     def memo(self, key, build):
         """What every layer of the same kind computes alike within one step (masks, RoPE tables)."""
@@ -109,16 +147,18 @@ class SequenceState:
 
     def _full_mask(self) -> torch.Tensor | None:
         total = self.length + self.steps
-        if not self.padded and (self.steps == 1 or self.length == 0):
+        # (Trailing padding alone needs no mask: causal attention never lets a real step see it.)
+        if not self.padded and self.real is None and (self.steps == 1 or self.length == 0):
             return None
         key_steps = torch.arange(total, device=self.device)
         query_steps = torch.arange(self.length, total, device=self.device)
         mask = (key_steps[None, :] <= query_steps[:, None])[None, None]  # [1, 1, T, S]
-        if self.padded:
-            real_key = key_steps[None, :] >= self.starts[:, None]  # [B, S]
+        if self.real is not None:
+            real_key = torch.cat([self.real, self._new_real()], dim=1)  # [B, S]
             mask = mask & real_key[:, None, None, :]
-            mask = mask | self.pad_queries()
-        return mask
+        elif self.padded:
+            mask = mask & (key_steps[None, :] >= self.starts[:, None])[:, None, None, :]
+        return mask | self.pad_queries()
 
     def pad_queries(self) -> torch.Tensor | bool:
         """[B, 1, T, 1], True on padded queries (which may then see every key and stay finite)."""
@@ -134,7 +174,7 @@ def _ring_positions(state: SequenceState, window: int) -> torch.Tensor:
     last = state.length - 1
     held = last - torch.remainder(last - slots, window)  # the newest stored step ≡ slot (mod window)
     held = torch.where(held >= 0, held, torch.full_like(held, -(1 << 40)))
-    return held[None] - state.starts[:, None] if state.padded else held[None]
+    return held[None] - state.shift[:, None] if state.padded else held[None]
 
 
 class KVCache:
@@ -163,8 +203,21 @@ class KVCache:
 
         self.keys, self.values = grown(self.keys), grown(self.values)
 
-    def select(self, rows: torch.Tensor) -> None:
-        self.keys, self.values = self.keys[rows], self.values[rows]
+    def forked(self, rows: torch.Tensor, sequence: SequenceState, room: int) -> KVCache:
+        """A copy of these rows for ``sequence``, with room for ``room`` more steps: only the
+        stored steps are copied, so forking a long-allocated cache costs what it holds."""
+        fork = copy.copy(self)
+        fork.sequence = sequence
+        stored = self.sequence.length
+
+        def taken(tensor):
+            # Steps past the stored ones are written before they are read (``update`` stores them).
+            rows_taken = tensor.new_empty(len(rows), tensor.shape[1], stored + room, tensor.shape[3])
+            rows_taken[:, :, :stored] = tensor[rows, :, :stored]
+            return rows_taken
+
+        fork.keys, fork.values = taken(self.keys), taken(self.values)
+        return fork
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.keys, self.values]
@@ -184,6 +237,8 @@ class WindowCache:
 
     def update(self, keys: torch.Tensor, values: torch.Tensor):
         """Attend over [sinks, ring, new steps]; then store the new steps."""
+        if self.sequence.lengths is not None:
+            raise ValueError("sliding-window attention cannot hold trailing padding: a ring buffer cannot skip the holes")
         mask = self.sequence.memo(("window", self.window, self.sinks), self._mask)
         all_keys = torch.cat([self.keys, keys], dim=2)
         all_values = torch.cat([self.values, values], dim=2)
@@ -220,8 +275,11 @@ class WindowCache:
         self.keys.index_copy_(2, slots, keys[:, :, steps - kept :])
         self.values.index_copy_(2, slots, values[:, :, steps - kept :])
 
-    def select(self, rows: torch.Tensor) -> None:
-        self.keys, self.values = self.keys[rows], self.values[rows]
+    def forked(self, rows: torch.Tensor, sequence: SequenceState, room: int) -> WindowCache:
+        fork = copy.copy(self)
+        fork.sequence = sequence
+        fork.keys, fork.values = self.keys[rows], self.values[rows]
+        return fork
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.keys, self.values]
@@ -244,8 +302,11 @@ class MambaCache:
             self._step_weights = mamba.step_weights()
         return self._step_weights
 
-    def select(self, rows: torch.Tensor) -> None:
-        self.conv, self.ssm = self.conv[rows], self.ssm[rows]
+    def forked(self, rows: torch.Tensor, sequence: SequenceState, room: int) -> MambaCache:
+        fork = copy.copy(self)  # the step weights are shared: they do not change while decoding
+        fork.sequence = sequence
+        fork.conv, fork.ssm = self.conv[rows], self.ssm[rows]
+        return fork
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.conv, self.ssm]
@@ -255,9 +316,8 @@ class HybridCache:
     def __init__(self, attention: KVCache, mamba: MambaCache):
         self.attention, self.mamba = attention, mamba
 
-    def select(self, rows: torch.Tensor) -> None:
-        self.attention.select(rows)
-        self.mamba.select(rows)
+    def forked(self, rows: torch.Tensor, sequence: SequenceState, room: int) -> HybridCache:
+        return HybridCache(self.attention.forked(rows, sequence, room), self.mamba.forked(rows, sequence, room))
 
     def tensors(self) -> list[torch.Tensor]:
         return self.attention.tensors() + self.mamba.tensors()
@@ -290,11 +350,29 @@ class StackCache:
     def length(self) -> int:
         return self.sequence.length
 
+    @property
+    def capacity(self) -> int:
+        """Steps the KV caches hold before they grow (``length`` when there are none)."""
+        kv_caches = [layer.attention if isinstance(layer, HybridCache) else layer for layer in self.layers]
+        return max((layer.keys.shape[2] for layer in kv_caches if isinstance(layer, KVCache)), default=self.length)
+
+    @property
+    def holds_trailing_padding(self) -> bool:
+        """Whether a forward may end rows early (``lengths``) and the rows then go on."""
+        return not any(isinstance(layer, WindowCache) for layer in self.layers)
+
+    def fork(self, rows: torch.Tensor, room: int) -> StackCache:
+        """A new cache of these rows (a row given twice is forked: the copies go on independently)
+        with room for ``room`` more steps before it grows; this cache stays as it is."""
+        fork = copy.copy(self)
+        fork.sequence = self.sequence.forked(rows)
+        fork.layers = [layer.forked(rows, fork.sequence, room) for layer in self.layers]
+        return fork
+
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these sequences (rows of the batch), so finished ones cost nothing more."""
-        self.sequence.select(rows)
-        for layer in self.layers:
-            layer.select(rows)
+        fork = self.fork(rows, room=self.capacity - self.length)
+        self.sequence, self.layers = fork.sequence, fork.layers
 
     @property
     def nbytes(self) -> int:

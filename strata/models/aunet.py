@@ -164,11 +164,16 @@ class AUNet(nn.Module):
     def n_blocks(self) -> int:
         return len(self.trunk) + 2 * sum(len(encoder) for encoder in self.encoders)
 
-    def forward(self, tokens: torch.Tensor, cache=None, last_only: bool = False, *, levels: torch.Tensor | None = None):
+    def forward(self, tokens: torch.Tensor, cache=None, last_only: bool = False, *, levels: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None, logits_at: torch.Tensor | None = None):
         """tokens [B, T] and their levels [B, T] -> logits [B, T, vocab] ([B, 1, vocab] with
-        ``last_only``). With a cache, the cache finds the levels and drives the stages."""
+        ``last_only``; [N, vocab] at the N True places of a boolean [B, T] ``logits_at``). With a
+        cache, the cache finds the levels and drives the stages. ``lengths`` (ending rows early,
+        see ``LanguageModel.forward``) is refused: the byte stage's sliding windows cannot skip holes."""
+        if lengths is not None:
+            raise ValueError("an AU-Net cache cannot hold trailing padding (lengths=): its byte stage uses sliding windows")
         if cache is not None:
-            return cache.forward(self, tokens, last_only)
+            return cache.forward(self, tokens, last_only, logits_at)
         if levels is None:
             raise ValueError(
                 "AU-Net needs the split level of every byte: pass levels= (see strata.data.levels.model_inputs)"
@@ -190,7 +195,7 @@ class AUNet(nn.Module):
         for stage in reversed(range(self.n_stages - 1)):
             path = routes[stage]
             y = run_stack(self.decoders[stage], skips[stage] + self.ups[stage](y, path.segment, path.offset))
-        return self.logits(y[:, -1:] if last_only else y)
+        return self.logits(y[logits_at] if logits_at is not None else y[:, -1:] if last_only else y)
 
     def logits(self, y: torch.Tensor) -> torch.Tensor:
         """The byte stage's output -> next-byte logits (the final norm, then the untied head)."""

@@ -60,14 +60,15 @@ def build_stack(config: StackConfig) -> nn.ModuleList:
     return nn.ModuleList(Block(symbol, config) for symbol in config.layout)
 
 
-def run_stack(blocks: nn.ModuleList, x: torch.Tensor, cache=None) -> torch.Tensor:
+def run_stack(blocks: nn.ModuleList, x: torch.Tensor, cache=None, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Run ``x`` through ``blocks``; with a ``StackCache`` (``strata.inference``) the steps of ``x``
-    follow those the cache holds, and the cache advances past them."""
+    follow those the cache holds, and the cache advances past them (past the first ``lengths[b]``
+    of row b when given: the rest is padding the cache forgets)."""
     if cache is None:
         for block in blocks:
             x = block(x)
         return x
-    cache.sequence.begin(x.shape[1])
+    cache.sequence.begin(x.shape[1], lengths)
     for block, layer_cache in zip(blocks, cache.layers, strict=True):
         x = block(x, layer_cache)
     cache.sequence.commit()
@@ -99,14 +100,19 @@ class LanguageModel(nn.Module):
         self.head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         init_weights(self, config.init_std, len(self.blocks))
 
-    def forward(self, tokens: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, vocab] ([B, 1, vocab] with ``last_only``).
+    def forward(self, tokens: torch.Tensor, cache=None, last_only: bool = False, *,
+                lengths: torch.Tensor | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, vocab] ([B, 1, vocab] with ``last_only``; [N, vocab] at
+        the N True places of a boolean [B, T] ``logits_at``, in row-major order).
 
         With a ``StackCache`` (``strata.inference``) the tokens are the next steps after those
-        the cache holds, and the cache advances past them.
+        the cache holds, and the cache advances past them; ``lengths`` [B] ends rows early: the
+        steps of row b from ``lengths[b]`` on are padding the cache forgets.
         """
-        x = run_stack(self.blocks, self.embed(tokens), cache)
-        x = self.norm(x[:, -1:] if last_only else x)
+        if lengths is not None and cache is None:
+            raise ValueError("lengths= ends rows of a cached forward early; there is no cache")
+        x = run_stack(self.blocks, self.embed(tokens), cache, lengths)
+        x = self.norm(x[logits_at] if logits_at is not None else x[:, -1:] if last_only else x)
         return self.head(x) if self.head is not None else x @ self.embed.weight.t()
 
     def update_balance_biases(self) -> None:

@@ -113,12 +113,20 @@ class Mamba2(nn.Module):
         pad = cache.sequence.pad
         if pad is not None:
             # Padded steps: a zero conv input and a zero step size leave conv window and state as
-            # if the sequence began at its first real token.
+            # if the sequence began at its first real token (left padding), and the state as it
+            # was after the last real one (trailing padding).
             xbc = xbc.masked_fill(pad[..., None], 0)
             dt = dt.masked_fill(pad[..., None], 0)
         steps, kernel = xbc.shape[1], cache.conv.shape[1]
         window = torch.cat([cache.conv[:, 1:], xbc.to(cache.conv.dtype)], dim=1)  # [B, K−1+T, C]
-        cache.conv.copy_(window[:, -kernel:])
+        lengths = cache.sequence.lengths
+        if lengths is None:
+            cache.conv.copy_(window[:, -kernel:])
+        else:
+            # Rows that end early (trailing padding) keep the conv inputs of their last real steps.
+            held = torch.cat([cache.conv[:, :1], window], dim=1)  # [B, K+T, C]; new step s at K+s
+            last = lengths[:, None] + torch.arange(kernel, device=lengths.device)  # [B, K]
+            cache.conv.copy_(held.gather(1, last[..., None].expand(-1, -1, held.shape[2])))
         if steps == 1:
             conv = (window * weights["conv_weight_by_tap"]).sum(1, keepdim=True) + self.conv1d.bias
         else:
