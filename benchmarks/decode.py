@@ -1,7 +1,7 @@
 """Decode throughput after long prompts: strata's families vs each other and vs HF ``generate``.
 
     python benchmarks/decode.py [--contexts 512 2048 8192 16384] [--batches 1 4] [--new 64]
-                                [--repeats 3] [--json results.jsonl]
+                                [--repeats 3] [--compile] [--json results.jsonl]
 
 For each prompt length and batch size, every contender generates ``--new`` greedy tokens after a
 random prompt, through its public generate API (``strata.generate``; HF's ``model.generate`` with
@@ -11,7 +11,9 @@ prefill is excluded. All contenders of one (context, batch) cell run in alternat
 round; rates are medians over rounds, and ratios are medians of per-round ratios (shown with
 their range), which the machine's drift disturbs far less. HF peers share shapes and weights with a strata model:
 ``transformer`` ↔ ``LlamaForCausalLM``, ``mamba2 (no FFN)`` ↔ ``Mamba2ForCausalLM`` (whose blocks
-have no FFN). CPU runs use float32 and the default thread count.
+have no FFN). With ``--compile`` strata's contenders decode with ``compile=True`` (HF's stay
+eager: its default dynamic cache); every cell then has a warm-up round, which compiles.
+CPU runs use float32 and the default thread count.
 """
 
 from __future__ import annotations
@@ -41,12 +43,13 @@ def rate(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def strata_decode(model, prompts: torch.Tensor, new: int):
+def strata_decode(model, prompts: torch.Tensor, new: int, compile: bool = False):  # noqa: A002
     """A measure: seconds per decoding step of ``strata.generate`` over the batch."""
 
     def measure() -> float:
         stamps = []
-        generate(model, list(prompts), new, on_token=lambda index, token: index == 0 and stamps.append(time.perf_counter()))
+        generate(model, list(prompts), new, compile=compile,
+                 on_token=lambda index, token: index == 0 and stamps.append(time.perf_counter()))
         return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
 
     return measure
@@ -99,6 +102,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64, help="tokens generated per measurement")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-hf", action="store_true", help="strata families only")
+    parser.add_argument("--compile", action="store_true", help="strata decodes with compile=True")
     parser.add_argument("--json", type=Path, help="append one JSON object per result to this file")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -109,6 +113,7 @@ def main() -> None:
     print(
         f"{platform.processor() or platform.machine()} float32, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"transformers {transformers.__version__}; {args.new} new tokens, median of {args.repeats}"
+        + ("; strata compiled (compile=True), HF eager" if args.compile else "")
     )
 
     samples: dict[tuple[str, int, int], list[float]] = {}  # tokens/s per round
@@ -116,10 +121,11 @@ def main() -> None:
         for context in args.contexts:
             prompts = torch.randint(0, 256, (batch, context))
             measures = {
-                name: (hf_decode if name.startswith("HF") else strata_decode)(model, prompts, args.new)
+                name: hf_decode(model, prompts, args.new) if name.startswith("HF")
+                else strata_decode(model, prompts, args.new, args.compile)
                 for name, model in models.items()
             }
-            seconds = alternate(measures, args.repeats, warmup=1 if context <= 2048 else 0)
+            seconds = alternate(measures, args.repeats, warmup=1 if context <= 2048 or args.compile else 0)
             for name, values in seconds.items():
                 samples[name, batch, context] = [batch / s for s in values]
             print(f"  batch {batch}, context {context}: " + ", ".join(f"{n} {rate(samples[n, batch, context]):.0f}" for n in models), flush=True)

@@ -274,3 +274,22 @@ def test_generating_mid_training_leaves_training_intact():
     assert model.training
     model(torch.randint(0, 256, (1, 1400))).sum().backward()
     optimizer.step()
+
+
+@pytest.mark.parametrize("family", ["transformer", "inter"])
+def test_compiled_decoding_equals_eager(family):
+    """``compile=True``: the same tokens and logits (1e-4) for a left-padded batch whose sequences
+    finish at different steps, so the batch shrinks under the compiled step."""
+    model = tiny(family)
+    batch = prompts([5, 40, 33])
+    stops = {"stop_tokens": [0, 1, 2, 3]}
+    eager = generate(model, batch, NEW, return_logits=True, **stops)
+    compiled = generate(model, batch, NEW, return_logits=True, compile=True, **stops)
+    assert_same(compiled, eager)
+
+
+def test_compile_refuses_what_it_cannot_compile():
+    with pytest.raises(ValueError, match="use_cache=False"):
+        generate(tiny("transformer"), prompts([4]), 2, compile=True, use_cache=False)
+    with pytest.raises(ValueError, match="AU-Net"):
+        generate(tiny("aunet2"), prompts([4]), 2, compile=True)

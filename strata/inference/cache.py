@@ -135,7 +135,7 @@ class SequenceState:
 
         def tables():
             if self.padded:
-                return tuple(table[:, :, None] for table in rotary.at(self.positions))
+                return tuple(table[:, :, None] for table in rotary.at(self.positions, self.length + self.steps))
             return tuple(table[None, :, None] for table in rotary(self.steps, self.length))
 
         return self.memo(rotary.key, tables)
@@ -324,8 +324,10 @@ class HybridCache:
 
 
 def mixer_cache(mixer, state: SequenceState, capacity: int, dtype: torch.dtype):
-    """The cache ``mixer`` fills and advances."""
+    """The cache ``mixer`` fills and advances; an attention mixer's RoPE tables are readied for
+    ``capacity`` positions."""
     if isinstance(mixer, Attention):
+        mixer.rotary.reserve(capacity, state.device)
         return KVCache(mixer, state, capacity, dtype) if mixer.window is None else WindowCache(mixer, state, dtype)
     if isinstance(mixer, Mamba2):
         return MambaCache(mixer, state, dtype)

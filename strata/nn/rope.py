@@ -62,14 +62,21 @@ class RotaryEmbedding(nn.Module):
                 self._cos, self._sin = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
         return self._cos, self._sin
 
+    def reserve(self, length: int, device=None) -> None:
+        """Have the tables cover ``length`` positions now, so that decoding never grows them
+        (growing them inside a compiled step would recompile it)."""
+        self._tables(length, device)
+
     def forward(self, length: int, start: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tables [T, head_dim] for positions start .. start+T−1."""
         cos, sin = self._tables(start + length, device)
         return cos[start : start + length], sin[start : start + length]
 
-    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tables [..., head_dim] for a tensor of positions (negative ones, padding, read position 0)."""
-        cos, sin = self._tables(int(positions.max()) + 1, positions.device)
+    def at(self, positions: torch.Tensor, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables [..., head_dim] for a tensor of positions below ``bound`` (negative ones, padding,
+        read position 0). The caller knows the bound, so no value is read back from the tensor
+        (which would also split a compiled decoding step in two)."""
+        cos, sin = self._tables(bound, positions.device)
         positions = positions.clamp(min=0)
         return cos[positions], sin[positions]
 
