@@ -27,7 +27,7 @@ from strata.inference import model_cache
 
 # An edge this short (in tokens) runs in its children's rows rather than in its own.
 SHORT_EDGE = 24
-# A batch closes before padding would make it this many times its real tokens, plus a few hundred
+# A batch closes before padding would make it this many times its real tokens, plus this many
 # tokens of slack: a forward's fixed cost (about a millisecond on a CPU) is worth some padding.
 PADDING_ALLOWANCE = 1.1
 SMALL_BATCH_TOKENS = 128

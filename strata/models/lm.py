@@ -68,6 +68,9 @@ def run_stack(blocks: nn.ModuleList, x: torch.Tensor, cache=None, lengths: torch
         for block in blocks:
             x = block(x)
         return x
+    if lengths is not None and not cache.holds_trailing_padding:
+        # Refused before any layer runs, so no state has advanced.
+        raise ValueError("sliding-window attention cannot hold trailing padding: a ring buffer cannot skip the holes")
     cache.sequence.begin(x.shape[1], lengths)
     for block, layer_cache in zip(blocks, cache.layers, strict=True):
         x = block(x, layer_cache)
