@@ -11,8 +11,10 @@ prefill is excluded. All contenders of one (context, batch) cell run in alternat
 round; rates are medians over rounds, and ratios are medians of per-round ratios (shown with
 their range), which the machine's drift disturbs far less. HF peers share shapes and weights with a strata model:
 ``transformer`` ↔ ``LlamaForCausalLM``, ``mamba2 (no FFN)`` ↔ ``Mamba2ForCausalLM`` (whose blocks
-have no FFN). With ``--compile`` strata's contenders decode with ``compile=True`` (HF's stay
-eager: its default dynamic cache); every cell then has a warm-up round, which compiles.
+have no FFN). With ``--compile`` strata's contenders decode with ``compile=True`` and HF Llama with
+its compiled path (a static cache, and ``CompileConfig`` told to compile on a CPU too); HF Mamba2
+stays eager, as its generate does not compile with its own cache. Every cell then has a warm-up
+round, which compiles.
 CPU runs use float32 and the default thread count.
 """
 
@@ -69,9 +71,16 @@ class _Stamps:
         pass
 
 
-def hf_decode(model, prompts: torch.Tensor, new: int):
+def hf_decode(model, prompts: torch.Tensor, new: int, compile: bool = False):  # noqa: A002
     model.generation_config.eos_token_id = None  # random weights: never stop early
     model.generation_config.pad_token_id = 0
+    if compile and model.config.model_type == "llama":
+        from transformers import CompileConfig
+
+        settings = CompileConfig(mode="default")  # its default, CUDA graphs, has no CPU meaning
+        settings._compile_all_devices = True  # HF's own switch for compiling off GPUs
+        model.generation_config.cache_implementation = "static"
+        model.generation_config.compile_config = settings
     mask = torch.ones_like(prompts)
 
     def measure() -> float:
@@ -102,7 +111,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64, help="tokens generated per measurement")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-hf", action="store_true", help="strata families only")
-    parser.add_argument("--compile", action="store_true", help="strata decodes with compile=True")
+    parser.add_argument("--compile", action="store_true", help="strata decodes with compile=True, HF Llama with its static-cache compile")
     parser.add_argument("--json", type=Path, help="append one JSON object per result to this file")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -113,7 +122,7 @@ def main() -> None:
     print(
         f"{platform.processor() or platform.machine()} float32, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"transformers {transformers.__version__}; {args.new} new tokens, median of {args.repeats}"
-        + ("; strata compiled (compile=True), HF eager" if args.compile else "")
+        + ("; compiled: strata (compile=True) and HF Llama (static cache), HF Mamba2 eager" if args.compile else "")
     )
 
     samples: dict[tuple[str, int, int], list[float]] = {}  # tokens/s per round
@@ -121,7 +130,7 @@ def main() -> None:
         for context in args.contexts:
             prompts = torch.randint(0, 256, (batch, context))
             measures = {
-                name: hf_decode(model, prompts, args.new) if name.startswith("HF")
+                name: hf_decode(model, prompts, args.new, args.compile) if name.startswith("HF")
                 else strata_decode(model, prompts, args.new, args.compile)
                 for name, model in models.items()
             }

@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--compile", action="store_true",
-                          help="torch.compile the decoding step: 1.6-1.8x faster on a CPU, after 10-20 s of compiling")
+                          help="torch.compile the decoding step: 1.6-1.8x faster on a CPU, after 20-40 s of compiling (seconds once cached)")
     generate.set_defaults(handler=run_generate)
 
     data = commands.add_parser("data", help="named corpora").add_subparsers(dest="data_command", required=True)

@@ -4,10 +4,16 @@ Prompts of different lengths share one left-padded batch (the caches keep the pa
 state); a sequence that finishes leaves the batch, so it costs nothing more. ``use_cache=False``
 is the slow reference: each step runs the full forward over each sequence alone.
 
-With ``compile=True`` the one-token decoding step goes through ``torch.compile`` (inductor, dynamic
-shapes, so growing caches and shrinking batches do not recompile). A small model's step is a chain
-of ~100 tiny ops whose per-op overhead dominates; fused, it measured 1.6-1.8x faster on a CPU
-(BENCHMARKS.md). The first call compiles for 10-20 s; a model compiles once per process.
+With ``compile=True`` the one-token decoding step goes through ``torch.compile`` (inductor). A small
+model's step is a chain of ~100 tiny ops whose per-op overhead dominates; fused, it measured
+1.6-1.8x faster on a CPU (BENCHMARKS.md). Shapes are dynamic where they change: the first step
+compiles for its exact sizes, the second (a longer cache) recompiles with the length symbolic, and
+a shrinking batch once more with the batch symbolic; after that nothing recompiles. Compiling
+every size symbolic from the start (``dynamic=True``) also makes the model's widths and epsilons
+symbolic, whose guards dynamo re-checks in Python at every step. On a CPU the compiled step has a
+C++ wrapper instead of a Python one. Together the two made a compiled step 15-30 % faster on the
+Xeon of BENCHMARKS.md. The first calls compile for 20-40 s (seconds once inductor has cached the
+code); a model compiles once per process.
 """
 
 from __future__ import annotations
@@ -195,18 +201,21 @@ COMPILED_GRAPHS = 64
 
 
 @functools.cache
-def _compiler():
-    # One compiled function for every model: dynamo keeps a graph per model it meets (guarded on
-    # the model), and nothing here holds a model alive. Built on first use: importing dynamo costs.
-    return torch.compile(_step, dynamic=True)
+def _compiler(device_type: str):
+    # One compiled function per device type for every model: dynamo keeps graphs per model it
+    # meets (guarded on the model), and nothing here holds a model alive. Built on first use:
+    # importing dynamo costs. The C++ wrapper is only asked for on a CPU, where it was measured.
+    options = {"cpp_wrapper": True} if device_type == "cpu" else None
+    return torch.compile(_step, options=options)
 
 
 def _compiled_step(model, tokens: torch.Tensor, cache) -> torch.Tensor:
-    # Each model takes a graph or two (with and without padding) of this one function; dynamo's
-    # default of 8 per function would send a process that decodes several models back to eager.
+    # Each model takes a few graphs of this one function (sizes fixed, then symbolic; with and
+    # without padding); dynamo's default of 8 per function would send a process that decodes
+    # several models back to eager.
     try:
         with torch._dynamo.config.patch(recompile_limit=COMPILED_GRAPHS):
-            return _compiler()(model, tokens, cache)
+            return _compiler(tokens.device.type)(model, tokens, cache)
     except torch._dynamo.exc.BackendCompilerFailed as error:
         raise RuntimeError(f"compile=True: torch.compile failed (on a CPU, inductor needs a C++ compiler): {error}") from None
 
