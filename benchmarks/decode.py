@@ -14,7 +14,9 @@ their range), which the machine's drift disturbs far less. HF peers share shapes
 have no FFN). With ``--compile`` strata's contenders decode with ``compile=True`` and HF Llama with
 its compiled path (a static cache, and ``CompileConfig`` told to compile on a CPU too); HF Mamba2
 stays eager, as its generate does not compile with its own cache. Every cell then has a warm-up
-round, which compiles.
+round, which compiles. HF sizes a static cache for the longest of all earlier calls (to spare a
+recompile), so after a 16K cell it would decode a 512 prompt over a 16K cache, 25x slower; each
+call here starts that record afresh, so every cell decodes over a cache of its own length.
 CPU runs use float32 and the default thread count.
 """
 
@@ -85,6 +87,7 @@ def hf_decode(model, prompts: torch.Tensor, new: int, compile: bool = False):  #
 
     def measure() -> float:
         stamps = _Stamps()
+        model._previous_max_cache_length = -1  # HF sizes a static cache for the longest earlier call
         with torch.inference_mode():
             model.generate(prompts, attention_mask=mask, max_new_tokens=new, do_sample=False, streamer=stamps)
         times = stamps.times[1:]
