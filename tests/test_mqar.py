@@ -11,6 +11,7 @@ from torch import nn
 from strata.evals.mqar import (
     FILLER,
     IGNORE,
+    asked_pairs,
     evaluate_mqar,
     make_mqar,
     mqar_grid,
@@ -50,15 +51,20 @@ class RandomLogits(Uniform):
 class Oracle(Uniform):
     """Reads the pairs from the tokens: after a key seen before, a peak at the value that followed it."""
 
+    def __init__(self, looks_before: int | None = None):
+        super().__init__()
+        self.looks_before = looks_before  # pairs are only read at positions below this (None: anywhere)
+
     def forward(self, tokens):
         logits = super().forward(tokens)
         keys, _ = mqar_ids()
+        limit = tokens.shape[1] if self.looks_before is None else self.looks_before
         for row, ids in enumerate(tokens.tolist()):
             paired = {}
             for position, token in enumerate(ids):
                 if token in paired:
                     logits[row, position, paired[token]] = 10.0
-                elif token in keys and position + 1 < len(ids):
+                elif token in keys and position + 1 < limit:
                     paired[token] = ids[position + 1]
         return logits
 
@@ -129,6 +135,24 @@ def test_impossible_examples_are_refused_with_the_reason(arguments, message):
 def test_an_oracle_recalls_everything():
     result = evaluate_mqar(Oracle(), 64, 8, n_examples=40, batch_size=16)
     assert result["recall"] == 1.0 and result["n"] == 40 * 8
+
+
+def test_asked_pairs_are_the_places_of_the_queried_keys():
+    inputs, targets = make_mqar(20, 64, 8, seed=4)
+    places = asked_pairs(inputs, targets, 8)
+    rows, positions = torch.nonzero(targets != IGNORE, as_tuple=True)
+    assert torch.equal(inputs[rows, 2 * places], inputs[rows, positions])  # the key at the pair's place
+    assert torch.equal(inputs[rows, 2 * places + 1], targets[rows, positions])  # and its value after it
+    assert sorted(places[rows == 0].tolist()) == list(range(8))  # all pairs asked, each once
+
+
+def test_recall_by_place_finds_a_model_that_reads_only_the_first_pairs():
+    # Pairs at positions 0-15: reading below position 8 sees the first 4 of 8 pairs, two quarters.
+    result = evaluate_mqar(Oracle(looks_before=8), 64, 8, n_examples=40)
+    assert result["recall_by_place"][:2] == [1.0, 1.0]
+    assert result["recall_by_place"][2:] == pytest.approx([result["chance"]] * 2, rel=1e-6)
+    assert result["recall"] == pytest.approx((1 + result["chance"]) / 2, rel=1e-6)
+    assert evaluate_mqar(Oracle(), 32, 2, n_examples=4)["recall_by_place"] == [1.0, None, 1.0, None]
 
 
 def test_constant_logits_score_exactly_chance():
@@ -220,6 +244,10 @@ def test_table_and_plot(tmp_path):
     assert "| family | seq len | 4 pairs | 8 pairs |" in table
     assert "| attention | 64 | 100.0 | 95.0 |" in table and "| mamba2 | 64 | 50.0 | – |" in table
     assert "| attention | 128 | – | 25.0 |" in table and "chance 0.79 %" in table
+    assert "By where the asked pair stands" not in table  # these rows have no split by place
+    results[1]["recall_by_place"] = [1.0, 1.0, 0.9, 0.9]
+    results[0]["recall_by_place"] = [1.0] * 4
+    assert "| attention | 64 | 8 | 100.0 | 100.0 | 90.0 | 90.0 |" in mqar_markdown(results)  # the largest pair count
     path = plot_mqar(results, tmp_path / "mqar.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pixels = image.imread(path)

@@ -140,19 +140,34 @@ def score_recall(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Te
     return torch.cat(scores)
 
 
+def asked_pairs(inputs: torch.Tensor, targets: torch.Tensor, n_pairs: int) -> torch.Tensor:
+    """For each query (in ``query_scores``' order) the place of its pair among the ``n_pairs``
+    pairs at the start of its sequence: 0 for the first pair."""
+    rows, positions = torch.nonzero(targets != IGNORE, as_tuple=True)
+    keys = inputs[rows, positions]
+    return (inputs[rows, 0 : 2 * n_pairs : 2] == keys[:, None]).int().argmax(dim=1)
+
+
 def evaluate_mqar(model: torch.nn.Module, seq_len: int, n_pairs: int, n_examples: int = 512, seed: int = 1,
                   batch_size: int = 64, vocab_size: int = MQAR_VOCAB) -> dict:
     """``recall`` of ``model`` on ``n_examples`` fresh sequences, ``n`` (queries scored) and
     ``chance`` (1 / number of value ids), with the ``seq_len`` and ``n_pairs`` asked.
+
+    ``recall_by_place`` splits the recall by where the asked pair stands: the queries whose pair is
+    in the first, second, third and last quarter of the pairs (None for a quarter that holds no
+    pair, with fewer than 4). A model trained with fewer pairs than it is asked about has never
+    seen a key in the later places, and may not look there (docs/results.md).
 
     ``train_mqar`` draws its batches from numpy streams that no integer seed below 2**32 gives,
     so these sequences are new to a model it trained.
     """
     inputs, targets = make_mqar(n_examples, seq_len, n_pairs, vocab_size, seed)
     scores = score_recall(model, inputs, targets, batch_size, vocab_size)
+    quarters = asked_pairs(inputs, targets, n_pairs) * 4 // n_pairs
+    by_place = [scores[quarters == quarter].mean().item() if (quarters == quarter).any() else None for quarter in range(4)]
     _, value_ids = mqar_ids(vocab_size)
     return {"seq_len": seq_len, "n_pairs": n_pairs, "recall": scores.mean().item(), "n": len(scores),
-            "chance": 1 / len(value_ids)}
+            "chance": 1 / len(value_ids), "recall_by_place": by_place}
 
 
 def mqar_grid(model: torch.nn.Module, seq_lens: list[int], pair_counts: list[int], n_examples: int = 512,
@@ -180,7 +195,8 @@ def _series(results: list[dict]) -> dict[tuple[str, int], dict[int, float]]:
 
 def mqar_markdown(results: list[dict]) -> str:
     """A Markdown table: one row per family and sequence length, one column per pair count,
-    recall in percent ('–' where the combination was not evaluated); chance under it."""
+    recall in percent ('–' where the combination was not evaluated); chance under it; then, for
+    rows that have ``recall_by_place``, that split at each family and length's largest pair count."""
     series = _series(results)
     pairs = sorted({row["n_pairs"] for row in results})
     lines = ["| family | seq len | " + " | ".join(f"{n} pairs" for n in pairs) + " |",
@@ -192,7 +208,25 @@ def mqar_markdown(results: list[dict]) -> str:
     if chances:
         lines.append("")
         lines.append("Recall in % of queries; chance " + ", ".join(f"{100 * c:.2f} %" for c in chances) + ".")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _place_table(results)) + "\n"
+
+
+def _place_table(results: list[dict]) -> list[str]:
+    """Lines of a table of ``recall_by_place`` at the largest pair count of each family and length
+    (none when the results do not have it)."""
+    largest: dict[tuple[str, int], dict] = {}
+    for row in results:
+        key = (row.get("family", "model"), row["seq_len"])
+        if row.get("recall_by_place") and row["n_pairs"] >= 4 and row["n_pairs"] >= largest.get(key, row)["n_pairs"]:
+            largest[key] = row
+    if not largest:
+        return []
+    lines = ["", "By where the asked pair stands (quarters of the pairs, first to last):", "",
+             "| family | seq len | pairs | 1st quarter | 2nd | 3rd | 4th |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for (family, seq_len), row in largest.items():
+        cells = ["–" if recall is None else f"{100 * recall:.1f}" for recall in row["recall_by_place"]]
+        lines.append(f"| {family} | {seq_len} | {row['n_pairs']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_mqar(results: list[dict], path: str | Path) -> Path:
