@@ -288,6 +288,13 @@ def test_compiled_decoding_equals_eager(family):
     assert_same(compiled, eager)
 
 
+def test_compiled_decoding_of_one_prompt_equals_eager():
+    """A batch of one: on a CPU its projections compile to inductor's own reductions."""
+    model = tiny("transformer")
+    eager = generate(model, prompts([37]), NEW, return_logits=True)
+    assert_same(generate(model, prompts([37]), NEW, return_logits=True, compile=True), eager)
+
+
 def test_compile_refuses_what_it_cannot_compile():
     with pytest.raises(ValueError, match="use_cache=False"):
         generate(tiny("transformer"), prompts([4]), 2, compile=True, use_cache=False)

@@ -12,7 +12,9 @@ a shrinking batch once more with the batch symbolic; after that nothing recompil
 every size symbolic from the start (``dynamic=True``) also makes the model's widths and epsilons
 symbolic, whose guards dynamo re-checks in Python at every step. On a CPU the compiled step has a
 C++ wrapper instead of a Python one. Together the two made a compiled step 15-30 % faster on the
-Xeon of BENCHMARKS.md. The first calls compile for 20-40 s (seconds once inductor has cached the
+Xeon of BENCHMARKS.md. There, too, a batch of one has inductor compute its projections itself,
+fused with the ops around them, rather than call MKL once per matrix-vector product: 5-10 %
+faster again (the same with four rows measured 0-5 %, so larger batches keep MKL). The first calls compile for 20-40 s (seconds once inductor has cached the
 code); a model compiles once per process.
 """
 
@@ -204,8 +206,10 @@ COMPILED_GRAPHS = 64
 def _compiler(device_type: str):
     # One compiled function per device type for every model: dynamo keeps graphs per model it
     # meets (guarded on the model), and nothing here holds a model alive. Built on first use:
-    # importing dynamo costs. The C++ wrapper is only asked for on a CPU, where it was measured.
-    options = {"cpp_wrapper": True} if device_type == "cpu" else None
+    # importing dynamo costs. The CPU options were measured there (module docstring): a C++
+    # wrapper, and at batch 1 each projection as inductor's own reduction fused with its
+    # neighbours instead of an MKL call per matrix-vector product.
+    options = {"cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}} if device_type == "cpu" else None
     return torch.compile(_step, options=options)
 
 
