@@ -217,7 +217,8 @@ def _place_table(results: list[dict]) -> list[str]:
     largest: dict[tuple[str, int], dict] = {}
     for row in results:
         key = (row.get("family", "model"), row["seq_len"])
-        if row.get("recall_by_place") and row["n_pairs"] >= 4 and row["n_pairs"] >= largest.get(key, row)["n_pairs"]:
+        has_split = row.get("recall_by_place") and row["n_pairs"] >= 4
+        if has_split and (key not in largest or row["n_pairs"] >= largest[key]["n_pairs"]):
             largest[key] = row
     if not largest:
         return []

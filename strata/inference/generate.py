@@ -14,8 +14,9 @@ symbolic, whose guards dynamo re-checks in Python at every step. On a CPU the co
 C++ wrapper instead of a Python one. Together the two made a compiled step 15-30 % faster on the
 Xeon of BENCHMARKS.md. There, too, a batch of one has inductor compute its projections itself,
 fused with the ops around them, rather than call MKL once per matrix-vector product: 5-10 %
-faster again (the same with four rows measured 0-5 %, so larger batches keep MKL). The first calls compile for 20-40 s (seconds once inductor has cached the
-code); a model compiles once per process.
+faster again (the same with four rows measured 0-5 %, so larger batches keep MKL). The first
+calls compile for 20-40 s (seconds once inductor has cached the code); a model compiles once per
+process.
 """
 
 from __future__ import annotations
