@@ -132,8 +132,9 @@ def test_shots_are_other_items_and_reproducible(winowhy):
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ('{"input": "a", "choices": ["x"], "gold": 0}\n{"input": "a", "choices": ["x"]\n', ":2: bad JSON"),
+        ('{"input": "a", "choices": ["x"], "gold": 0}\n{"input": "a", "choices": ["x"]\n', ":2: not valid JSON"),
         ('{"input": "a", "choices": ["x"]}\n', ":1: missing key gold"),
+        ('["a", ["x"], 0]\n', ":1: expected a JSON object, found list"),
         ('\n{"input": "a", "choices": ["x", "y"], "gold": 2}\n', ":2: gold 2 is not an index into the 2 choices"),
         ('{"input": "a", "choices": [], "gold": 0}\n', ":1: choices is empty"),
         ('{"input": "a", "choices": "xy", "gold": 0}\n', ":1: choices must be a list of strings"),

@@ -29,6 +29,7 @@ from strata.analysis.cost import model_cost
 from strata.analysis.info import human, runs as short_layout
 from strata.config import AUNetConfig, Config, load_config, validate_config
 from strata.evals.report import load_evaluations
+from strata.train.metrics import read_metrics
 
 DECODE = "decode/tokens_per_s"
 TASK_MEAN = "tasks mean acc_norm"  # the papers' few-shot average, over the task files evaluated
@@ -116,9 +117,7 @@ def read_run(run_dir: Path, head: bool = False) -> RunReport:
         cost, choices = run_cost(config), {}
     report = RunReport(run_dir.name, run_dir, config, cost, choices, finished=(run_dir / "done.json").exists(), head=head)
     tokens_at: dict[int, int] = {}
-    metrics = run_dir / "metrics.jsonl"
-    for line in metrics.read_text().splitlines() if metrics.exists() else []:
-        record = json.loads(line)
+    for record in read_metrics(run_dir):
         if "tokens" in record:
             tokens_at[record["step"]] = record["tokens"]
             report.tokens = record["tokens"]

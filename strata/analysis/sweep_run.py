@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import shutil
 import sys
 import time
@@ -30,15 +29,15 @@ import numpy as np
 
 from strata.analysis.sweep_spec import MQARTraining, SweepEval
 from strata.config import Config, validate_config
+from strata.files import write_atomically
+from strata.train.metrics import METRICS
 
 PLAN, TRAINED, DONE, LOCK = "plan.json", "trained.json", "done.json", ".lock"
 BUSY = 75  # exit status: another process holds the run's lock (EX_TEMPFAIL)
 
 
 def write_json(path: Path, record: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(temporary, path)
+    write_atomically(path, json.dumps(record, indent=1) + "\n")
 
 
 def execute(run_dir: Path) -> None:
@@ -98,7 +97,7 @@ def _train_mqar(config: Config, spec: MQARTraining, run_dir: Path):
 
     train = config.train
     tokens_per_step = train.batch_size * spec.seq_len
-    with (run_dir / "metrics.jsonl").open("w") as metrics:  # a restarted MQAR run starts over
+    with (run_dir / METRICS).open("w") as metrics:  # a restarted MQAR run starts over
 
         def log(record: dict) -> None:
             record = {**record, "tokens": record["step"] * tokens_per_step}

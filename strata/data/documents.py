@@ -7,13 +7,13 @@ without the text field) is found here, at load time, so a run never dies hours i
 from __future__ import annotations
 
 import codecs
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from strata.data.corpora import CORPORA, corpus_path
 from strata.data.errors import DataError
+from strata.data.jsonl import json_objects
 
 # Only this much of a file is checked for NUL bytes / invalid UTF-8 to tell "binary" from "text".
 SNIFF_BYTES = 64 * 1024
@@ -88,15 +88,8 @@ def _read_text(path: Path) -> bytes:
 
 def _load_jsonl(path: Path, text_field: str) -> list[Document]:
     documents = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{where}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict) or text_field not in record:
+    for where, record in json_objects(path, _read_text(path).decode("utf-8")):
+        if text_field not in record:
             raise DataError(f"{where}: no field {text_field!r} (set data.text_field to the field holding the text)")
         text = record[text_field]
         if not isinstance(text, str):

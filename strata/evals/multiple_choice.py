@@ -23,7 +23,6 @@ reference, one full forward per (prompt, choice).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from strata.data.errors import DataError
+from strata.data.jsonl import json_objects
 from strata.data.levels import model_inputs
 from strata.evals.prefix_tree import score_continuations
 
@@ -47,22 +47,13 @@ def load_task(path: str | Path) -> list[Item]:
     """The items of a JSONL task file; a bad file raises a one-line DataError naming file and line."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise DataError(f"{path}: cannot read the task file ({error.strerror})") from None
     except UnicodeDecodeError:
         raise DataError(f"{path}: the task file is not UTF-8") from None
     items = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{where}: bad JSON ({error.msg} at column {error.colno})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected an object with input, choices and gold")
+    for where, record in json_objects(path, text):
         missing = [key for key in ("input", "choices", "gold") if key not in record]
         if missing:
             raise DataError(f"{where}: missing key {', '.join(missing)}")

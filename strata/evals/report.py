@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
+
+from strata.files import write_atomically
 
 EVALS = "evals"
 
@@ -23,19 +24,13 @@ def evals_dir(run_dir: Path) -> Path:
     return folder
 
 
-def _write(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def save_evaluation(run_dir: Path, name: str, checkpoint: str, headline: dict[str, float], result: dict,
                     markdown: str) -> Path:
     """Write ``name.json`` and ``name.md`` into ``RUN/evals/``; return the JSON path."""
     folder = evals_dir(run_dir)
     record = {"evaluation": name, "checkpoint": checkpoint, "headline": headline, "result": result}
-    _write(folder / f"{name}.json", json.dumps(record, indent=1) + "\n")
-    _write(folder / f"{name}.md", f"# {name}\n\n{checkpoint}\n\n{markdown}\n")
+    write_atomically(folder / f"{name}.json", json.dumps(record, indent=1) + "\n")
+    write_atomically(folder / f"{name}.md", f"# {name}\n\n{checkpoint}\n\n{markdown}\n")
     return folder / f"{name}.json"
 
 
@@ -114,8 +109,8 @@ def write_comparison(run_dirs: list[Path], out: Path) -> tuple[list[str], dict[s
     curves that several runs share (loss by position, bits per character by language)."""
     metrics, table = comparison(run_dirs)
     out.mkdir(parents=True, exist_ok=True)
-    _write(out / "comparison.md", comparison_markdown(metrics, table) + "\n")
-    _write(out / "comparison.json", json.dumps(table, indent=1) + "\n")
+    write_atomically(out / "comparison.md", comparison_markdown(metrics, table) + "\n")
+    write_atomically(out / "comparison.json", json.dumps(table, indent=1) + "\n")
     plot_comparison(metrics, table, out / "comparison.png")
     records = {Path(run).name: load_evaluations(run) for run in run_dirs}
     long = {name: r["long_context"]["result"] for name, r in records.items() if "long_context" in r}

@@ -10,6 +10,23 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from strata.data.jsonl import json_objects
+from strata.files import write_atomically
+
+
+METRICS = "metrics.jsonl"
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of a run's ``metrics.jsonl`` (none if absent). A record counts once its
+    newline is written: a last line without one (the run was killed mid-write) is left out."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    complete = text[: text.rfind("\n") + 1]
+    return [record for _, record in json_objects(path, complete)]
+
 
 class MetricsLog:
     """Appends one JSON object per line to ``metrics.jsonl``.
@@ -19,10 +36,10 @@ class MetricsLog:
     """
 
     def __init__(self, run_dir: Path, truncate_after: int = 0):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= truncate_after]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [record for record in read_metrics(run_dir) if record["step"] <= truncate_after]
+            write_atomically(self.path, "".join(json.dumps(record) + "\n" for record in kept))
         self.board = _tensorboard(Path(run_dir) / "tensorboard")
 
     def write(self, record: dict) -> None:

@@ -1,0 +1,24 @@
+"""JSON Lines: one object per line, each bad line named by file and line number."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from strata.data.errors import DataError
+
+
+def json_objects(path: Path, text: str) -> Iterator[tuple[str, dict]]:
+    """(``"file:line"``, object) for every non-blank line of ``text``, read from ``path``."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, found {type(record).__name__}")
+        yield where, record
