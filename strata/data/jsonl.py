@@ -11,7 +11,9 @@ from strata.data.errors import DataError
 
 def json_objects(path: Path, text: str) -> Iterator[tuple[str, dict]]:
     """(``"file:line"``, object) for every non-blank line of ``text``, read from ``path``."""
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only (JSON Lines): str.splitlines would also cut at U+0085 or U+2028,
+    # which a JSON string may hold unescaped.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"

@@ -1,11 +1,12 @@
-"""``metrics.jsonl``: a record counts once its newline is on disk, so a run killed mid-write
-resumes and reports; any other bad line is an error naming file and line."""
+"""JSON Lines files. ``metrics.jsonl``: a record counts once its newline is on disk, so a run
+killed mid-write resumes and reports; any other bad line is an error naming file and line."""
 
 import json
 
 import pytest
 
 from strata.data.errors import DataError
+from strata.data.jsonl import json_objects
 from strata.train.metrics import METRICS, MetricsLog, read_metrics
 
 
@@ -39,3 +40,10 @@ def test_a_bad_complete_line_names_file_and_line(tmp_path, text, message):
     (tmp_path / METRICS).write_text(text)
     with pytest.raises(DataError, match=f"{METRICS}{message}"):
         read_metrics(tmp_path)
+
+
+def test_json_lines_end_at_newline_only(tmp_path):
+    """U+0085 and U+2028 may stand unescaped inside a JSON string; they do not end a line."""
+    path = tmp_path / "rows.jsonl"
+    text = '{"text": "a\u0085b\u2028c"}\r\n\n{"text": "d"}'
+    assert [record for _, record in json_objects(path, text)] == [{"text": "a\u0085b\u2028c"}, {"text": "d"}]
