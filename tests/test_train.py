@@ -64,14 +64,17 @@ def test_resume_after_kill_repeats_the_straight_run_exactly(tmp_path, shakespear
     assert resumed == expected  # bit-identical, step by step
 
 
-@pytest.mark.parametrize("family", ["transformer", "mamba2", "swa", "inter", "intra"])
-def test_each_tiny_family_learns_shakespeare(tmp_path, shakespeare, family):
+# Steps per family: the attention-only families are cheap per step but need 200 to clear the bar with
+# margin (~2.9 bpb); the Mamba-2 families cost twice as much per step and reach ~2.85 in 100.
+@pytest.mark.parametrize("family, steps", [("transformer", 200), ("swa", 200), ("mamba2", 100), ("inter", 100),
+                                           ("intra", 100)])
+def test_each_tiny_family_learns_shakespeare(tmp_path, shakespeare, family, steps):
     run = tmp_path / family
-    strata("train", TINY / f"{family}.yaml", "--data", shakespeare, "--steps", 200, "--out", run, "--quiet",
-           "model.context_length=128", "train.batch_size=8", "train.eval_every=100", "train.lr=3e-3",
+    strata("train", TINY / f"{family}.yaml", "--data", shakespeare, "--steps", steps, "--out", run, "--quiet",
+           "model.context_length=128", "train.batch_size=8", f"train.eval_every={steps}", "train.lr=3e-3",
            "data.valid_fraction=0.02")
     final = validations(run)[-1]
-    assert final["step"] == 200
+    assert final["step"] == steps
     assert final["val_bpb"] < 3.5, f"{family}: validation bpb {final['val_bpb']:.3f}"
 
 
