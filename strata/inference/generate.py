@@ -7,10 +7,10 @@ is the slow reference: each step runs the full forward over each sequence alone.
 With ``compile=True`` the one-token decoding step goes through ``torch.compile`` (inductor). A small
 model's step is a chain of ~100 tiny ops whose per-op overhead dominates; fused, it measured
 1.6-1.8x faster on a CPU (BENCHMARKS.md). Shapes are dynamic where they change: the first step
-compiles for its exact sizes, the second (a longer cache) recompiles with the length symbolic, and
-a shrinking batch once more with the batch symbolic; after that nothing recompiles. Compiling
-every size symbolic from the start (``dynamic=True``) also makes the model's widths and epsilons
-symbolic, whose guards dynamo re-checks in Python at every step. On a CPU the compiled step has a
+compiles with the cache's length symbolic (it grows every step); a shrinking batch, or a later
+call with a cache of another capacity, recompiles once with that size symbolic; after that nothing
+recompiles. Compiling every size symbolic from the start (``dynamic=True``) also makes the model's
+widths and epsilons symbolic, whose guards dynamo re-checks in Python at every step. On a CPU the compiled step has a
 C++ wrapper instead of a Python one. Together the two made a compiled step 15-30 % faster on the
 Xeon of BENCHMARKS.md. There, too, a batch of one has inductor compute its projections itself,
 fused with the ops around them, rather than call MKL once per matrix-vector product: 5-10 %
@@ -201,6 +201,10 @@ def _step(model, tokens: torch.Tensor, cache) -> torch.Tensor:
 
 # Graphs the compiled step may keep (models × their variants) before dynamo falls back to eager.
 COMPILED_GRAPHS = 64
+# The cache's length (a Python int) grows by one every step: symbolic from the first compile, so
+# that compile serves every later step instead of being thrown away at the second. Named as
+# dynamo names it: the ``cache`` argument of ``_step``.
+GROWING_LENGTH = "L['cache'].sequence.length"
 
 
 @functools.cache
@@ -219,7 +223,7 @@ def _compiled_step(model, tokens: torch.Tensor, cache) -> torch.Tensor:
     # without padding); dynamo's default of 8 per function would send a process that decodes
     # several models back to eager.
     try:
-        with torch._dynamo.config.patch(recompile_limit=COMPILED_GRAPHS):
+        with torch._dynamo.config.patch(recompile_limit=COMPILED_GRAPHS), torch.compiler.config.patch(dynamic_sources=GROWING_LENGTH):
             return _compiler(tokens.device.type)(model, tokens, cache)
     except torch._dynamo.exc.BackendCompilerFailed as error:
         raise RuntimeError(f"compile=True: torch.compile failed (on a CPU, inductor needs a C++ compiler): {error}") from None
