@@ -19,7 +19,6 @@ the per-round ratios (this machine's speed drifts by up to 2x within seconds).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from results import append_json_lines
 from timing import alternate, paired_ratio
 
 from strata import build_model, load_config
@@ -120,9 +120,7 @@ def main() -> None:
         middle, low, high = paired_ratio(samples[other], samples[base])  # seconds: baseline over AU-Net
         results[f"{label}_ratio"] = middle
         print(f"{base} / {other}, {label}: {middle:.2f}x (rounds {low:.2f}-{high:.2f})")
-    if args.json:
-        with args.json.open("a") as file:
-            file.write(json.dumps(results) + "\n")
+    append_json_lines(args.json, [results])
 
 
 if __name__ == "__main__":

@@ -23,13 +23,13 @@ CPU runs use float32 and the default thread count.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from results import append_json_lines
 from timing import alternate, paired_ratio
 
 from strata import build_model, load_config
@@ -178,10 +178,7 @@ def main() -> None:
             for ours, theirs in PEERS:
                 print(f"  batch {batch}: {ours} / {theirs} at {first}: {ratio_cell(ours, theirs, batch, first)} (target >= 2)")
 
-    if args.json:
-        with args.json.open("a") as out:
-            for row in results:
-                out.write(json.dumps(row) + "\n")
+    append_json_lines(args.json, results)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,12 @@ its batches save per-forward overhead. CPU runs use float32 and the default thre
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 from pathlib import Path
 
 import torch
+from results import append_json_lines
 from timing import alternate, paired_ratio, timed
 
 from strata import build_model, load_config
@@ -83,9 +83,7 @@ def main() -> None:
         low, high = row["speedup_range"]
         print(f"{row['task']:>24} {row['choices']:>8,} {row['cached_s']:>9.2f} {row['full_s']:>8.2f} "
               f"{row['speedup']:>8.2f}x {f'({low:.2f}-{high:.2f})':>13} {row['token_ratio']:>11.2f}x", flush=True)
-        if args.json:
-            with args.json.open("a") as out:
-                out.write(json.dumps(row) + "\n")
+        append_json_lines(args.json, [row])
 
 
 if __name__ == "__main__":

@@ -11,13 +11,13 @@ sides alike; the figure to read is the ratio, not the absolute time. The SSD sca
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from results import append_json_lines
 from timing import time_alternating
 
 from strata import build_model, load_config
@@ -166,10 +166,7 @@ def main() -> None:
             {"case": f"throughput {name}", "tokens_per_s": rate, "vs_transformer": rate / reference, "flops_per_s": achieved, "mfu": achieved / peak}
         )
 
-    if args.json:
-        with args.json.open("a") as out:
-            for row in results:
-                out.write(json.dumps(row) + "\n")
+    append_json_lines(args.json, results)
 
 
 if __name__ == "__main__":

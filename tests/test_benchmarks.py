@@ -1,0 +1,69 @@
+"""Every benchmark runs end to end at a tiny size, so none rots unseen between the runs that
+fill BENCHMARKS.md: the figures it writes are real measurements (finite, positive), with each
+contender it compares present."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+TINY_RUNS = {
+    "decode": ["--contexts", "64", "--batches", "1", "--new", "4", "--repeats", "1"],
+    "aunet": ["--batch", "1", "--seq", "64", "--context", "64", "--new", "4", "--repeats", "1"],
+    "multiple_choice": ["--items", "5", "--repeats", "1"],
+    "train_step": ["--batch", "1", "--seq", "32", "--repeats", "1"],
+}
+# The measured figures of a row (a row holds one of the groups); the rest echoes the settings.
+MEASURED = {
+    "decode": [("tokens_per_s",)],
+    "aunet": [("training_ratio", "decoding_ratio")],
+    "multiple_choice": [("cached_s", "full_s", "speedup")],
+    "train_step": [("strata_s", "hf_s", "speedup"), ("tokens_per_s", "flops_per_s", "mfu")],
+}
+
+
+def run_benchmark(name: str, *args: str) -> None:
+    result = subprocess.run([sys.executable, BENCHMARKS / f"{name}.py", *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def numbers(value):
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int | float):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from numbers(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from numbers(item)
+
+
+@pytest.mark.parametrize("name", list(TINY_RUNS))
+def test_benchmark_writes_real_measurements(tmp_path, data_dir, name):
+    rows_file = tmp_path / "rows.jsonl"
+    run_benchmark(name, *TINY_RUNS[name], "--json", str(rows_file))
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert rows
+    assert all(math.isfinite(x) and x >= 0 for row in rows for x in numbers(row))
+    for row in rows:
+        group = next((keys for keys in MEASURED[name] if keys[0] in row), None)
+        assert group, f"{name}: a row without measurements: {row}"
+        assert all(x > 0 for key in group for x in numbers(row[key])), row
+    if name == "decode":
+        assert {row["model"] for row in rows} >= {"transformer", "mamba2", "inter", "intra", "HF Llama", "HF Mamba2"}
+
+
+def test_mqar_benchmark_writes_its_report(tmp_path, data_dir):
+    out = tmp_path / "mqar"
+    run_benchmark("mqar", "--families", "attention", "mamba2", "--steps", "2", "--pairs", "4", "--examples", "8", "--out", str(out))
+    report = json.loads((out / "mqar.json").read_text())
+    assert set(report["families"]) == {"attention", "mamba2"}
+    assert (out / "mqar.md").read_text().count("| attention |") >= 1
+    assert (out / "mqar.png").stat().st_size > 0
