@@ -64,9 +64,10 @@ def test_resume_after_kill_repeats_the_straight_run_exactly(tmp_path, shakespear
     assert resumed == expected  # bit-identical, step by step
 
 
-# Steps per family: the attention-only families are cheap per step but need 200 to clear the bar with
-# margin (~2.9 bpb); the Mamba-2 families cost twice as much per step and reach ~2.85 in 100.
-@pytest.mark.parametrize("family, steps", [("transformer", 200), ("swa", 200), ("mamba2", 100), ("inter", 100),
+# Steps per family: the attention-only families are cheap per step but need 150 to clear the bar with
+# margin (2.99 bpb; swa is at 3.38 after 100); the Mamba-2 families cost twice as much per step and
+# reach 2.78-2.80 in 100. An untrained model scores about 8.
+@pytest.mark.parametrize("family, steps", [("transformer", 150), ("swa", 150), ("mamba2", 100), ("inter", 100),
                                            ("intra", 100)])
 def test_each_tiny_family_learns_shakespeare(tmp_path, shakespeare, family, steps):
     run = tmp_path / family
