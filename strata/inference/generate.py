@@ -10,13 +10,13 @@ model's step is a chain of ~100 tiny ops whose per-op overhead dominates; fused,
 compiles with the cache's length symbolic (it grows every step); a shrinking batch, or a later
 call with a cache of another capacity, recompiles once with that size symbolic; after that nothing
 recompiles. Compiling every size symbolic from the start (``dynamic=True``) also makes the model's
-widths and epsilons symbolic, whose guards dynamo re-checks in Python at every step. On a CPU the compiled step has a
-C++ wrapper instead of a Python one. Together the two made a compiled step 15-30 % faster on the
-Xeon of BENCHMARKS.md. There, too, a batch of one has inductor compute its projections itself,
-fused with the ops around them, rather than call MKL once per matrix-vector product: 5-10 %
-faster again (the same with four rows measured 0-5 %, so larger batches keep MKL). The first
-calls compile for 20-40 s (seconds once inductor has cached the code); a model compiles once per
-process.
+widths and epsilons symbolic, whose guards dynamo re-checks in Python at every step. On a CPU the
+compiled step has a C++ wrapper instead of a Python one. Together the two made a compiled step
+15-30 % faster on the Xeon of BENCHMARKS.md. There, too, a batch of one has inductor compute its
+projections itself, fused with the ops around them, rather than call MKL once per matrix-vector
+product: 5-10 % faster again (the same with four rows measured 0-5 %, so larger batches keep MKL).
+The first calls compile for 20-40 s (seconds once inductor has cached the code); a model compiles
+once per process.
 """
 
 from __future__ import annotations
