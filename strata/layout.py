@@ -18,6 +18,37 @@ BLOCK_SYMBOLS = {
 
 PLACEMENTS = ("front", "middle", "end", "scatter", "cluster", "sandwich")
 
+# The paper's own index sets (hybrid brief §4, §5 and its appendix; the paper's Tables 11, 17 and
+# 21): 1-indexed positions of the special blocks, by (layers, special blocks, placement). They
+# follow no single rule (inter 1:5 "end" is {4, 11}, not the last block), so they are written out;
+# ``placement_positions`` takes them before any rule.
+PAPER_PLACEMENTS: dict[tuple[int, int, str], tuple[int, ...]] = {
+    # inter-layer, 13 blocks: 1:3 and 1:5
+    (13, 3, "front"): (1, 7, 11),
+    (13, 3, "middle"): (3, 7, 11),
+    (13, 3, "end"): (3, 7, 13),
+    (13, 2, "front"): (1, 8),
+    (13, 2, "middle"): (4, 8),
+    (13, 2, "end"): (4, 11),
+    # inter-layer 1:1 is 7 attention + 7 Mamba-2 blocks
+    (14, 7, "front"): (1, 3, 5, 7, 9, 11, 13),
+    (14, 7, "end"): (2, 4, 6, 8, 10, 12, 14),
+    # intra-layer, 13 blocks: 1:1, 1:3 and 1:5
+    (13, 7, "cluster"): (5, 6, 7, 8, 9, 10, 11),
+    (13, 7, "scatter"): (2, 4, 6, 8, 10, 12, 13),
+    (13, 7, "sandwich"): (1, 2, 6, 7, 8, 12, 13),
+    (13, 3, "cluster"): (9, 10, 11),
+    (13, 3, "scatter"): (4, 7, 11),
+    (13, 3, "sandwich"): (1, 7, 13),
+    (13, 2, "cluster"): (9, 10),
+    (13, 2, "scatter"): (5, 9),
+    (13, 2, "sandwich"): (1, 13),
+    # sliding-window baseline: global attention blocks among 16
+    (16, 4, "middle"): (4, 7, 10, 13),
+    (16, 3, "middle"): (5, 9, 13),
+    (16, 3, "end"): (5, 9, 16),
+}
+
 
 def check_layout(layout: str) -> str:
     """Return ``layout`` if every symbol is known, else raise ValueError naming the first bad one."""
@@ -52,12 +83,15 @@ def special_count(layers: int, ratio: str) -> int:
 def placement_positions(layers: int, count: int, placement: str) -> list[int]:
     """1-indexed positions of ``count`` special blocks among ``layers`` for a named placement.
 
-    - ``middle``: evenly spread, rounding down (13, 2 -> 4, 8: the paper's inter-layer choice);
-    - ``scatter``: evenly spread, rounding up (13, 2 -> 5, 9: the paper's intra-layer choice);
-    - ``front``: the first block, the rest as in ``middle`` (13, 2 -> 1, 8);
-    - ``end``: the last block, the rest as in ``middle`` (13, 2 -> 4, 13);
-    - ``cluster``: consecutive blocks from two thirds of the way up (13, 2 -> 9, 10);
-    - ``sandwich``: first and last, the rest spread between (13, 3 -> 1, 7, 13).
+    Where the paper printed the set (``PAPER_PLACEMENTS``: 13 blocks at 1:3 and 1:5, 13 or 14 at
+    1:1, the 16-block sliding-window baseline) it is the answer. Elsewhere a rule:
+
+    - ``middle``: evenly spread, rounding down (13, 1 -> 6);
+    - ``scatter``: evenly spread, rounding up (13, 1 -> 7);
+    - ``front``: the first block, the rest as in ``middle``;
+    - ``end``: the last block, the rest as in ``middle``;
+    - ``cluster``: consecutive blocks from two thirds of the way up;
+    - ``sandwich``: first and last, the rest spread between.
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"unknown placement {placement!r}; known: {', '.join(PLACEMENTS)}")
@@ -67,28 +101,25 @@ def placement_positions(layers: int, count: int, placement: str) -> list[int]:
         return list(range(1, layers + 1))
     if count == 0:
         return []
+    if (layers, count, placement) in PAPER_PLACEMENTS:
+        return list(PAPER_PLACEMENTS[layers, count, placement])
     spread_down = [math.floor(layers * j / (count + 1)) for j in range(1, count + 1)]
     spread_up = [math.ceil(layers * j / (count + 1)) for j in range(1, count + 1)]
     if placement == "middle":
-        positions = spread_down
-    elif placement == "scatter":
-        positions = spread_up
-    elif placement == "front":
-        positions = [1] + spread_down[1:]
-    elif placement == "end":
-        positions = spread_down[:-1] + [layers]
-    elif placement == "cluster":
+        return spread_down
+    if placement == "scatter":
+        return spread_up
+    if placement == "front":
+        return [1] + spread_down[1:]
+    if placement == "end":
+        return spread_down[:-1] + [layers]
+    if placement == "cluster":
         start = min(math.ceil(2 * layers / 3), layers - count + 1)
-        positions = list(range(start, start + count))
-    elif placement == "sandwich":
-        if count == 1:
-            positions = [1]
-        else:
-            inner = count - 2
-            positions = [1] + [1 + math.floor((layers - 1) * j / (inner + 1)) for j in range(1, inner + 1)] + [layers]
-    else:
-        raise ValueError(f"unknown placement {placement!r}; known: {', '.join(PLACEMENTS)}")
-    return positions
+        return list(range(start, start + count))
+    if count == 1:  # sandwich
+        return [1]
+    inner = count - 2
+    return [1] + [1 + math.floor((layers - 1) * j / (inner + 1)) for j in range(1, inner + 1)] + [layers]
 
 
 def make_layout(

@@ -265,7 +265,7 @@ def test_swa_equals_full_attention_when_the_window_covers_the_sequence(length):
 def test_swa_model_with_covering_window_costs_like_llama():
     wide = cost("swa-1b", "model.sliding_window.window=8192", "model.sliding_window.sinks=0")
     llama = cost("llama-1b")
-    assert wide.layout == "WWWAWWWAWWWAWWWW"
+    assert wide.layout == "WWWWAWWWAWWWAWWW"
     assert wide.params == llama.params
     assert wide.flops_per_token == pytest.approx(llama.flops_per_token, rel=1e-12)
     assert wide.cache_bytes == llama.cache_bytes

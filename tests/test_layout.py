@@ -24,44 +24,64 @@ def test_inter_1_5_middle_is_the_papers_recipe():
     assert make_layout(13) == "MMMAMMMAMMMMM"
 
 
-@pytest.mark.parametrize(
-    "ratio, placement, special, expected",
-    [
-        ("1:5", "middle", "A", [4, 8]),  # inter 1:5 middle
-        ("1:5", "scatter", "H", [5, 9]),  # intra final recipe
-        ("1:5", "front", "A", [1, 8]),  # inter 1:5 front
-        ("1:5", "cluster", "H", [9, 10]),  # intra 1:5 cluster
-        ("1:3", "cluster", "H", [9, 10, 11]),  # intra 1:3 cluster
-        ("1:5", "sandwich", "H", [1, 13]),  # intra 1:5 sandwich
-        ("1:3", "sandwich", "H", [1, 7, 13]),  # intra 1:3 sandwich
-    ],
-)
-def test_paper_placements_at_13_layers(ratio, placement, special, expected):
-    layout = make_layout(13, ratio, placement, special=special)
-    assert len(layout) == 13
+# The paper's index sets, copied from the hybrid brief (§4, §5, appendix "Placement") and the
+# paper's Tables 11, 17 and 21: (layers, ratio, placement, special, base, 1-indexed positions).
+PAPER_SETS = [
+    # inter-layer, 13 blocks
+    (13, "1:3", "front", "A", "M", [1, 7, 11]),
+    (13, "1:3", "middle", "A", "M", [3, 7, 11]),
+    (13, "1:3", "end", "A", "M", [3, 7, 13]),
+    (13, "1:5", "front", "A", "M", [1, 8]),
+    (13, "1:5", "middle", "A", "M", [4, 8]),
+    (13, "1:5", "end", "A", "M", [4, 11]),
+    # inter-layer 1:1: 7 attention + 7 Mamba-2 = 14 blocks
+    (14, "1:1", "front", "A", "M", [1, 3, 5, 7, 9, 11, 13]),
+    (14, "1:1", "end", "A", "M", [2, 4, 6, 8, 10, 12, 14]),
+    # intra-layer, 13 blocks
+    (13, "1:1", "cluster", "H", "M", [5, 6, 7, 8, 9, 10, 11]),
+    (13, "1:1", "scatter", "H", "M", [2, 4, 6, 8, 10, 12, 13]),
+    (13, "1:1", "sandwich", "H", "M", [1, 2, 6, 7, 8, 12, 13]),
+    (13, "1:3", "cluster", "H", "M", [9, 10, 11]),
+    (13, "1:3", "scatter", "H", "M", [4, 7, 11]),
+    (13, "1:3", "sandwich", "H", "M", [1, 7, 13]),
+    (13, "1:5", "cluster", "H", "M", [9, 10]),
+    (13, "1:5", "scatter", "H", "M", [5, 9]),
+    (13, "1:5", "sandwich", "H", "M", [1, 13]),
+    # sliding-window baseline: global attention blocks among 16
+    (16, "1:3", "middle", "A", "W", [4, 7, 10, 13]),
+    (16, "1:5", "middle", "A", "W", [5, 9, 13]),
+    (16, "1:5", "end", "A", "W", [5, 9, 16]),
+]
+
+
+@pytest.mark.parametrize("layers, ratio, placement, special, base, expected", PAPER_SETS)
+def test_named_placements_are_the_papers_sets(layers, ratio, placement, special, base, expected):
+    layout = make_layout(layers, ratio, placement, special=special, base=base)
+    assert len(layout) == layers
     assert positions(layout, special) == expected
-    assert set(layout) == {special, "M"}
+    assert layout.count(base) == layers - len(expected)
 
 
 def test_intra_final_recipe_layout_string():
     assert make_layout(13, "1:5", "scatter", special="H") == "MMMMHMMMHMMMM"
 
 
-# The appendix's other placements follow no single rule that also gives its 1:5 choices; the named
-# placements follow the documented rules, and the paper's exact positions are given explicitly.
 @pytest.mark.parametrize(
-    "ratio, placement, ours, paper",
+    "layers, count, placement, expected",
     [
-        ("1:3", "front", [1, 6, 9], [1, 7, 11]),
-        ("1:3", "middle", [3, 6, 9], [3, 7, 11]),
-        ("1:3", "end", [3, 6, 13], [3, 7, 13]),
-        ("1:5", "end", [4, 13], [4, 11]),
-        ("1:3", "scatter", [4, 7, 10], [4, 7, 11]),
+        # outside the paper's sets the documented rules apply
+        (13, 1, "middle", [6]),
+        (13, 1, "scatter", [7]),
+        (22, 4, "middle", [4, 8, 13, 17]),
+        (22, 4, "front", [1, 8, 13, 17]),
+        (22, 4, "end", [4, 8, 13, 22]),
+        (22, 4, "scatter", [5, 9, 14, 18]),
+        (22, 4, "cluster", [15, 16, 17, 18]),
+        (22, 4, "sandwich", [1, 8, 15, 22]),
     ],
 )
-def test_other_appendix_placements(ratio, placement, ours, paper):
-    assert positions(make_layout(13, ratio, placement), "A") == ours
-    assert positions(make_layout(13, placement=paper), "A") == paper
+def test_rules_outside_the_papers_sets(layers, count, placement, expected):
+    assert placement_positions(layers, count, placement) == expected
 
 
 # --- explicit positions -----------------------------------------------------------------------
