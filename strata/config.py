@@ -152,18 +152,33 @@ class HybridConfig(Strict):
 
 
 class MoEConfig(Strict):
-    """Shared + top-k routed experts, sigmoid router, bias-based (aux-loss-free) balancing."""
+    """Shared + top-k routed experts, sigmoid router, bias-based (aux-loss-free) balancing.
+
+    A routed expert's output is weighted by its sigmoid score. ``normalize_weights`` divides the
+    chosen scores by their sum; it applies only for ``top_k > 1`` (the default there): at top-1 the
+    normalised weight is identically 1, so the router would get no gradient and weight decay would
+    shrink it to zero.
+    """
 
     n_experts: int = Field(8, gt=0)
     top_k: int = Field(1, gt=0)
     n_shared: int = Field(1, ge=0)
     d_expert: int | None = Field(None, gt=0)
     bias_update_rate: float = Field(1e-3, ge=0)
+    normalize_weights: bool | None = None
 
     @model_validator(mode="after")
     def _top_k(self):
         if self.top_k > self.n_experts:
             raise ValueError(f"top_k ({self.top_k}) exceeds n_experts ({self.n_experts})")
+        if self.normalize_weights and self.top_k == 1:
+            raise _KeyedError(
+                "normalize_weights",
+                "true at top_k 1 makes every routed weight 1 and leaves the router without gradient; "
+                "normalise only with top_k > 1",
+            )
+        if self.normalize_weights is None:
+            self.normalize_weights = self.top_k > 1
         return self
 
 

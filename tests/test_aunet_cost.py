@@ -205,15 +205,23 @@ def test_text_rules_without_data_say_the_contraction_is_assumed():
 # --- the paper's presets (brief §6, §5) --------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "name, params, flops_per_byte",
-    [("aunet2-1b", 1.3e9, 1.8e9), ("aunet3-1b", 2.5e9, 2.3e9), ("aunet4-1b", 4.2e9, 2.8e9)],
-)
-def test_paper_presets_have_the_briefs_sizes(name, params, flops_per_byte):
-    cost = aunet_cost(config(PAPER / f"{name}.yaml"))
-    assert abs(cost.params / params - 1) < 0.05
-    # the assumed contraction is the one that gives the brief's figures
-    assert abs(cost.flops_per_byte / flops_per_byte - 1) < 0.01
+@pytest.mark.parametrize("name, params", [("aunet2-1b", 1.3e9), ("aunet3-1b", 2.5e9), ("aunet4-1b", 4.2e9)])
+def test_paper_presets_have_the_briefs_sizes(name, params):
+    assert abs(aunet_cost(config(PAPER / f"{name}.yaml")).params / params - 1) < 0.05
+
+
+def test_flops_per_byte_on_english_prose_against_the_paper(data_dir):
+    """AU-Net brief §5: 1.8e9 / 2.3e9 / 2.8e9 FLOPs a byte for AU-Net-2 / 3 / 4 at 1B, with the
+    contraction measured on DCLM. Measured here on State of the Union prose instead (no fitted
+    constant): AU-Net-2 lands within 10 % (its one contraction, bytes per word, is much the same
+    on any English prose), and the deeper models keep the paper's order."""
+    prose = [(data_dir / "corpora" / "sotu.txt").read_bytes()[:2_000_000]]
+    flops = {}
+    for name in ("aunet2-1b", "aunet3-1b", "aunet4-1b"):
+        model = config(PAPER / f"{name}.yaml")
+        flops[name] = aunet_cost(model, contraction=measure_contraction(model, prose)).flops_per_byte
+    assert abs(flops["aunet2-1b"] / 1.8e9 - 1) < 0.10
+    assert flops["aunet2-1b"] < flops["aunet3-1b"] < flops["aunet4-1b"]
 
 
 @pytest.mark.parametrize(

@@ -165,6 +165,7 @@ def train_mqar(config: ModelConfig, seq_len: int = RECIPE["seq_len"], n_pairs: i
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        model.update_balance_biases()  # MoE FFNs balance their experts here as in the trainer
         elapsed = time.perf_counter() - start
         record = {"step": step + 1, "loss": loss.item(), "lr": lr * factor, "time": elapsed}
         next_step_end = elapsed + (elapsed - step_start)

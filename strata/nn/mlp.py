@@ -33,13 +33,16 @@ class MoE(nn.Module):
     The router scores experts with a sigmoid; a per-expert ``balance_bias`` is added to the
     scores only to *choose* experts, never to weight them, and is nudged after each optimiser
     step (``update_balance_bias``) towards experts that received fewer tokens: balancing without
-    an auxiliary loss. Routed weights are the chosen sigmoid scores normalised to sum to one.
+    an auxiliary loss. Routed weights are the chosen sigmoid scores, normalised to sum to one when
+    ``moe.normalize_weights`` (top-k > 1 only: at top-1 that weight would be the constant 1 and the
+    router would never learn).
     """
 
     def __init__(self, d_model: int, config: FFNConfig):
         super().__init__()
         moe = config.moe
         self.top_k = moe.top_k
+        self.normalize_weights = moe.normalize_weights
         self.n_experts = moe.n_experts
         self.bias_update_rate = moe.bias_update_rate
         width = config.expert_width
@@ -54,7 +57,9 @@ class MoE(nn.Module):
         scores = torch.sigmoid(self.router(flat).float())
         chosen = torch.topk(scores + self.balance_bias, self.top_k, dim=-1).indices
         weights = scores.gather(-1, chosen)
-        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        if self.normalize_weights:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights.to(x.dtype)
         if self.training:
             self.tokens_per_expert += torch.bincount(chosen.flatten(), minlength=self.n_experts).float()
         out = torch.zeros_like(flat)
