@@ -416,15 +416,54 @@ AnyModelConfig = Annotated[
 ]
 
 
+class HFTokenizerConfig(Strict):
+    """A Hugging Face ``tokenizers`` file used as it is: ``path`` is a tokenizer.json or a folder
+    holding one (relative paths from the working directory, as data sources). Frozen, so that it
+    hashes and compares like the strings ``bytes`` and ``bpe``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["hf"] = "hf"
+    path: str = Field(min_length=1)
+
+
 class DataConfig(Strict):
     """What to train on. ``sources`` are .txt files, folders of them, .jsonl files (one JSON object a
-    line, text under ``text_field``) or named corpora (``shakespeare``), fetched on first use."""
+    line, text under ``text_field``) or named corpora (``shakespeare``), fetched on first use.
+    ``tokenizer``: ``bytes``, ``bpe`` (trained on the training split, ``bpe_vocab_size`` ids) or
+    ``{kind: hf, path: FILE_OR_DIR}`` (strata/data/tokenizer.py)."""
 
     sources: list[str] = Field(default_factory=lambda: ["shakespeare"])
     text_field: str = "text"
-    tokenizer: Literal["bytes", "bpe"] = "bytes"
+    tokenizer: Literal["bytes", "bpe"] | HFTokenizerConfig = "bytes"
     bpe_vocab_size: int = Field(4096, ge=260)
     valid_fraction: float = Field(0.05, gt=0, lt=0.5)
+
+    @field_validator("tokenizer", mode="before")
+    @classmethod
+    def _tokenizer_form(cls, value):
+        # Checked here rather than by the union, whose error for a bad mapping would name the
+        # union's members instead of the key.
+        if isinstance(value, str):
+            if value not in ("bytes", "bpe"):
+                raise ValueError("expected bytes, bpe or {kind: hf, path: FILE_OR_DIR}")
+            return value
+        if isinstance(value, dict):
+            if value.get("kind", "hf") != "hf":  # kind may be left out: data.tokenizer.path=DIR
+                raise _KeyedError("kind", f"expected hf (got {value['kind']!r}); bytes and bpe are plain strings")
+            unknown = sorted(set(value) - {"kind", "path"})
+            if unknown:
+                raise _KeyedError(str(unknown[0]), "unknown key")
+            if not isinstance(value.get("path"), str) or not value["path"]:
+                raise _KeyedError("path", "required: a tokenizer.json or a folder holding one")
+            return HFTokenizerConfig(**value)
+        if isinstance(value, HFTokenizerConfig):
+            return value
+        raise ValueError("expected bytes, bpe or {kind: hf, path: FILE_OR_DIR}")
+
+    @property
+    def tokenizer_kind(self) -> str:
+        """``bytes``, ``bpe`` or ``hf``."""
+        return self.tokenizer if isinstance(self.tokenizer, str) else self.tokenizer.kind
 
 
 class TrainConfig(Strict):

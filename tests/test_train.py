@@ -81,10 +81,10 @@ def test_each_tiny_family_learns_shakespeare(tmp_path, shakespeare, family, step
 
 def test_bpe_and_byte_runs_score_the_same_held_out_bytes(tmp_path, shakespeare):
     runs = {}
-    for tokenizer in ("bytes", "bpe"):
+    for tokenizer, vocab_size in (("bytes", 259), ("bpe", 512)):
         runs[tokenizer] = tmp_path / tokenizer
         strata("train", TINY / "transformer.yaml", "--data", shakespeare, "--steps", 5, "--out", runs[tokenizer],
-               "--quiet", *FAST, f"data.tokenizer={tokenizer}", "data.bpe_vocab_size=512")
+               "--quiet", *FAST, f"data.tokenizer={tokenizer}", "data.bpe_vocab_size=512", f"model.vocab_size={vocab_size}")
     held_out = tmp_path / "held_out.txt"
     held_out.write_bytes(shakespeare.read_bytes()[-20000:])
     scores = {name: json.loads(strata("eval", run, "--data", held_out, "--json").stdout) for name, run in runs.items()}

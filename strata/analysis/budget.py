@@ -28,7 +28,7 @@ from strata.analysis.aunet_cost import aunet_cost, contraction_of_levels
 from strata.analysis.cost import model_cost
 from strata.analysis.sweep_spec import Budget, MQARTraining, RunSpec
 from strata.config import AUNetConfig, Config, ConfigError, config_to_dict, set_key, validate_config
-from strata.data import ByteTokenizer
+from strata.data import ByteTokenizer, check_vocab_size, planned_vocab_size
 
 
 @dataclass
@@ -131,15 +131,12 @@ def _contraction(sources: tuple, text_field: str, valid_fraction: float, splitte
 
 
 def _validated(data: dict, source: str, text: bool) -> Config:
-    """The config; for a text run with the vocabulary its tokenizer will have (the trainer sets it
-    so too), which the output head's FLOPs depend on."""
+    """The config; for a text run, stopped here when its vocab_size is not its tokenizer's, as the
+    trainer would stop it, rather than after the sweep's first runs."""
     config = validate_config(data, source)
-    vocab = ByteTokenizer.vocab_size if config.data.tokenizer == "bytes" else config.data.bpe_vocab_size
-    if not text or isinstance(config.model, AUNetConfig) or config.model.vocab_size == vocab:
-        return config
-    data = config_to_dict(config)
-    data["model"]["vocab_size"] = vocab
-    return validate_config(data, source)
+    if text:
+        check_vocab_size(config.model.vocab_size, config.data, planned_vocab_size(config.data), source)
+    return config
 
 
 def _steps(config: Config, cost: RunCost, budget: Budget | None) -> int:

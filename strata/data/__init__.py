@@ -16,9 +16,13 @@ from strata.data.loader import Batch, TokenLoader, pack
 from strata.data.tokenizer import (
     BPETokenizer,
     ByteTokenizer,
+    HFTokenizer,
     Tokenizer,
     build_tokenizer,
+    check_vocab_size,
+    load_hf_tokenizer,
     load_tokenizer,
+    planned_vocab_size,
 )
 
 __all__ = [
@@ -28,15 +32,19 @@ __all__ = [
     "ByteTokenizer",
     "DataError",
     "Document",
+    "HFTokenizer",
     "TokenLoader",
     "Tokenizer",
     "build_tokenizer",
+    "check_vocab_size",
     "corpus_path",
     "fetch_corpus",
     "load_documents",
+    "load_hf_tokenizer",
     "load_tokenizer",
     "model_inputs",
     "model_levels",
     "pack",
+    "planned_vocab_size",
     "split_documents",
 ]

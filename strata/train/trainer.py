@@ -27,11 +27,12 @@ import torch.nn.functional as F
 import yaml
 
 from strata.analysis import training_flops
-from strata.config import Config, config_to_dict, validate_config
+from strata.config import Config, config_to_dict
 from strata.data import (
     Document,
     TokenLoader,
     build_tokenizer,
+    check_vocab_size,
     load_documents,
     load_tokenizer,
     model_levels,
@@ -133,10 +134,9 @@ class Trainer:
         documents = load_documents(config.data.sources, config.data.text_field)
         self.train_documents, self.valid_documents = split_documents(documents, config.data.valid_fraction)
         self.tokenizer = self._tokenizer(config, resume)
-        if config.model.vocab_size != self.tokenizer.vocab_size:
-            data = config_to_dict(config)
-            data["model"]["vocab_size"] = self.tokenizer.vocab_size
-            config = validate_config(data, "model.vocab_size from the tokenizer")
+        # A preset's vocab_size is part of its design (embedding and head sizes, FLOPs): a tokenizer
+        # that disagrees stops the run rather than silently resizing the model.
+        check_vocab_size(config.model.vocab_size, config.data, self.tokenizer.vocab_size)
         self.config = config
         self.seq_len = train.seq_len or config.model.context_length
 
