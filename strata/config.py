@@ -129,12 +129,21 @@ class HybridConfig(Strict):
     The attention branch has reduced Q/K (``attention.n_heads * attention.head_dim``) and, by
     default, full-width values (``v_head_dim = mamba.d_ssm / attention.n_heads``) so both branches
     produce ``d_ssm`` channels. The defaults are the paper's final recipe.
+
+    ``branches`` swaps the mixers for the paper's Table 6 baselines: ``attn_attn`` (two attention
+    branches, the Differential Transformer) or ``ssm_ssm`` (two Mamba-2 branches, Differential
+    Mamba). A branch takes the shape of its kind's section; both sections stay required, so that
+    one override turns a design into another (with ``attn_attn`` the values keep the width
+    ``mamba.d_ssm``; with ``ssm_ssm`` the attention section builds nothing). ``scale: lambda`` is
+    Diff-T's re-parameterised λ on the subtracted branch, ``scale: alpha`` the learned mix
+    α·Mamba + (1 − α)·attention of the paper's Appendix Q (``strata.nn.hybrid``).
     """
 
     attention: AttentionConfig
     mamba: Mamba2Config
+    branches: Literal["attn_ssm", "attn_attn", "ssm_ssm"] = "attn_ssm"
     norm: Literal["none", "group"] = "group"
-    scale: Literal["none", "vector", "scalar", "gate"] = "none"
+    scale: Literal["none", "vector", "scalar", "gate", "lambda", "alpha"] = "none"
     fusion: Literal["add", "diff", "concat"] = "diff"
     share_value: bool = False
     out_proj: Literal["joint", "separate"] = "separate"
@@ -148,7 +157,18 @@ class HybridConfig(Strict):
             )
         if self.mamba.d_ssm is None:
             raise ValueError("mamba.d_ssm must be given for the hybrid's Mamba branch")
+        if self.share_value and self.branches != "attn_ssm":
+            raise _KeyedError("share_value", f"feeds the attention's values to the Mamba branch; it needs branches=attn_ssm, not {self.branches}")
+        if self.scale == "lambda" and self.fusion != "diff":
+            raise _KeyedError("scale", f"lambda weighs the subtracted branch; it needs fusion=diff, not {self.fusion}")
+        if self.scale == "alpha" and self.fusion != "add":
+            raise _KeyedError("scale", f"alpha mixes the branches as alpha*b + (1-alpha)*a; it needs fusion=add, not {self.fusion}")
         return self
+
+    @property
+    def branch_kinds(self) -> tuple[str, str]:
+        """The section ("attention" or "mamba") each branch is built from, a then b."""
+        return tuple("attention" if part == "attn" else "mamba" for part in self.branches.split("_"))
 
 
 class MoEConfig(Strict):

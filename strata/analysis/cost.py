@@ -5,6 +5,7 @@ Formulas follow brief §2 (per block, one sequence of length L):
     sliding     the same over pairs = L_w(L_w+1)/2 + L_w(L − L_w), L_w = window + sinks
     Mamba-2     3·L·(9·d_ssm·d_state + 2·d_ssm)
     cache       attention 2·N_kv·(d_qk + d_v)·L elements; Mamba-2 d_ssm·d_state + conv·(2·g·d_state + d_ssm)
+    hybrid      the sum over its two branches (attention and Mamba-2, or two of one kind: Table 6's T/T, M/M)
 Training FLOPs per token = 6·(non-embedding params a token uses: for MoE the router, shared and
 top-k experts) + the mixers' sequence terms / L, the paper's
 convention (it matches the paper's budgets, e.g. Llama-1B × 60B tokens = 4.5e20);
@@ -83,24 +84,30 @@ def mamba_params(d_model: int, mamba: Mamba2Config, external_x: bool = False, ou
 
 
 def hybrid_params(d_model: int, hybrid: HybridConfig) -> int:
+    """The two branches (a, b) of ``hybrid.branches``, each shaped by its kind's section."""
     attention, mamba = hybrid.attention, hybrid.mamba
-    attn_width = attention.n_heads * attention.value_head_dim
-    ssm_width = mamba.width(d_model)
-    total = attention_params(d_model, attention, output_projection=False)
-    total += mamba_params(d_model, mamba, external_x=hybrid.share_value, output_projection=False)
+    kinds = hybrid.branch_kinds
+    widths = [attention.n_heads * attention.value_head_dim if kind == "attention" else mamba.width(d_model) for kind in kinds]
+    heads = [attention.n_heads if kind == "attention" else mamba.n_heads(d_model) for kind in kinds]
+    total = sum(
+        attention_params(d_model, attention, output_projection=False) if kind == "attention"
+        else mamba_params(d_model, mamba, external_x=hybrid.share_value, output_projection=False)
+        for kind in kinds
+    )
     if hybrid.norm == "group":
-        total += 2 * (attn_width + ssm_width)
+        total += 2 * sum(widths)
     if hybrid.scale == "vector":
-        total += attn_width + ssm_width
-    elif hybrid.scale == "scalar":
+        total += sum(widths)
+    elif hybrid.scale in ("scalar", "alpha"):
         total += 1
     elif hybrid.scale == "gate":
-        gates = attention.n_heads + mamba.n_heads(d_model)
-        total += (d_model + 1) * gates
-    if hybrid.out_proj == "separate":
-        total += (attn_width + ssm_width) * d_model
+        total += (d_model + 1) * sum(heads)
+    elif hybrid.scale == "lambda":  # four vectors as wide as a head of branch a
+        total += 4 * (attention.head_dim if kinds[0] == "attention" else mamba.head_dim)
+    if hybrid.out_proj == "separate" or hybrid.fusion == "concat":
+        total += sum(widths) * d_model
     else:
-        total += (attn_width + ssm_width if hybrid.fusion == "concat" else ssm_width) * d_model
+        total += widths[1] * d_model
     return total
 
 
@@ -157,8 +164,10 @@ def mixer_sequence_flops(symbol: str, config: StackConfig, length: int) -> float
     if symbol == "M":
         return mamba_sequence_flops(config.mamba.width(config.d_model), config.mamba.d_state, length)
     hybrid = config.hybrid
-    return attention_sequence_flops(hybrid.attention, length) + mamba_sequence_flops(
-        hybrid.mamba.width(config.d_model), hybrid.mamba.d_state, length
+    return sum(
+        attention_sequence_flops(hybrid.attention, length) if kind == "attention"
+        else mamba_sequence_flops(hybrid.mamba.width(config.d_model), hybrid.mamba.d_state, length)
+        for kind in hybrid.branch_kinds
     )
 
 
@@ -183,7 +192,11 @@ def mixer_cache_elements(symbol: str, config: StackConfig, length: int) -> int:
     if symbol == "M":
         return mamba_cache_elements(config.d_model, config.mamba)
     hybrid = config.hybrid
-    return attention_cache_elements(hybrid.attention, length) + mamba_cache_elements(config.d_model, hybrid.mamba)
+    return sum(
+        attention_cache_elements(hybrid.attention, length) if kind == "attention"
+        else mamba_cache_elements(config.d_model, hybrid.mamba)
+        for kind in hybrid.branch_kinds
+    )
 
 
 # --- whole model -----------------------------------------------------------------------------

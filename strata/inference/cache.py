@@ -3,7 +3,7 @@
     attention              KVCache        keys and values of every token, preallocated, grown in chunks
     sliding-window attn.   WindowCache    the sink tokens plus a ring buffer of the last ``window``
     Mamba-2                MambaCache     the last ``conv_kernel`` conv inputs and the SSM state
-    intra-layer hybrid     HybridCache    a KVCache and a MambaCache
+    intra-layer hybrid     HybridCache    one cache per branch (KVCache and MambaCache, or two of a kind)
 
 A batch of prompts of different lengths is left-padded to a common length. ``SequenceState``, shared
 by every layer of a stack, knows where each sequence starts; from it the attention caches mask the
@@ -311,14 +311,16 @@ class MambaCache:
 
 
 class HybridCache:
-    def __init__(self, attention: KVCache, mamba: MambaCache):
-        self.attention, self.mamba = attention, mamba
+    """The caches of an intra-layer hybrid's two branches, in the mixer's order (a, b)."""
+
+    def __init__(self, first, second):
+        self.branches = (first, second)
 
     def forked(self, rows: torch.Tensor, sequence: SequenceState, room: int) -> HybridCache:
-        return HybridCache(self.attention.forked(rows, sequence, room), self.mamba.forked(rows, sequence, room))
+        return HybridCache(*(branch.forked(rows, sequence, room) for branch in self.branches))
 
     def tensors(self) -> list[torch.Tensor]:
-        return self.attention.tensors() + self.mamba.tensors()
+        return [tensor for branch in self.branches for tensor in branch.tensors()]
 
 
 def mixer_cache(mixer, state: SequenceState, capacity: int, dtype: torch.dtype):
@@ -330,7 +332,7 @@ def mixer_cache(mixer, state: SequenceState, capacity: int, dtype: torch.dtype):
     if isinstance(mixer, Mamba2):
         return MambaCache(mixer, state, dtype)
     if isinstance(mixer, IntraLayerHybrid):
-        return HybridCache(KVCache(mixer.attn, state, capacity, dtype), mixer_cache(mixer.ssm, state, capacity, dtype))
+        return HybridCache(*(mixer_cache(branch, state, capacity, dtype) for branch in mixer.branch_modules()))
     raise TypeError(f"{type(mixer).__name__} has no inference cache")
 
 
@@ -353,7 +355,7 @@ class StackCache:
     @property
     def capacity(self) -> int:
         """Steps the KV caches hold before they grow (``length`` when there are none)."""
-        kv_caches = [layer.attention if isinstance(layer, HybridCache) else layer for layer in self.layers]
+        kv_caches = [cache for layer in self.layers for cache in (layer.branches if isinstance(layer, HybridCache) else [layer])]
         return max((layer.keys.shape[2] for layer in kv_caches if isinstance(layer, KVCache)), default=self.length)
 
     @property

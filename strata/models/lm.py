@@ -9,18 +9,19 @@ from torch import nn
 
 from strata.config import ModelConfig, RopeConfig, StackConfig
 from strata.nn.attention import Attention
-from strata.nn.hybrid import IntraLayerHybrid
+from strata.nn.hybrid import OUTPUT_PROJECTIONS as HYBRID_OUTPUT_PROJECTIONS, IntraLayerHybrid
 from strata.nn.mamba2 import Mamba2
 from strata.nn.mlp import build_ffn, update_balance_biases
 from strata.nn.norms import RMSNorm, rms_norm
 
 # Projections that write into the residual stream; initialised smaller so the stream's variance
 # does not grow with depth (GPT-2's 1/sqrt(2·layers) rule).
-RESIDUAL_PROJECTIONS = ("o_proj", "out_proj", "down", "attn_out", "ssm_out")
+RESIDUAL_PROJECTIONS = ("o_proj", "out_proj", "down", *HYBRID_OUTPUT_PROJECTIONS)
 
 
-def build_mixer(symbol: str, config: StackConfig) -> nn.Module:
-    """The sequence mixer for one layout symbol."""
+def build_mixer(symbol: str, config: StackConfig, layer: int = 1) -> nn.Module:
+    """The sequence mixer for one layout symbol at 1-indexed ``layer`` of its stack (Diff-T's λ
+    of the intra-layer hybrid starts from a value that depends on it)."""
     d_model = config.d_model
     if symbol == "A":
         return Attention(d_model, config.attention)
@@ -32,18 +33,18 @@ def build_mixer(symbol: str, config: StackConfig) -> nn.Module:
     if symbol == "M":
         return Mamba2(d_model, config.mamba, config.norm_eps)
     if symbol == "H":
-        return IntraLayerHybrid(d_model, config.hybrid, config.norm_eps)
+        return IntraLayerHybrid(d_model, config.hybrid, config.norm_eps, layer)
     raise ValueError(f"unknown layout symbol {symbol!r}")
 
 
 class Block(nn.Module):
     """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x)) when the model has an FFN."""
 
-    def __init__(self, symbol: str, config: StackConfig):
+    def __init__(self, symbol: str, config: StackConfig, layer: int = 1):
         super().__init__()
         self.symbol = symbol
         self.mixer_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.mixer = build_mixer(symbol, config)
+        self.mixer = build_mixer(symbol, config, layer)
         self.ffn = build_ffn(config.d_model, config.ffn)
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps) if self.ffn is not None else None
 
@@ -57,7 +58,7 @@ class Block(nn.Module):
 
 def build_stack(config: StackConfig) -> nn.ModuleList:
     """One block per symbol of ``config.layout``."""
-    return nn.ModuleList(Block(symbol, config) for symbol in config.layout)
+    return nn.ModuleList(Block(symbol, config, layer) for layer, symbol in enumerate(config.layout, start=1))
 
 
 def run_stack(blocks: nn.ModuleList, x: torch.Tensor, cache=None, lengths: torch.Tensor | None = None) -> torch.Tensor:

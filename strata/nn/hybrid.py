@@ -1,14 +1,34 @@
-"""The intra-layer (head-wise) hybrid mixer of brief §5.
+"""The intra-layer (head-wise) hybrid mixer of brief §5, and the other two-branch designs of the
+hybrid paper's Table 6.
 
-    f(X) = W_out( α_ssm · Norm(M_ssm(X))  ⊕  α_attn · Norm(M_attn(X)) )
+    f(X) = W_out( α_b · Norm(M_b(X))  ⊕  α_a · Norm(M_a(X)) )
 
-Both branches read the same normalised input. Every design axis the paper explored is a
-setting of HybridConfig: branch norm, scaling α, fusion ⊕, value sharing, joint or separate
-output projection, and the branch widths. The defaults are the paper's final recipe: GroupNorm,
-no scaling, subtraction (ssm − attn), separate projections.
+Both branches read the same normalised input. ``branches`` picks their mixers, a then b:
+``attn_ssm`` is the hybrid (attention, Mamba-2); ``attn_attn`` ("T/T") is the Differential
+Transformer's pair of attention maps and ``ssm_ssm`` ("M/M") Differential Mamba's pair of Mamba-2
+mixers. A branch takes the shape of its kind's section (``hybrid.attention`` or ``hybrid.mamba``).
+Every other design axis the paper explored is a setting of HybridConfig: branch norm, scaling α,
+fusion ⊕ (diff is b − a: ssm − attn for the hybrid), value sharing, joint or separate output
+projection. The defaults are the paper's final recipe: GroupNorm, no scaling, subtraction,
+separate projections.
+
+Two scalings come from other papers:
+- ``lambda``, the Differential Transformer's (Ye et al. 2024, §2.1): b − λ·a with
+  λ = exp(λ_q1·λ_k1) − exp(λ_q2·λ_k2) + λ_init, λ_init = 0.8 − 0.6·exp(−0.3·(l − 1)) at layer l,
+  the vectors drawn from N(0, 0.1²) and as wide as a head of branch a; and the output scaled by
+  (1 − λ_init). Diff-T normalises the difference; here, as in every design of the general form
+  above, each branch is normalised before fusion, so (1 − λ_init) scales both branches.
+  Differential Mamba (Schneider et al. 2025) also normalises the difference and uses its own
+  λ = sigmoid(Σ λ_q) + λ_init; its M/M design here takes the general form and any scaling.
+- ``alpha``, the learned mix of the hybrid paper's Appendix Q: α·b + (1 − α)·a (α·Mamba +
+  (1 − α)·attention), one unconstrained scalar α per layer. It starts at 0.5, both branches
+  weighed alike: our choice, the paper's appendix was not at hand when this was written.
 """
 
 from __future__ import annotations
+
+import math
+from typing import get_args
 
 import torch
 from torch import nn
@@ -19,73 +39,140 @@ from strata.nn.linear import project
 from strata.nn.mamba2 import Mamba2
 from strata.nn.norms import HeadGroupNorm
 
+ALPHA_INIT = 0.5
+LAMBDA_STD = 0.1
+
+
+def branch_names(branches: str) -> tuple[str, str]:
+    """Module names of branches a and b: ``attn`` and ``ssm`` for the hybrid (the names its
+    checkpoints have always used), numbered when both are of one kind (``attn1``, ``attn2``)."""
+    first, second = branches.split("_")
+    return (first, second) if first != second else (f"{first}1", f"{second}2")
+
+
+# Every design's per-branch output projections write into the residual stream (strata.models.lm
+# gives them the smaller initialisation).
+OUTPUT_PROJECTIONS = tuple(
+    f"{name}_out" for branches in get_args(HybridConfig.model_fields["branches"].annotation) for name in branch_names(branches)
+)
+
+
+def lambda_init(layer: int) -> float:
+    """Diff-T's λ_init at 1-indexed ``layer``: deeper layers subtract more at the start."""
+    return 0.8 - 0.6 * math.exp(-0.3 * (layer - 1))
+
+
+def diff_lambda(q1: torch.Tensor, k1: torch.Tensor, q2: torch.Tensor, k2: torch.Tensor, init: float) -> torch.Tensor:
+    """Diff-T's re-parameterised λ from its four vectors and λ_init; a function of the weights
+    alone, so a report can read λ from a checkpoint without building the model."""
+    return torch.exp((q1 * k1).sum()) - torch.exp((q2 * k2).sum()) + init
+
 
 class IntraLayerHybrid(nn.Module):
-    def __init__(self, d_model: int, config: HybridConfig, norm_eps: float = 1e-5):
+    """The two-branch mixer; ``layer`` (1-indexed in its stack) sets λ_init of the lambda scaling."""
+
+    def __init__(self, d_model: int, config: HybridConfig, norm_eps: float = 1e-5, layer: int = 1):
         super().__init__()
         self.config = config
-        self.attn = Attention(d_model, config.attention, output_projection=False)
-        self.ssm = Mamba2(d_model, config.mamba, norm_eps, external_x=config.share_value, output_projection=False)
-        attn_width, ssm_width = self.attn.value_width, self.ssm.d_ssm
+        self.names = branch_names(config.branches)
+        for name, kind in zip(self.names, config.branch_kinds, strict=True):
+            if kind == "attention":
+                branch = Attention(d_model, config.attention, output_projection=False)
+            else:
+                # Value sharing (hybrid only) feeds the attention's values to the Mamba branch as x.
+                branch = Mamba2(d_model, config.mamba, norm_eps, external_x=config.share_value, output_projection=False)
+            setattr(self, name, branch)
+        first, second = self.branch_modules()
+        widths = [branch.value_width if isinstance(branch, Attention) else branch.d_ssm for branch in (first, second)]
 
-        if config.norm == "group":
-            self.attn_norm = HeadGroupNorm(attn_width, self.attn.n_heads, norm_eps)
-            self.ssm_norm = HeadGroupNorm(ssm_width, self.ssm.n_heads, norm_eps)
-        else:
-            self.attn_norm = self.ssm_norm = nn.Identity()
+        for name, branch, width in zip(self.names, (first, second), widths):
+            norm = HeadGroupNorm(width, branch.n_heads, norm_eps) if config.norm == "group" else nn.Identity()
+            setattr(self, f"{name}_norm", norm)
+            if config.scale == "vector":
+                setattr(self, f"{name}_scale", nn.Parameter(torch.ones(width)))
 
-        if config.scale == "vector":
-            self.attn_scale = nn.Parameter(torch.ones(attn_width))
-            self.ssm_scale = nn.Parameter(torch.ones(ssm_width))
-        elif config.scale == "scalar":
-            # One learnable scalar on the attention branch, relative to the SSM branch.
-            self.attn_scale = nn.Parameter(torch.ones(1))
+        if config.scale == "scalar":
+            # One learnable scalar on branch a (the attention of the hybrid), relative to b.
+            setattr(self, f"{self.names[0]}_scale", nn.Parameter(torch.ones(1)))
         elif config.scale == "gate":
             # Input-dependent sigmoid gate per head of each branch.
-            self.gate = nn.Linear(d_model, self.attn.n_heads + self.ssm.n_heads, bias=True)
+            self.gate = nn.Linear(d_model, first.n_heads + second.n_heads, bias=True)
+        elif config.scale == "lambda":
+            self.lambda_init = lambda_init(layer)
+            for key in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
+                setattr(self, key, nn.Parameter(torch.randn(first.head_dim) * LAMBDA_STD))
+        elif config.scale == "alpha":
+            self.alpha = nn.Parameter(torch.full((), ALPHA_INIT))
 
+        # Created last, as they always were, so a seed gives the hybrid's designs the same weights.
         if config.out_proj == "separate":
-            self.attn_out = nn.Linear(attn_width, d_model, bias=False)
-            self.ssm_out = nn.Linear(ssm_width, d_model, bias=False)
+            for name, width in zip(self.names, widths):
+                setattr(self, f"{name}_out", nn.Linear(width, d_model, bias=False))
         else:
-            fused_width = attn_width + ssm_width if config.fusion == "concat" else ssm_width
-            self.out_proj = nn.Linear(fused_width, d_model, bias=False)
+            self.out_proj = nn.Linear(sum(widths) if config.fusion == "concat" else widths[1], d_model, bias=False)
+
+    def branch_modules(self) -> tuple[nn.Module, nn.Module]:
+        """The mixers of branches a and b."""
+        return getattr(self, self.names[0]), getattr(self, self.names[1])
+
+    def diff_lambda(self) -> torch.Tensor:
+        return diff_lambda(self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2, self.lambda_init)
 
     def branches(self, x: torch.Tensor, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two normalised, scaled branch outputs (attention [B,T,attn_width], ssm [B,T,d_ssm]);
-        ``cache`` is a HybridCache when decoding."""
-        attn_cache, ssm_cache = (None, None) if cache is None else (cache.attention, cache.mamba)
+        """The two normalised, scaled branch outputs (a, b), each [B, T, width]; ``cache`` is a
+        HybridCache when decoding."""
+        first, second = self.branch_modules()
+        first_cache, second_cache = (None, None) if cache is None else cache.branches
         if self.config.share_value:
             # The SSM branch reads the attention's values, one head of V per SSM head.
-            y_attn, values = self.attn.attend(x, return_values=True, cache=attn_cache)  # values [B, kv, T, dv]
-            groups = self.attn.n_heads // self.attn.n_kv_heads
+            y_a, values = first.attend(x, return_values=True, cache=first_cache)  # values [B, kv, T, dv]
+            groups = first.n_heads // first.n_kv_heads
             shared = values.repeat_interleave(groups, dim=1).transpose(1, 2).flatten(-2)
-            y_ssm = self.ssm.mix(x, shared, cache=ssm_cache)
+            y_b = second.mix(x, shared, cache=second_cache)
         else:
-            y_attn = self.attn.attend(x, cache=attn_cache)
-            y_ssm = self.ssm.mix(x, cache=ssm_cache)
-        y_attn, y_ssm = self.attn_norm(y_attn), self.ssm_norm(y_ssm)
-        scale = self.config.scale
+            y_a, y_b = (run_branch(branch, x, branch_cache)
+                        for branch, branch_cache in ((first, first_cache), (second, second_cache)))
+        norm_a, norm_b = (getattr(self, f"{name}_norm") for name in self.names)
+        return self.scaled(x, norm_a(y_a), norm_b(y_b))
+
+    def scaled(self, x: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalised branch outputs (a, b) weighed by ``hybrid.scale``; ``x`` drives a gate."""
+        scale, (name_a, name_b) = self.config.scale, self.names
         if scale == "vector":
-            y_attn, y_ssm = y_attn * self.attn_scale, y_ssm * self.ssm_scale
-        elif scale == "scalar":
-            y_attn = y_attn * self.attn_scale
-        elif scale == "gate":
+            return y_a * getattr(self, f"{name_a}_scale"), y_b * getattr(self, f"{name_b}_scale")
+        if scale == "scalar":
+            return y_a * getattr(self, f"{name_a}_scale"), y_b
+        if scale == "gate":
+            first, second = self.branch_modules()
             gates = torch.sigmoid(project(self.gate, x))
-            attn_gate, ssm_gate = gates.split([self.attn.n_heads, self.ssm.n_heads], dim=-1)
-            y_attn = (y_attn.unflatten(-1, (self.attn.n_heads, -1)) * attn_gate[..., None]).flatten(-2)
-            y_ssm = (y_ssm.unflatten(-1, (self.ssm.n_heads, -1)) * ssm_gate[..., None]).flatten(-2)
-        return y_attn, y_ssm
+            gate_a, gate_b = gates.split([first.n_heads, second.n_heads], dim=-1)
+            return per_head(y_a, gate_a), per_head(y_b, gate_b)
+        if scale == "lambda":
+            keep = 1 - self.lambda_init
+            return y_a * (self.diff_lambda() * keep), y_b * keep
+        if scale == "alpha":
+            return y_a * (1 - self.alpha), y_b * self.alpha
+        return y_a, y_b
 
     def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
-        y_attn, y_ssm = self.branches(x, cache)
+        y_a, y_b = self.branches(x, cache)
         if self.config.out_proj == "separate":
-            y_attn, y_ssm = project(self.attn_out, y_attn), project(self.ssm_out, y_ssm)
+            y_a, y_b = (project(getattr(self, f"{name}_out"), y) for name, y in zip(self.names, (y_a, y_b)))
         fusion = self.config.fusion
         if fusion == "add":
-            fused = y_ssm + y_attn
+            fused = y_b + y_a
         elif fusion == "diff":
-            fused = y_ssm - y_attn
+            fused = y_b - y_a
         else:
-            fused = torch.cat([y_ssm, y_attn], dim=-1)
+            fused = torch.cat([y_b, y_a], dim=-1)
         return fused if self.config.out_proj == "separate" else project(self.out_proj, fused)
+
+
+def run_branch(branch: nn.Module, x: torch.Tensor, cache=None) -> torch.Tensor:
+    """A branch's heads before any projection."""
+    return branch.attend(x, cache=cache) if isinstance(branch, Attention) else branch.mix(x, cache=cache)
+
+
+def per_head(y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """y [B, T, heads·d] with each head scaled by its gate [B, T, heads]."""
+    return (y.unflatten(-1, (gate.shape[-1], -1)) * gate[..., None]).flatten(-2)
