@@ -123,9 +123,10 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError("give RUN_OR_CKPT to evaluate, or --compare RUN RUN ...")
     request = EvalRequest(data=args.data or [], tasks=args.tasks or [], shots=args.shots, limit=args.limit,
                           long=args.long or [], length=args.length, windows=args.windows, languages=args.languages,
-                          needle=args.needle or [], passkey=args.passkey, lengths=args.lengths, trials=args.trials,
-                          **({"depths": args.depths} if args.depths else {}), characters=args.characters or [],
-                          character_items=args.character_items, character_shots=args.character_shots)
+                          needle=args.needle or [], passkey=args.passkey, protocol=args.protocol, lengths=args.lengths,
+                          max_length=args.max_length, depths=args.depths, trials=args.trials,
+                          characters=args.characters or [], character_items=args.character_items,
+                          character_shots=args.character_shots)
     if not (request.data or request.tasks or request.long or request.languages or request.needle or request.passkey
             or request.characters):
         raise ValueError("give something to evaluate: --data PATH (bits per byte), --tasks FILE.jsonl (multiple choice), "
@@ -265,7 +266,8 @@ def run_tokenizer_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(out)
-    print(f"{out / 'tokenizer.json'}: byte-level BPE, {tokenizer.vocab_size} tokens")
+    print(f"{out / 'tokenizer.json'}: byte-level BPE, {tokenizer.vocab_size} tokens; train with it: "
+          f"'data.tokenizer={{kind: hf, path: {out}}}' model.vocab_size={tokenizer.vocab_size}")
     return 0
 
 
@@ -303,17 +305,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=positive_int, default=None, help="score only the first N items of each task")
     evaluate.add_argument("--long", nargs="+", metavar="PATH", help="long documents: loss by position, with a plot")
     evaluate.add_argument("--length", type=positive_int, default=None,
-                          help="window for --long in tokens (default 4x the training length)")
+                          help="window for --long in tokens (default 4x the training length; the paper's 3x)")
     evaluate.add_argument("--windows", type=positive_int, default=32, help="windows for --long, at most (default 32)")
+    evaluate.add_argument("--protocol", choices=["strata", "paper"], default="strata",
+                          help="--needle and --long as strata runs them (default) or as the hybrid paper ran them: "
+                               "its prompt, grid and answer rule; one window a document and 1,024-token buckets")
     evaluate.add_argument("--languages", metavar="DIR", help="one text per language (e.g. shared/data/udhr): bpb and bpc each")
     evaluate.add_argument("--needle", nargs="+", metavar="PATH",
                           help="needle in a haystack with filler from these files (give held-out text): accuracy heat map")
     evaluate.add_argument("--passkey", action="store_true", help="passkey retrieval: accuracy heat map")
     evaluate.add_argument("--lengths", type=positive_int, nargs="+", metavar="N",
-                          help="context lengths in tokens for --needle/--passkey (default 1/2 to 4x the training length)")
+                          help="context lengths in tokens for --needle/--passkey (default 1/2 to 4x the training "
+                               "length; the paper's 960, 1984, ... 16320)")
+    evaluate.add_argument("--max-length", type=positive_int, metavar="N",
+                          help="with --protocol paper: its needle lengths up to N tokens (default 16320)")
     evaluate.add_argument("--depths", type=bounded_float(0, 1), nargs="+", metavar="D",
-                          help="needle depths, 0 (start) to 1 (end) (default 0 0.25 0.5 0.75 1)")
-    evaluate.add_argument("--trials", type=positive_int, default=3, help="prompts per length and depth (default 3)")
+                          help="needle depths, 0 (start) to 1 (end) (default 0 0.25 0.5 0.75 1; the paper's 0 0.1 ... 1)")
+    evaluate.add_argument("--trials", type=positive_int, help="prompts per length and depth (default 3; the paper's 100)")
     evaluate.add_argument("--characters", nargs="+", metavar="PATH",
                           help="character tasks in the style of CUTE (spell, insert, swap, ...) on words of these texts")
     evaluate.add_argument("--character-items", type=positive_int, default=100, help="items per character task (default 100)")

@@ -122,3 +122,11 @@ def test_eval_cli_saves_every_evaluation_and_compares_runs(tmp_path, data_dir):
         record = json.loads((runs[0] / "evals" / f"{name}.json").read_text())
         assert record["result"]["lengths"] == [320] and 0 <= record["headline"]["accuracy"] <= 1
         assert_png(runs[0] / "evals" / f"{name}.png")
+    # The paper's protocols: its needle lengths up to --max-length, 20 answer tokens; one window of
+    # 3x the training length (64) per document, in a 1,024-token bucket.
+    paper = json.loads(strata("eval", runs[0], "--long", long, "--needle", long, "--protocol", "paper", "--max-length",
+                              2000, "--depths", 0, 1, "--trials", 1, "--json").stdout)
+    assert (paper["needle"]["protocol"], paper["needle"]["lengths"], paper["needle"]["depths"]) == ("paper", [960, 1984],
+                                                                                                     [0.0, 1.0])
+    assert paper["long_context"]["protocol"] == "paper" and paper["long_context"]["windows"] == 1
+    assert [(b["start"], b["end"]) for b in paper["long_context"]["buckets"]] == [(0, 192)]

@@ -29,12 +29,11 @@ from strata.evals.multiple_choice import load_task, score_choices
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ["transformer", "aunet2"]
 LIMIT = 40
-# strata's multiple-choice format as an lm_eval task: the prompt is the input, and each choice is
-# scored as " " + choice. The space goes into the choices (with no target delimiter) rather than
-# into lm_eval's delimiter, so lm_eval's acc_norm and acc_bytes divide by the length of the scored
-# text, as strata's acc_norm does.
+# strata's multiple-choice format as an lm_eval task, written as lm_eval's own tasks are: the
+# prompt is the input, the choices as listed, and lm_eval's default target_delimiter " " before
+# each, so lm_eval scores " " + choice, as strata does, and normalises by the choice alone.
 TASK_YAML = """\
-task: strata_winowhy
+task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
@@ -42,14 +41,33 @@ dataset_kwargs:
 test_split: test
 output_type: multiple_choice
 doc_to_text: input
-doc_to_choice: "{{{{ choices | map('regex_replace', '^', ' ') | list }}}}"
+doc_to_choice: choices
 doc_to_target: gold
-target_delimiter: ""
 metric_list:
   - metric: acc
   - metric: acc_norm
   - metric: acc_bytes
 """
+# Items where the normalisations pick differently with the tiny run below: symbols and words in
+# other scripts, few characters of many bytes each, against ASCII (per character the ASCII choice
+# wins, per byte the other); pairs of a short and a long ASCII word, which dividing by the choice
+# alone (as lm_eval does) or by the scored text with its space would rank differently; and accents.
+WORLD = [
+    ("A happy face is", ["🙂", ":)"], 0),
+    ("A star is drawn as", ["★", "*"], 0),
+    ("A musical note is", ["♪", "#"], 0),
+    ("Japan in Japanese is", ["日本", "JP"], 0),
+    ("Approval is", ["👍", "+1"], 0),
+    ("Love is", ["❤", "<3"], 0),
+    ("The cat is", ["on", "under"], 1),
+    ("He went", ["up", "upstairs"], 1),
+    ("She is", ["in", "inside"], 1),
+    ("We go", ["to", "towards"], 1),
+    ("The king is", ["old", "ancient"], 1),
+    ("The capital of France is", ["Paris", "París", "Парыж"], 0),
+    ("The German word for street is", ["Strasse", "Straße", "улица"], 1),
+    ("Cafe in French is written", ["cafe", "café", "кафе"], 1),
+]
 
 
 @cache
@@ -183,24 +201,34 @@ def run(tmp_path_factory, data_dir) -> Path:
 
 def test_lm_eval_command_line_matches_strata_eval(run, data_dir, tmp_path):
     """The real lm_eval command line (through ``python -m strata.evals.harness``, which registers
-    ``strata`` first) on a local task YAML: the same n and accuracies as ``strata eval``."""
-    task_file = data_dir / "tasks/winowhy.jsonl"
+    ``strata`` first) on local task YAMLs: the same n, acc, acc_norm (per character) and acc_bytes
+    (per byte) as ``strata eval``, on winowhy (ASCII) and on choices in other scripts, where the
+    two normalisations differ. ``--batch_size 64`` is strata eval's, so the log-likelihoods are
+    the same bit for bit."""
+    world = tmp_path / "world.jsonl"
+    world.write_text("".join(json.dumps({"input": text, "choices": choices, "gold": gold}, ensure_ascii=False) + "\n"
+                             for text, choices, gold in WORLD), encoding="utf-8")
+    files = {"winowhy": data_dir / "tasks/winowhy.jsonl", "world": world}
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    (tasks / "strata_winowhy.yaml").write_text(TASK_YAML.format(path=json.dumps(str(task_file.resolve()))))
+    for name, path in files.items():
+        (tasks / f"strata_{name}.yaml").write_text(TASK_YAML.format(name=f"strata_{name}",
+                                                                    path=json.dumps(str(path.resolve()))))
     # Offline: datasets' json builder reads the local file; nothing may reach for the hub.
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     result = subprocess.run(
         [sys.executable, "-m", "strata.evals.harness", "--model", "strata", "--model_args", f"checkpoint={run}",
-         "--tasks", "strata_winowhy", "--include_path", str(tasks), "--limit", str(LIMIT), "--batch_size", "8",
-         "--output_path", str(tmp_path / "out")],
+         "--tasks", "strata_winowhy,strata_world", "--include_path", str(tasks), "--limit", str(LIMIT),
+         "--batch_size", "64", "--output_path", str(tmp_path / "out")],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600, check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     harness = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
-    ours = json.loads(strata("eval", run, "--tasks", task_file, "--limit", LIMIT, "--json").stdout)["winowhy"]
-    scores = harness["results"]["strata_winowhy"]
-    assert harness["n-samples"]["strata_winowhy"]["effective"] == ours["n"] == LIMIT
-    assert scores["acc,none"] == ours["acc"]
-    # winowhy is ASCII, so characters are bytes: both of lm_eval's normalisations are strata's.
-    assert scores["acc_norm,none"] == scores["acc_bytes,none"] == ours["acc_norm"]
+    ours = json.loads(strata("eval", run, "--tasks", *files.values(), "--limit", LIMIT, "--json").stdout)
+    for name, n in (("winowhy", LIMIT), ("world", len(WORLD))):
+        scores = harness["results"][f"strata_{name}"]
+        assert harness["n-samples"][f"strata_{name}"]["effective"] == ours[name]["n"] == n
+        for metric in ("acc", "acc_norm", "acc_bytes"):
+            assert ours[name][metric] == pytest.approx(scores[f"{metric},none"], abs=1e-6), (name, metric)
+    # The items tell the two normalisations apart, so a strata acc_norm per byte would fail above.
+    assert harness["results"]["strata_world"]["acc_norm,none"] != harness["results"]["strata_world"]["acc_bytes,none"]

@@ -91,26 +91,27 @@ def test_an_oracle_scores_every_item(data_dir):
     items, tokenizer = load_task(path)[:ITEMS], ByteTokenizer()
     oracle = Oracle(build_prompts(load_task(path), 1)[:ITEMS], items, tokenizer)
     result = evaluate_task(oracle, tokenizer, path, shots=1, limit=ITEMS, use_cache=False)
-    assert result == {"acc": 1.0, "acc_norm": 1.0, "n": ITEMS, "acc_stderr": 0.0, "acc_norm_stderr": 0.0}
+    assert result == {"acc": 1.0, "acc_norm": 1.0, "acc_bytes": 1.0, "n": ITEMS, "acc_stderr": 0.0,
+                      "acc_norm_stderr": 0.0, "acc_bytes_stderr": 0.0}
 
 
 @pytest.mark.parametrize("task", ["winowhy", "logical_deduction_three_objects"])
 def test_a_uniform_model_scores_the_tie_breaking_rule(task, data_dir):
-    """With constant logits every byte costs log(vocab): ``acc`` picks the (first) shortest
-    choice and ``acc_norm`` ties everywhere, so it picks the first choice. What that scores is
-    fixed by the file, not by the model: for these files it is near 1 / number of choices."""
+    """With constant logits every byte costs log(vocab), the scored space included: ``acc`` picks
+    the (first) shortest choice, and ``acc_norm`` and ``acc_bytes`` (these files are ASCII, so
+    characters are bytes) the (first) longest, as the n + 1 bytes scored over the n divided by fall
+    with n. What that scores is fixed by the file, not by the model."""
     path = data_dir / "tasks" / f"{task}.jsonl"
     items = load_task(path)[:200]
     result = evaluate_task(Uniform(), ByteTokenizer(), path, limit=200, use_cache=False, return_items=True)
-    shortest = [min(range(len(item.choices)), key=lambda c: len(item.choices[c].encode())) for item in items]
+    shortest = [min(range(len(item.choices)), key=lambda c: len(item.choices[c])) for item in items]
+    longest = [max(range(len(item.choices)), key=lambda c: len(item.choices[c])) for item in items]
     expected_acc = sum(item.gold == pick for item, pick in zip(items, shortest, strict=True)) / len(items)
-    expected_norm = sum(item.gold == 0 for item in items) / len(items)
+    expected_norm = sum(item.gold == pick for item, pick in zip(items, longest, strict=True)) / len(items)
     assert result["acc"] == pytest.approx(expected_acc)
-    assert result["acc_norm"] == pytest.approx(expected_norm)
+    assert result["acc_norm"] == result["acc_bytes"] == pytest.approx(expected_norm)
     assert result["acc_stderr"] == pytest.approx(math.sqrt(expected_acc * (1 - expected_acc) / len(items)))
-    assert all(entry["pred_norm"] == 0 for entry in result["items"])
-    chance = sum(1 / len(item.choices) for item in items) / len(items)
-    assert abs(result["acc_norm"] - chance) < 0.15
+    assert [entry["pred_norm"] for entry in result["items"]] == longest
 
 
 def test_shots_are_other_items_and_reproducible(winowhy):
@@ -138,6 +139,7 @@ def test_shots_are_other_items_and_reproducible(winowhy):
         ('\n{"input": "a", "choices": ["x", "y"], "gold": 2}\n', ":2: gold 2 is not an index into the 2 choices"),
         ('{"input": "a", "choices": [], "gold": 0}\n', ":1: choices is empty"),
         ('{"input": "a", "choices": "xy", "gold": 0}\n', ":1: choices must be a list of strings"),
+        ('{"input": "a", "choices": ["x", ""], "gold": 0}\n', ":1: choice 1 is an empty string"),
         ("", ": no items in the task file"),
     ],
 )
@@ -174,7 +176,7 @@ def test_eval_with_data_and_tasks_keeps_the_bpb_keys_and_prints_tables(run, wino
     both = json.loads(strata("eval", run, "--data", text, "--tasks", winowhy, "--limit", 5, "--json").stdout)
     assert {"bpb", "bytes", "files", "checkpoint", "winowhy"} <= set(both)
     table = strata("eval", run, "--tasks", winowhy, "--limit", 5).stdout.decode()
-    assert "winowhy" in table and "acc_norm" in table and "±" in table
+    assert "winowhy" in table and "acc_norm" in table and "acc_bytes" in table and "±" in table
 
 
 @pytest.mark.parametrize(
@@ -182,6 +184,9 @@ def test_eval_with_data_and_tasks_keeps_the_bpb_keys_and_prints_tables(run, wino
     [
         ([], "give something to evaluate: --data PATH (bits per byte), --tasks FILE.jsonl (multiple choice)"),
         (["--tasks", "/nonexistent/task.jsonl"], "/nonexistent/task.jsonl: cannot read the task file"),
+        (["--tasks", "/nonexistent/task.jsonl", "--protocol", "paper"], "protocol paper changes needle and long"),
+        (["--needle", "/nonexistent/filler.txt", "--max-length", "2000"],
+         "max-length caps the paper's needle lengths: give it with protocol paper and without lengths"),
     ],
 )
 def test_bad_eval_arguments_fail_with_one_clear_line(run, args, message):

@@ -1,5 +1,6 @@
 """Needle in a haystack and passkey retrieval: prompts of the asked length and depth, exact-match
-scoring against models that know (100 %) or do not know (0 %) the answer, tables and heat maps."""
+scoring against models that know (100 %) or do not know (0 %) the answer, the paper's protocol
+against its literal prompt, grid and scoring rule, tables and heat maps."""
 
 import re
 from pathlib import Path
@@ -13,12 +14,12 @@ from torch import nn
 from strata import build_model, load_config
 from strata.data import BPETokenizer, ByteTokenizer, Document
 from strata.evals.needle import (
-    NEEDLE,
-    NEEDLE_QUESTION,
+    PROTOCOLS,
     _Haystack,
     _prompt,
     needle_grid,
     needle_markdown,
+    paper_lengths,
     passkey_grid,
     plot_heatmap,
 )
@@ -52,11 +53,11 @@ def tokenizer(request, bpe):
 
 class Oracle(nn.Module):
     """Reads the prompt, finds the number the question asks for, and puts all its logit on the next
-    token of ``answer(number)`` followed by a newline; ``answer`` bends the answer for wrong models.
+    token of ``answer(number)`` followed by newlines; ``answer`` bends the answer for wrong models.
     Generation reads only the last position, so every position shows the last one's logits (an
     expanded view: allocating [T, V] zeros per step is what would cost time)."""
 
-    QUESTION = re.compile(r"\nWhat is the (.+?)\? The \1 is:?")
+    QUESTION = re.compile(r"\nWhat is the (.+?)\?\s+The \1 is:?")
 
     def __init__(self, tokenizer, answer=lambda number: number):
         super().__init__()
@@ -72,8 +73,8 @@ class Oracle(nn.Module):
             question = list(self.QUESTION.finditer(text))[-1]
             number = re.search(rf"The {re.escape(question.group(1))} is:? (\d+)\.", text[: question.start()]).group(1)
             target, written = f" {self.answer(number)}\n", text[question.end() :]
-            assert target.startswith(written), (target, written)
-            logits[row, 0, int(self.tokenizer.encode(target[len(written) :].encode())[0])] = 1.0
+            assert target.startswith(written) or written.startswith(target), (target, written)
+            logits[row, 0, int(self.tokenizer.encode((target[len(written) :] or "\n").encode())[0])] = 1.0
         return logits.expand(*tokens.shape, -1)
 
 
@@ -90,14 +91,11 @@ class Uniform(nn.Module):
 
 
 def needle_prompt(tokenizer, haystack, length, depth, seed=0):
-    def draw(rng):
-        number = str(rng.integers(1_000_000, 10_000_000))
-        return NEEDLE.format(city="Oslo", number=number), NEEDLE_QUESTION.format(city="Oslo"), number
-
-    record = _prompt("needle", tokenizer, haystack, [tokenizer.bos_id], draw, length, depth,
-                     np.random.default_rng(seed))
-    needle = tokenizer.encode(f" {NEEDLE.format(city='Oslo', number=record['number'])}".encode()).tolist()
-    question = tokenizer.encode(f"\n{NEEDLE_QUESTION.format(city='Oslo')}".encode()).tolist()
+    strata = PROTOCOLS["strata"]
+    rng = np.random.default_rng(seed)
+    record = _prompt(strata, tokenizer, haystack, "Oslo", strata.draw(rng)[1], length, depth, rng)
+    needle = tokenizer.encode(f" The special magic Oslo number is: {record['number']}.".encode()).tolist()
+    question = tokenizer.encode(b"\nWhat is the special magic Oslo number? The special magic Oslo number is:").tolist()
     ids = record["ids"]
     at = next(i for i in range(len(ids)) if ids[i : i + len(needle)] == needle)
     assert ids[-len(question) :] == question
@@ -202,6 +200,71 @@ def test_grids_are_deterministic_and_cells_independent(filler):
 
 
 # ---------------------------------------------------------------------------------------------
+# The paper's protocol (hybrid brief §8), against its literal grid, prompt and scoring rule
+
+# Filler "One. Two. Three." with the needle at depth 0.5 (after "Two.") and 1.0 (after "Three.").
+PAPER_PROMPTS = {
+    0.5: "<context>\nOne. Two. The special magic Oslo number is: 1234567. Three.\n</context>\n \n"
+         "What is the special magic Oslo number?\n\nThe special magic Oslo number is:",
+    1.0: "<context>\nOne. Two. Three. The special magic Oslo number is: 1234567.\n</context>\n \n"
+         "What is the special magic Oslo number?\n\nThe special magic Oslo number is:",
+}
+
+
+def test_paper_grid_is_the_papers():
+    paper = PROTOCOLS["paper"]
+    assert paper_lengths() == [960, 1984, 3008, 4032, 5056, 6080, 7104, 8128, 9152, 10176, 11200, 12224, 13248,
+                               14272, 15296, 16320]
+    assert paper_lengths(4096) == [960, 1984, 3008, 4032]
+    assert paper.depths == (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    assert paper.trials == 100 and paper.answer_tokens == 20
+    with pytest.raises(ValueError, match="needle lengths start at 960 tokens; a maximum of 500 leaves none"):
+        paper_lengths(500)
+
+
+@pytest.mark.parametrize("depth", sorted(PAPER_PROMPTS))
+def test_paper_prompt_is_the_papers_text(depth):
+    tokenizer = ByteTokenizer()
+    haystack = _Haystack(tokenizer, b"One. Two. Three.", b"\n\n")
+    length = 1 + len(PAPER_PROMPTS[depth])  # BOS and the prompt: the filler fits exactly, once
+    record = _prompt(PROTOCOLS["paper"], tokenizer, haystack, "Oslo", "1234567", length, depth,
+                     np.random.default_rng(0))
+    assert record["ids"][0] == tokenizer.bos_id and len(record["ids"]) == length
+    assert tokenizer.decode(record["ids"][1:]).decode() == PAPER_PROMPTS[depth]
+    assert record["max_new_tokens"] == 20
+
+
+def test_paper_prompt_has_the_asked_length(tokenizer, filler):
+    haystack = _Haystack(tokenizer, filler, b"\n\n")
+    rng = np.random.default_rng(0)
+    record = _prompt(PROTOCOLS["paper"], tokenizer, haystack, "Oslo", "1234567", 960, 0.3, rng)
+    text = tokenizer.decode(record["ids"]).decode()
+    assert len(record["ids"]) == 960 and record["ids"][0] == tokenizer.bos_id
+    assert text.startswith("<context>\n") and " The special magic Oslo number is: 1234567." in text
+    assert text.endswith("\n</context>\n \nWhat is the special magic Oslo number?\n\nThe special magic Oslo number is:")
+
+
+def test_paper_scoring_accepts_the_number_anywhere():
+    paper, strata = PROTOCOLS["paper"], PROTOCOLS["strata"]
+    assert paper.correct(" It is 42, or rather 1234567 ...", "1234567")
+    assert not paper.correct(" 7654321", "1234567") and not paper.correct(" 123456.", "1234567")
+    assert not strata.correct(" It is 42, or rather 1234567 ...", "1234567")  # strata's: the first digits only
+
+
+@pytest.mark.parametrize(("answer", "accuracy"), [(lambda n: n, 1.0), (lambda n: "42 or " + n, 1.0),
+                                                  (lambda n: str(int(n) + 1), 0.0)])
+def test_paper_grid_answers_20_tokens_and_finds_the_number_anywhere(answer, accuracy, filler):
+    tokenizer = ByteTokenizer()
+    result = needle_grid(Oracle(tokenizer, answer), tokenizer, filler, [960], [0.0, 1.0], trials=2, use_cache=False,
+                         protocol="paper")
+    assert result["protocol"] == "paper" and result["mean"] == accuracy
+    outputs = [trial["output"] for cell in result["cells"] for trial in cell["trials"]]
+    assert all(len(output) == 20 for output in outputs)  # byte tokens: past the answer's newline, no stop
+    with pytest.raises(ValueError, match="unknown needle protocol 'ruler'; choose strata or paper"):
+        needle_grid(Uniform(259), tokenizer, filler, [960], [0.5], protocol="ruler")
+
+
+# ---------------------------------------------------------------------------------------------
 # Real models, tables, heat maps
 
 
@@ -222,7 +285,7 @@ def test_tiny_models_run_the_grid_with_caches(filler, tmp_path):
 def test_markdown_and_heatmap(tmp_path):
     import matplotlib.image
 
-    result = {"task": "needle", "model": "tiny", "tokenizer": "bytes", "training_length": 256,
+    result = {"task": "needle", "protocol": "strata", "model": "tiny", "tokenizer": "bytes", "training_length": 256,
               "lengths": [128, 256, 512], "depths": [0.0, 0.5, 1.0], "trials": 4, "seed": 0,
               "accuracy": [[1.0, 0.75, 0.0], [1.0, 0.5, 0.0], [1.0, 1.0, 0.25]], "mean": 0.6111, "cells": []}
     table = needle_markdown(result)

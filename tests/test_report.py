@@ -4,12 +4,15 @@ makes a report of real runs)."""
 
 import csv
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from rich.console import Console
+from safetensors.torch import save_file
 
 from strata.analysis.budget import run_cost
 from strata.analysis.cost import model_cost
@@ -18,17 +21,19 @@ from strata.analysis.report import collect, print_report, write_report
 from strata.cli import main
 from strata.config import config_to_dict, load_config
 from strata.evals.report import save_evaluation
+from strata.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MACHINE = {"processor": "x86_64", "cpu_count": 2, "threads": 1, "torch": "2", "device": "cpu", "load_average": 1.5}
 
 
 def make_run(folder: Path, name: str, layout: str, bpb: list[float], decode: float | None = None,
-             mqar: float | None = None, needle: list[float] | None = None, planned: bool = True) -> Path:
+             mqar: float | None = None, needle: list[float] | None = None, planned: bool = True,
+             preset: str = "inter", overrides: tuple[str, ...] = ()) -> Path:
     """A run folder as a sweep leaves it: plan.json (or only config.yaml), metrics.jsonl, evals/."""
     run_dir = folder / name
     run_dir.mkdir(parents=True)
-    config = load_config(ROOT / "configs/tiny/inter.yaml", [f"model.layout={layout}", "train.batch_size=2"])
+    config = load_config(ROOT / f"configs/tiny/{preset}.yaml", [f"model.layout={layout}", "train.batch_size=2", *overrides])
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config)))
     if planned:
         plan = {"name": name, "choices": {"family": layout[0]}, "config": config_to_dict(config),
@@ -77,7 +82,8 @@ def test_report_of_a_sweep_with_every_evaluation(tmp_path):
     report = collect([make_sweep(tmp_path, names)], context=8192)
     assert [run.name for run in report.runs] == names
     plots = write_report(report, tmp_path)
-    assert all(outcome.endswith(".png") and Path(outcome).stat().st_size > 1000 for outcome in plots.values()), plots
+    drawn = [outcome for title, outcome in plots.items() if title != "learned branch weights per layer"]  # no hybrids
+    assert all(outcome.endswith(".png") and Path(outcome).stat().st_size > 1000 for outcome in drawn), plots
 
     rows = list(csv.DictReader((tmp_path / "report.csv").open()))
     assert [row["run"] for row in rows] == names and rows[0]["family"] == "A"
@@ -125,3 +131,60 @@ def test_quality_falls_back_to_recall_and_runs_outside_sweeps(tmp_path, capsys):
     assert header.startswith("run,blocks,params") and "cache MiB @ 4,096" in header
     with pytest.raises(ValueError, match="neither a sweep folder"):
         collect([tmp_path / "nothing"], 1024)
+
+
+def save_weights(run_dir: Path, config_overrides: tuple[str, ...], layout: str, set_weights) -> None:
+    """A checkpoint of the run's model whose learned branch weights ``set_weights`` chooses."""
+    config = load_config(ROOT / "configs/tiny/intra.yaml", [f"model.layout={layout}", *config_overrides])
+    torch.manual_seed(0)
+    model = build_model(config)
+    with torch.no_grad():
+        set_weights([block.mixer for block in model.blocks])
+    (run_dir / "checkpoints/step-000010").mkdir(parents=True)
+    save_file(model.state_dict(), str(run_dir / "checkpoints/step-000010/model.safetensors"))
+
+
+def test_report_shows_learned_alpha_and_lambda_per_layer(tmp_path):
+    """α (Appendix Q's α·Mamba + (1 − α)·attention) and Diff-T's λ of each hybrid layer, read from
+    the newest checkpoint; λ = exp(λ_q1·λ_k1) − exp(λ_q2·λ_k2) + λ_init computed here, with λ_init
+    0.2 at layer 1 and 0.8 − 0.6·e^(−1.2) = 0.6192834728526787 at layer 5."""
+    alpha = ("model.hybrid.scale=alpha", "model.hybrid.fusion=add")
+    lam = ("model.hybrid.branches=attn_attn", "model.hybrid.scale=lambda")
+    runs = {"alpha": make_run(tmp_path, "alpha", "MHMMH", [2.5], preset="intra", overrides=alpha),
+            "tt_lambda": make_run(tmp_path, "tt_lambda", "HMMMH", [2.4], preset="intra", overrides=lam),
+            "final": make_run(tmp_path, "final", "MHMMH", [2.6], preset="intra")}
+
+    def set_alpha(mixers):
+        mixers[1].alpha.fill_(0.25)
+        mixers[4].alpha.fill_(0.75)
+
+    vectors = {}
+
+    def set_lambda(mixers):
+        for layer in (1, 5):
+            vectors[layer] = (0.05, 0.1, 0.02 * layer, 0.15)  # each vector filled with one value
+            for name, value in zip(("q1", "k1", "q2", "k2"), vectors[layer]):
+                getattr(mixers[layer - 1], f"lambda_{name}").fill_(value)
+
+    save_weights(runs["alpha"], alpha, "MHMMH", set_alpha)
+    save_weights(runs["tt_lambda"], lam, "HMMMH", set_lambda)
+    head = 32  # the λ vectors are as wide as a Q/K head of the tiny intra preset
+    expected_lambda = {str(layer): math.exp(head * q1 * k1) - math.exp(head * q2 * k2) + init
+                       for (layer, (q1, k1, q2, k2)), init in zip(vectors.items(), (0.2, 0.6192834728526787))}
+
+    report = collect([make_sweep(tmp_path, list(runs))], context=1024)
+    mixes = {run.name: run.mix for run in report.runs}
+    assert mixes["alpha"] == {"alpha": {"2": 0.25, "5": 0.75}} and mixes["final"] == {}
+    assert mixes["tt_lambda"]["lambda"] == pytest.approx(expected_lambda, abs=1e-6)
+
+    plots = write_report(report, tmp_path)
+    assert plots["learned branch weights per layer"].endswith("branch_mix.png")
+    markdown = (tmp_path / "report.md").read_text()
+    assert "## Learned branch weights per layer" in markdown and "| layer | alpha α | tt_lambda λ |" in markdown
+    lam1, lam5 = (f"{expected_lambda[layer]:.4f}" for layer in ("1", "5"))
+    for row in (f"| 1 | – | {lam1} |", "| 2 | 0.2500 | – |", f"| 5 | 0.7500 | {lam5} |"):
+        assert row in markdown
+    console = Console(record=True, width=250)
+    print_report(console, report, tmp_path)
+    text = console.export_text()
+    assert "learned branch weights per layer" in text and "0.7500" in text and lam1 in text

@@ -6,7 +6,8 @@
   front (no other run both faster and better) joined and starred;
 - ``cache_vs_context.png``: inference cache against context length, from the cost model;
 - ``mqar.png``: recall against key-value pairs, per run and length;
-- ``needle.png``: needle / passkey accuracy against context length (mean over depths), per run.
+- ``needle.png``: needle / passkey accuracy against context length (mean over depths), per run;
+- ``branch_mix.png``: the learned branch weights of intra-layer hybrids (α, λ) against the layer.
 
 A plot whose data no run has is skipped with the reason, never drawn empty.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from matplotlib import colormaps
 from matplotlib.figure import Figure
-from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter, ScalarFormatter
+from matplotlib.ticker import EngFormatter, LogLocator, MaxNLocator, NullFormatter, ScalarFormatter
 
 CONTEXTS = [2**n for n in range(8, 16)]  # 256 .. 32K
 
@@ -156,6 +157,27 @@ def needle(report, path: Path) -> str:
     return _save(figure, path)
 
 
+def branch_mix(report, path: Path) -> str:
+    kinds = [kind for kind in ("alpha", "lambda") if any(kind in run.mix for run in report.runs)]
+    if not kinds:
+        return "no run's checkpoint has learned branch weights (hybrid.scale alpha or lambda)"
+    # A language model's layers are numbers, spaced as such; an AU-Net's name their stack too.
+    numbered = all(layer.isdigit() for run in report.runs for weights in run.mix.values() for layer in weights)
+    figure = Figure(figsize=(5.2 * len(kinds), 4.2))
+    for axes, kind in zip(figure.subplots(1, len(kinds), squeeze=False)[0], kinds):
+        for run in report.runs:
+            if kind in run.mix:
+                layers = [int(layer) if numbered else layer for layer in run.mix[kind]]
+                axes.plot(layers, list(run.mix[kind].values()), marker="o", label=run.name)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_xlabel("layer")
+        axes.set_ylabel("α (weight of Mamba; attention gets 1 − α)" if kind == "alpha" else "λ (weight of the subtracted branch)")
+        axes.set_title("Learned α per layer" if kind == "alpha" else "Learned λ per layer")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="x-small")
+    return _save(figure, path)
+
+
 def draw_all(report, out: Path) -> dict[str, str]:
     """Every plot into ``out``: {title: the PNG's path, or the reason it was skipped}."""
     plots = {
@@ -164,5 +186,6 @@ def draw_all(report, out: Path) -> dict[str, str]:
         "cache against context length": (cache_vs_context, "cache_vs_context.png"),
         "MQAR recall": (mqar, "mqar.png"),
         "needle and passkey accuracy": (needle, "needle.png"),
+        "learned branch weights per layer": (branch_mix, "branch_mix.png"),
     }
     return {title: draw(report, out / name) for title, (draw, name) in plots.items()}

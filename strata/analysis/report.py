@@ -5,6 +5,8 @@ AU-Net), tokens and FLOPs trained, inference cache at a context (bf16, from the 
 validation bits per byte (the trainer's last validation), the headline of every saved evaluation
 (tasks, held-out text, needle, MQAR, ...) and decode tokens/s. Written as ``report.md`` and
 ``report.csv`` with the plots of ``strata.analysis.plots`` beside them, and printed as a table.
+Runs whose intra-layer hybrids learn how to weigh their branches (α of the hybrid paper's
+Appendix Q, Diff-T's λ) get a second table, those values per layer, read from the newest checkpoint.
 
 Costs come from a sweep run's ``plan.json`` (what the sweep matched); for a run trained outside a
 sweep they are computed from its config, measuring an AU-Net's contraction on its training data.
@@ -17,11 +19,14 @@ import csv
 import io
 import json
 import math
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from safetensors import SafetensorError, safe_open
 
 from strata.analysis.aunet_cost import aunet_cost
 from strata.analysis.budget import RunCost, run_cost
@@ -29,10 +34,16 @@ from strata.analysis.cost import model_cost
 from strata.analysis.info import human, runs as short_layout
 from strata.config import AUNetConfig, Config, load_config, validate_config
 from strata.evals.report import load_evaluations
+from strata.nn.hybrid import diff_lambda, lambda_init
+from strata.train.checkpoint import list_checkpoints
 from strata.train.metrics import read_metrics
 
 DECODE = "decode/tokens_per_s"
-TASK_MEAN = "tasks mean acc_norm"  # the papers' few-shot average, over the task files evaluated
+TASK_MEAN = "tasks mean acc_bytes"  # the papers' few-shot average (per-byte normalised), over the task files evaluated
+# A learned branch weight of a hybrid block: "blocks.4.mixer.alpha" (an AU-Net's stacks have other
+# prefixes); λ is read through its first vector.
+MIX_WEIGHT = re.compile(r"^(?P<stack>.+)\.(?P<index>\d+)\.mixer\.(?P<name>alpha|lambda_q1)$")
+MIX_SYMBOLS = {"alpha": "α", "lambda": "λ"}
 
 
 @dataclass
@@ -50,6 +61,7 @@ class RunReport:
     evaluations: dict[str, dict] = field(default_factory=dict)
     finished: bool = False
     head: bool = False  # FLOPs count the output head, as the run's sweep matched them
+    mix: dict[str, dict[str, float]] = field(default_factory=dict)  # "alpha"/"lambda" -> {layer: value}
 
     @property
     def flops_per_token(self) -> float:
@@ -57,7 +69,7 @@ class RunReport:
 
     @property
     def task_mean(self) -> float | None:
-        scores = [value for name, value in self.headlines.items() if name.startswith("task-") and name.endswith("/acc_norm")]
+        scores = [value for name, value in self.headlines.items() if name.startswith("task-") and name.endswith("/acc_bytes")]
         return sum(scores) / len(scores) if scores else None
 
     @property
@@ -131,7 +143,39 @@ def read_run(run_dir: Path, head: bool = False) -> RunReport:
     for name, record in report.evaluations.items():
         for metric, value in record["headline"].items():
             report.headlines[f"{name}/{metric}"] = value
+    report.mix = branch_mix(run_dir)
     return report
+
+
+def branch_mix(run_dir: Path) -> dict[str, dict[str, float]]:
+    """The learned branch weights of the newest checkpoint, {"alpha" or "lambda": {layer: value}},
+    layers 1-indexed as the papers count them (an AU-Net stack's prefixed: "encoders.0.2"). Only
+    these few tensors are read, not the whole model."""
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        return {}
+    found = []
+    try:
+        with safe_open(str(checkpoints[0] / "model.safetensors"), "pt") as weights:
+            for key in weights.keys():
+                match = MIX_WEIGHT.match(key)
+                if match is None:
+                    continue
+                layer = int(match["index"]) + 1
+                if match["name"] == "alpha":
+                    kind, value = "alpha", weights.get_tensor(key).item()
+                else:
+                    prefix = key.removesuffix("q1")
+                    vectors = (weights.get_tensor(prefix + part) for part in ("q1", "k1", "q2", "k2"))
+                    kind, value = "lambda", diff_lambda(*vectors, lambda_init(layer)).item()
+                found.append((kind, match["stack"], layer, value))
+    except (SafetensorError, OSError) as error:
+        warnings.warn(f"{checkpoints[0]}: learned branch weights not read ({error})", stacklevel=2)
+        return {}
+    mix: dict[str, dict[str, float]] = {}
+    for kind, stack, layer, value in sorted(found):  # by stack, then layer (not "10" before "2")
+        mix.setdefault(kind, {})[str(layer) if stack == "blocks" else f"{stack}.{layer}"] = value
+    return mix
 
 
 # --- tables -----------------------------------------------------------------------------------
@@ -182,11 +226,24 @@ def _cell(header: str, value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def mix_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    """(header, formatted rows): a row per layer, a column per run and learned weight (α, λ);
+    no rows when no run learns one."""
+    columns = [(run, kind) for run in report.runs for kind in MIX_SYMBOLS if kind in run.mix]
+    labels = {layer for run, kind in columns for layer in run.mix[kind]}
+    layers = sorted(labels, key=lambda label: (label.rpartition(".")[0], int(label.rpartition(".")[2])))
+    header = ["layer", *(f"{run.name} {MIX_SYMBOLS[kind]}" for run, kind in columns)]
+    return header, [[layer, *(_cell("", run.mix[kind].get(layer)) for run, kind in columns)] for layer in layers]
+
+
+def _markdown(header: list[str], cells: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
+
+
 def markdown_table(report: Report) -> str:
     header, table = rows(report)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(h, v) for h, v in zip(header, row)) + " |" for row in table]
-    return "\n".join(lines)
+    return _markdown(header, [[_cell(h, v) for h, v in zip(header, row)] for row in table])
 
 
 def csv_text(report: Report) -> str:
@@ -214,6 +271,15 @@ def print_report(console: Console, report: Report, out: Path) -> None:
     for row in table:
         grid.add_row(*(_cell(header[i], row[i]) for i in shown))
     console.print(grid)
+    mix_header, mix_table = mix_rows(report)
+    if mix_table:
+        console.print("[bold]learned branch weights per layer[/bold] (α: α·Mamba + (1 − α)·attention; λ: Diff-T's, b − λ·a)")
+        mix_grid = Table()
+        for name in mix_header:
+            mix_grid.add_column(name, justify="left" if name == "layer" else "right")
+        for row in mix_table:
+            mix_grid.add_row(*row)
+        console.print(mix_grid)
     unfinished = [run.name for run in report.runs if not run.finished]
     if unfinished:
         console.print(f"not finished (partial figures): {', '.join(unfinished)}")
@@ -255,7 +321,14 @@ def write_report(report: Report, out: Path) -> dict[str, str | None]:
 
     out.mkdir(parents=True, exist_ok=True)
     plots = draw_all(report, out)
-    lines = [*_heading(report), "", markdown_table(report), "", "## Plots", ""]
+    lines = [*_heading(report), "", markdown_table(report), ""]
+    mix_header, mix_table = mix_rows(report)
+    if mix_table:
+        lines += ["## Learned branch weights per layer", "",
+                  "α mixes a hybrid block as α·Mamba + (1 − α)·attention (the hybrid paper's Appendix Q); λ is "
+                  "the Differential Transformer's weight of the subtracted branch (b − λ·a). From each run's newest "
+                  "checkpoint; layers counted from 1.", "", _markdown(mix_header, mix_table), ""]
+    lines += ["## Plots", ""]
     for title, outcome in plots.items():
         lines.append(f"![{title}]({Path(outcome).name})" if outcome.endswith(".png") else f"- {title}: skipped, {outcome}")
         lines.append("")

@@ -10,10 +10,20 @@ and the continuation scored for choice ``c`` is ``" " + c``. The prompt is ``[BO
 and each continuation is encoded on its own, so every choice follows the same prompt tokens.
 
 For each choice, the log-likelihood is the sum of log p(token) over its continuation tokens.
-``acc``: the choice with the highest log-likelihood is gold. ``acc_norm``: the same with the
-log-likelihood divided by the continuation's UTF-8 byte length, so long choices are not penalised
-for having more tokens. Ties go to the first choice (``argmax`` order): a model with constant
-logits picks the first choice on ``acc_norm`` with a byte tokenizer, not a random one.
+``acc``: the choice with the highest log-likelihood is gold. The normalised accuracies divide each
+log-likelihood by the length of the choice, so long choices are not penalised for having more tokens:
+
+- ``acc_norm``: by its length in characters (code points), lm-evaluation-harness's ``acc_norm``. The
+  harness divides by ``len(choice)``, the choice as the task lists it, without the delimiter
+  (``" "``) put before it to score it; a task written for it with ``doc_to_choice: choices`` and the
+  default ``target_delimiter`` scores what strata scores and gets the same ``acc_norm``.
+- ``acc_bytes``: by its length in UTF-8 bytes, again without the space: the hybrid paper's
+  normalisation (brief §8), and the harness's ``acc_bytes``. The two differ on non-ASCII choices
+  (``"é"`` is one character, two bytes).
+
+Ties go to the first choice (``argmax`` order). With a byte model of constant logits every byte
+costs the same, so ``acc`` picks the shortest choice in bytes, ``acc_bytes`` the longest (the scored
+space costs a byte that the length leaves out), and ``acc_norm`` the longest when all are ASCII.
 
 The cached path runs every distinct prefix of the items' (prompt, choice) sequences once, through a
 prefix tree of them all and forks of the inference caches (``strata.evals.prefix_tree``): an item's
@@ -64,6 +74,8 @@ def load_task(path: str | Path) -> list[Item]:
             raise DataError(f"{where}: choices must be a list of strings")
         if not choices:
             raise DataError(f"{where}: choices is empty")
+        if "" in choices:  # its length would divide its log-likelihood
+            raise DataError(f"{where}: choice {choices.index('')} is an empty string")
         if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
             raise DataError(f"{where}: gold {gold!r} is not an index into the {len(choices)} choices")
         items.append(Item(text, choices, gold))
@@ -117,8 +129,9 @@ def score_choices(model, tokenizer, prompts: list[str], items: list[Item], *, us
 
 def evaluate_task(model, tokenizer, path: str | Path, *, shots: int = 0, seed: int = 0, limit: int | None = None,
                   use_cache: bool = True, return_items: bool = False) -> dict:
-    """``acc``, ``acc_norm``, their binomial standard errors and ``n`` on a task file; with
-    ``return_items`` also ``items``: per item the choices' log-likelihoods, gold and predictions.
+    """``acc``, ``acc_norm``, ``acc_bytes`` (module docstring), their binomial standard errors and
+    ``n`` on a task file; with ``return_items`` also ``items``: per item the choices'
+    log-likelihoods, gold and predictions (``pred``, ``pred_norm``, ``pred_bytes``).
 
     ``limit`` scores the first items only; shots are still drawn from the whole file.
     """
@@ -129,15 +142,17 @@ def evaluate_task(model, tokenizer, path: str | Path, *, shots: int = 0, seed: i
     scores = score_choices(model, tokenizer, prompts, items, use_cache=use_cache)
     per_item = []
     for item, loglikelihoods in zip(items, scores, strict=True):
-        normalised = [ll / len(_continuation(choice)) for ll, choice in zip(loglikelihoods, item.choices, strict=True)]
+        lls = np.array(loglikelihoods)
+        characters = np.array([len(choice) for choice in item.choices])
+        utf8_bytes = np.array([len(choice.encode()) for choice in item.choices])
         # np.argmax returns the first maximum: ties go to the first choice.
-        per_item.append({"loglikelihoods": loglikelihoods, "gold": item.gold,
-                         "pred": int(np.argmax(loglikelihoods)), "pred_norm": int(np.argmax(normalised))})
+        per_item.append({"loglikelihoods": loglikelihoods, "gold": item.gold, "pred": int(np.argmax(lls)),
+                         "pred_norm": int(np.argmax(lls / characters)), "pred_bytes": int(np.argmax(lls / utf8_bytes))})
     n = len(per_item)
-    acc = sum(entry["pred"] == entry["gold"] for entry in per_item) / n
-    acc_norm = sum(entry["pred_norm"] == entry["gold"] for entry in per_item) / n
-    result = {"acc": acc, "acc_norm": acc_norm, "n": n,
-              "acc_stderr": _stderr(acc, n), "acc_norm_stderr": _stderr(acc_norm, n)}
+    result: dict = {"n": n}
+    for metric, pred in (("acc", "pred"), ("acc_norm", "pred_norm"), ("acc_bytes", "pred_bytes")):
+        result[metric] = sum(entry[pred] == entry["gold"] for entry in per_item) / n
+        result[f"{metric}_stderr"] = _stderr(result[metric], n)
     if return_items:
         result["items"] = per_item
     return result

@@ -2,15 +2,30 @@
 
 **Needle** (hybrid brief §8). The haystack is held-out corpus text given by the caller; the needle
 ``The special magic {city} number is: {7 digits}.`` goes in at a depth, and the prompt ends with
-``What is the special magic {city} number? The special magic {city} number is:``, so even a base
-model answers by continuing the sentence. **Passkey** (the classic of landmark attention): the
-instruction ``There is an important info hidden ...``, then ``The grass is green. The sky is blue.
-...`` repeated, the key sentence ``The pass key is NNNNN. Remember it. NNNNN is the pass key.``, and
-``What is the pass key? The pass key is``. A city and a number (or a key) are drawn for every trial.
+the question. **Passkey** (the classic of landmark attention): the instruction ``There is an
+important info hidden ...``, then ``The grass is green. The sky is blue. ...`` repeated, the key
+sentence ``The pass key is NNNNN. Remember it. NNNNN is the pass key.``, and ``What is the pass
+key? The pass key is``. A city and a number (or a key) are drawn for every trial.
 
 Prompt of a cell (length L, depth d), as token ids::
 
-    BOS [instruction "\\n"] haystack[:b] " " needle haystack[b:] "\\n" question
+    BOS instruction haystack[:b] " " needle haystack[b:] "\\n" question
+
+**Protocols** (``protocol=``; the passkey has strata's only). Both end the prompt with the start of
+the answer sentence, so even a base model answers by continuing it.
+
+- ``"strata"`` (the default): no instruction; the question ``What is the special magic {city}
+  number? The special magic {city} number is:``. Greedy decoding, up to the tokens of
+  ``" {number}."`` in this tokenizer (9 for bytes, fewer for BPE) plus one spare, for a model that
+  splits the digits into more pieces; a newline or EOS ends the answer early. It is right when the
+  first run of digits in it is exactly the number: a different number, the number with more digits
+  (``12345678``) or no digits are wrong, so a model that knows nothing scores 0 (chance for a
+  7-digit exact match is 1e-7) and a model that lists numbers gains nothing.
+- ``"paper"`` (the hybrid paper's run): the haystack inside ``<context>\\n ... \\n</context>``, then
+  ``\\n \\nWhat is the special magic {city} number?\\n\\nThe special magic {city} number is:``; 20
+  greedy tokens (only EOS ends them early), right if the number appears anywhere in them. Its grid:
+  lengths 960, 1,984, ... (steps of 1,024) up to 16,320 or a given maximum (``paper_lengths``),
+  depths 0-100 % in 10 % steps, 100 trials a cell.
 
 **Lengths are tokens of the model's tokenizer**, the whole prompt including BOS, and exact: each
 part is encoded on its own and the ids are concatenated, so a byte model and a BPE model asked for
@@ -22,19 +37,11 @@ Filler shorter than the longest haystack is repeated (joined by a blank line; th
 **Depth** d is the fraction of the haystack's tokens before the needle: it goes at the boundary ``b``
 nearest to ``d`` times the haystack length, where the boundaries are the haystack's two ends and
 every token boundary at which a sentence (``.``, ``!`` or ``?``, then any closing quotes or brackets)
-or a line ends before whitespace. So 0 is right after BOS (or the instruction) and 1 right before the
+or a line ends before whitespace. So 0 is right after the instruction and 1 right before the
 question, exactly; in between the needle is within half a sentence of the depth asked. The depth
 reached is kept per trial. At those boundaries a byte-level BPE splits the text anyway (its
 pre-tokenizer starts a new piece at whitespace after punctuation), so the ids are the text's own
 encoding up to the haystack's cut start.
-
-**Answer.** Greedy decoding, up to the tokens of ``" {number}."`` in this tokenizer (9 for bytes,
-fewer for BPE) plus one spare, for a model that splits the digits into more pieces; a newline or EOS
-ends the answer early. It is right when the first run of digits in it is exactly the number: a
-different number, the number with more digits (``12345678``) or no digits are wrong, so a model
-that knows nothing scores 0 (chance for a 7-digit exact match is 1e-7). The brief's "20 tokens,
-right if the number appears" would also accept a model that lists numbers; this rule needs no more
-tokens than the answer.
 
 **Past the training length** nothing is capped (that is the point of the grid): attention with RoPE
 sees positions it never trained on and usually loses the needle there, a sliding window sees only
@@ -49,6 +56,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -76,28 +84,77 @@ PASSKEY_QUESTION = "What is the pass key? The pass key is"
 # character, before whitespace or the end of the text.
 SENTENCE_END = re.compile(rb"""[.!?]['")\]]*(?=\s|\Z)|\S(?=[ \t]*(?:\r?\n|\Z))""")
 DIGITS = re.compile(r"[0-9]+")
+PAPER_MAX_LENGTH = 16_320
 
 Filler = bytes | str | Sequence[Document]
 
 
+@dataclass(frozen=True)
+class Protocol:
+    """How a retrieval prompt is framed, answered and judged, and the depths and trials it runs by
+    default (module docstring)."""
+
+    name: str
+    instruction: str  # between BOS and the haystack
+    sentence: str  # the needle, with {city} and {number}
+    question: str  # after the haystack and a newline, with {city}
+    digits: int  # of the number to find
+    # None: strata's answer, its own tokens plus one spare, ended by a newline, right if its first
+    # digits are the number. N: the paper's, N tokens, right if the number is anywhere in them.
+    answer_tokens: int | None
+    depths: tuple[float, ...]
+    trials: int
+
+    def draw(self, rng: np.random.Generator) -> tuple[str, str]:
+        """A trial's city and number."""
+        return CITIES[rng.integers(len(CITIES))], str(rng.integers(10 ** (self.digits - 1), 10**self.digits))
+
+    def budget(self, tokenizer: Tokenizer, number: str) -> int:
+        return self.answer_tokens or len(tokenizer.encode(f" {number}.".encode())) + 1
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        return ("\n",) if self.answer_tokens is None else ()
+
+    def correct(self, answer: str, number: str) -> bool:
+        if self.answer_tokens is not None:
+            return number in answer
+        digits = DIGITS.search(answer)
+        return digits is not None and digits.group() == number
+
+
+STRATA_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+PROTOCOLS = {
+    "strata": Protocol("strata", "", NEEDLE, NEEDLE_QUESTION, 7, None, STRATA_DEPTHS, 3),
+    "paper": Protocol("paper", "<context>\n", NEEDLE,
+                      "</context>\n \nWhat is the special magic {city} number?\n\nThe special magic {city} number is:",
+                      7, 20, tuple(step / 10 for step in range(11)), 100),
+}
+PASSKEY_PROTOCOL = Protocol("strata", PASSKEY_INSTRUCTION + "\n", PASSKEY, PASSKEY_QUESTION, 5, None, STRATA_DEPTHS, 3)
+
+
+def paper_lengths(maximum: int | None = None) -> list[int]:
+    """The paper's needle lengths: 960, 1,984, ... every 1,024 tokens up to 16,320 or ``maximum``."""
+    maximum = PAPER_MAX_LENGTH if maximum is None else maximum
+    if maximum < 960:
+        raise ValueError(f"the paper's needle lengths start at 960 tokens; a maximum of {maximum} leaves none")
+    return list(range(960, maximum + 1, 1024))
+
+
 def needle_grid(model: torch.nn.Module, tokenizer: Tokenizer, filler: Filler, lengths: Sequence[int],
                 depths: Sequence[float], trials: int = 5, seed: int = 0, use_cache: bool = True, *,
-                batch_size: int = 8, name: str | None = None) -> dict:
+                batch_size: int = 8, name: str | None = None, protocol: str = "strata") -> dict:
     """Needle-in-a-haystack accuracy for every (length, depth) cell (see the module docstring).
 
     ``filler`` is held-out text: bytes, str, or documents (joined by a blank line). ``lengths`` are
     whole prompts in tokens of ``tokenizer``; ``depths`` fractions in [0, 1]. ``batch_size`` prompts
-    of one length share a cached generation; ``name`` labels the model in tables and plots.
-    Returns the dict described in ``_result``.
+    of one length share a cached generation; ``name`` labels the model in tables and plots;
+    ``protocol`` is ``"strata"`` or ``"paper"``. Returns the dict described in ``_result``.
     """
-
-    def draw(rng: np.random.Generator) -> tuple[str, str, str]:
-        city = CITIES[rng.integers(len(CITIES))]
-        number = str(rng.integers(1_000_000, 10_000_000))
-        return NEEDLE.format(city=city, number=number), NEEDLE_QUESTION.format(city=city), number
-
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown needle protocol {protocol!r}; choose {' or '.join(PROTOCOLS)}")
     haystack = _Haystack(tokenizer, _filler_bytes(filler), b"\n\n")
-    return _grid("needle", model, tokenizer, haystack, "", draw, lengths, depths, trials, seed, use_cache,
+    return _grid("needle", PROTOCOLS[protocol], model, tokenizer, haystack, lengths, depths, trials, seed, use_cache,
                  batch_size, name)
 
 
@@ -106,14 +163,9 @@ def passkey_grid(model: torch.nn.Module, tokenizer: Tokenizer, lengths: Sequence
                  name: str | None = None) -> dict:
     """Passkey retrieval accuracy for every (length, depth) cell, with the same result as
     ``needle_grid``; the key is a 5-digit number and the filler the classic repeated sentences."""
-
-    def draw(rng: np.random.Generator) -> tuple[str, str, str]:
-        number = str(rng.integers(10_000, 100_000))
-        return PASSKEY.format(number=number), PASSKEY_QUESTION, number
-
     haystack = _Haystack(tokenizer, PASSKEY_FILLER.encode(), b" ")
-    return _grid("passkey", model, tokenizer, haystack, PASSKEY_INSTRUCTION + "\n", draw, lengths, depths, trials, seed,
-                 use_cache, batch_size, name)
+    return _grid("passkey", PASSKEY_PROTOCOL, model, tokenizer, haystack, lengths, depths, trials, seed, use_cache,
+                 batch_size, name)
 
 
 class _Haystack:
@@ -146,61 +198,62 @@ class _Haystack:
         return self.ids[end - length : end], np.concatenate([[0], inner, [length]])
 
 
-def _grid(task, model, tokenizer, haystack: _Haystack, instruction: str, draw, lengths, depths, trials: int,
+def _grid(task: str, protocol: Protocol, model, tokenizer, haystack: _Haystack, lengths, depths, trials: int,
           seed: int, use_cache: bool, batch_size: int, name: str | None) -> dict:
     lengths, depths = _check_grid(lengths, depths, trials, batch_size)
-    prefix = [tokenizer.bos_id, *tokenizer.encode(instruction.encode()).tolist()]
     cells = []
     for length in lengths:
-        length_cells = [{"length": length, "depth": depth,
-                         "records": [_prompt(task, tokenizer, haystack, prefix, draw, length, depth,
-                                             np.random.default_rng([seed, length, round(depth * 1_000_000), trial]))
-                                     for trial in range(trials)]}
-                        for depth in depths]
-        _answer(model, tokenizer, [record for cell in length_cells for record in cell["records"]], use_cache,
+        length_cells = []
+        for depth in depths:
+            records = []
+            for trial in range(trials):
+                rng = np.random.default_rng([seed, length, round(depth * 1_000_000), trial])
+                records.append(_prompt(protocol, tokenizer, haystack, *protocol.draw(rng), length, depth, rng))
+            length_cells.append({"length": length, "depth": depth, "records": records})
+        _answer(protocol, model, tokenizer, [record for cell in length_cells for record in cell["records"]], use_cache,
                 batch_size)
         cells += length_cells
-    return _result(task, model, tokenizer, lengths, depths, trials, seed, cells, name)
+    return _result(task, protocol, model, tokenizer, lengths, depths, trials, seed, cells, name)
 
 
-def _prompt(task, tokenizer, haystack: _Haystack, prefix: list[int], draw, length: int, depth: float,
+def _prompt(protocol: Protocol, tokenizer, haystack: _Haystack, city: str, number: str, length: int, depth: float,
             rng: np.random.Generator) -> dict:
     """One trial's prompt ids, its number and answer budget, and the depth the needle reached."""
-    needle, question, number = draw(rng)
-    needle_ids = tokenizer.encode(f" {needle}".encode()).tolist()
-    question_ids = tokenizer.encode(f"\n{question}".encode()).tolist()
+    prefix = [tokenizer.bos_id, *tokenizer.encode(protocol.instruction.encode()).tolist()]
+    needle_ids = tokenizer.encode(f" {protocol.sentence.format(city=city, number=number)}".encode()).tolist()
+    question_ids = tokenizer.encode(f"\n{protocol.question.format(city=city)}".encode()).tolist()
     filler_length = length - len(prefix) - len(needle_ids) - len(question_ids)
     if filler_length < 0:
-        raise ValueError(f"a {task} prompt of {length} tokens has no room for filler: BOS, needle and question "
-                         f"(and instruction) take {length - filler_length} tokens of the {tokenizer.kind} tokenizer; "
+        raise ValueError(f"a prompt of {length} tokens has no room for filler: BOS, needle and question (and "
+                         f"instruction) take {length - filler_length} tokens of the {tokenizer.kind} tokenizer; "
                          "use longer lengths")
     filler, places = haystack.window(filler_length, rng)
     at = int(places[np.argmin(np.abs(places - depth * filler_length))])  # the first of two equally near
     return {"number": number, "depth": at / filler_length if filler_length else depth,
             "ids": [*prefix, *filler[:at].tolist(), *needle_ids, *filler[at:].tolist(), *question_ids],
-            "max_new_tokens": len(tokenizer.encode(f" {number}.".encode())) + 1}
+            "max_new_tokens": protocol.budget(tokenizer, number)}
 
 
-def _answer(model, tokenizer, records: list[dict], use_cache: bool, batch_size: int) -> None:
+def _answer(protocol: Protocol, model, tokenizer, records: list[dict], use_cache: bool, batch_size: int) -> None:
     """Generate each record's answer, ``batch_size`` prompts at a time, and judge it (in place)."""
     for first in range(0, len(records), batch_size):
         batch = records[first : first + batch_size]
         outputs = generate(model, [record.pop("ids") for record in batch],
-                           max(record.pop("max_new_tokens") for record in batch), tokenizer=tokenizer, stop="\n",
-                           use_cache=use_cache)
+                           max(record.pop("max_new_tokens") for record in batch), tokenizer=tokenizer,
+                           stop=protocol.stop, use_cache=use_cache)
         for record, output in zip(batch, outputs, strict=True):
-            digits = DIGITS.search(output.text)
             record["output"] = output.text
-            record["correct"] = digits is not None and digits.group() == record["number"]
+            record["correct"] = protocol.correct(output.text, record["number"])
 
 
-def _result(task, model, tokenizer, lengths, depths, trials, seed, cells, name) -> dict:
-    """``task`` ("needle" or "passkey"), ``model`` (the name given, or None), ``tokenizer`` (its kind),
-    ``training_length`` (the model config's ``context_length``, or None), ``lengths``, ``depths``,
-    ``trials``, ``seed``; ``accuracy[i][j]``: the fraction right at ``depths[i]`` and ``lengths[j]``
-    (rows are the heat map's rows); ``mean``: over all cells; ``cells``: per cell ``length``,
-    ``depth``, ``accuracy``, ``correct`` and ``trials`` (each with ``number``, the ``depth`` reached,
-    the generated ``output`` text and whether it is ``correct``)."""
+def _result(task, protocol: Protocol, model, tokenizer, lengths, depths, trials, seed, cells, name) -> dict:
+    """``task`` ("needle" or "passkey"), ``protocol`` ("strata" or "paper"), ``model`` (the name
+    given, or None), ``tokenizer`` (its kind), ``training_length`` (the model config's
+    ``context_length``, or None), ``lengths``, ``depths``, ``trials``, ``seed``;
+    ``accuracy[i][j]``: the fraction right at ``depths[i]`` and ``lengths[j]`` (rows are the heat
+    map's rows); ``mean``: over all cells; ``cells``: per cell ``length``, ``depth``,
+    ``accuracy``, ``correct`` and ``trials`` (each with ``number``, the ``depth`` reached, the
+    generated ``output`` text and whether it is ``correct``)."""
     by_cell = {}
     for cell in cells:
         correct = sum(record["correct"] for record in cell["records"])
@@ -210,6 +263,7 @@ def _result(task, model, tokenizer, lengths, depths, trials, seed, cells, name) 
     accuracy = [[by_cell[length, depth]["accuracy"] for length in lengths] for depth in depths]
     return {
         "task": task,
+        "protocol": protocol.name,
         "model": name,
         "tokenizer": tokenizer.kind,
         "training_length": getattr(getattr(model, "config", None), "context_length", None),
@@ -272,7 +326,8 @@ def needle_markdown(result: dict) -> str:
     model = f" of {result['model']}" if result["model"] else ""
     trained = f", trained at {result['training_length']:,}" if result["training_length"] else ""
     caption = (f"{_TITLES[result['task']]}{model}: {result['mean']:.1%} over all cells; {result['trials']} trials "
-               f"a cell; lengths in tokens of the {result['tokenizer']} tokenizer{trained}.")
+               f"a cell; lengths in tokens of the {result['tokenizer']} tokenizer{trained}; "
+               f"{result['protocol']} protocol.")
     return "\n".join([caption, "", *lines])
 
 
@@ -298,7 +353,7 @@ def plot_heatmap(result: dict, path: str | Path) -> Path:
     axes.set_yticks(range(len(depths)), [_percent(depth) for depth in depths])
     axes.set_xlabel(f"context length (tokens, {result['tokenizer']} tokenizer)")
     axes.set_ylabel("needle depth")
-    subtitle = f"mean {result['mean']:.0%}, {result['trials']} trials a cell"
+    subtitle = f"mean {result['mean']:.0%}, {result['trials']} trials a cell, {result['protocol']} protocol"
     trained = result["training_length"]
     if trained is not None and lengths[0] <= trained < lengths[-1]:
         axes.axvline(sum(length <= trained for length in lengths) - 0.5, color="black", linestyle="--", linewidth=1.2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from strata.evals.report import evals_dir, save_evaluation
 
@@ -22,17 +23,30 @@ class EvalRequest:
     shots: int = 0
     limit: int | None = None
     long: list[str] = field(default_factory=list)  # long documents: loss by position
-    length: int | None = None  # window for loss by position (default 4x the training length)
+    length: int | None = None  # window for loss by position (default 4x the training length, the paper's 3x)
     windows: int = 32  # windows for loss by position, at most
     languages: str | None = None  # folder of per-language texts
     needle: list[str] = field(default_factory=list)  # filler text for needle-in-a-haystack (give held-out text)
     passkey: bool = False
-    lengths: list[int] | None = None  # context lengths in tokens for needle/passkey (default around training)
-    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    trials: int = 3
+    # How needle and loss by position run: strata's own protocol or the hybrid paper's (the
+    # modules' docstrings); passkey and the rest have one protocol each.
+    protocol: Literal["strata", "paper"] = "strata"
+    lengths: list[int] | None = None  # context lengths in tokens for needle/passkey (default: the protocol's)
+    max_length: int | None = None  # the paper's needle lengths up to this (default 16,320)
+    depths: list[float] | None = None  # default: the protocol's
+    trials: int | None = None  # default: the protocol's
     characters: list[str] = field(default_factory=list)  # corpus whose words make the character tasks
     character_items: int = 100  # items per character task
     character_shots: int = 3
+
+    def __post_init__(self):
+        # Names as the command line and sweep files both say them: --max-length there is max_length here.
+        if self.max_length is not None and (self.protocol != "paper" or self.lengths):
+            raise ValueError("max-length caps the paper's needle lengths: give it with protocol paper and without "
+                             "lengths")
+        if self.protocol == "paper" and not (self.needle or self.long):
+            raise ValueError("protocol paper changes needle and long (loss by position); give one of them (multiple "
+                             "choice always reports acc_norm per character and the paper's acc_bytes per byte)")
 
 
 def run_dir_of(trained) -> Path:
@@ -94,22 +108,23 @@ def _heldout(trained, request, folder):
 def _long_context(trained, request, folder):
     from strata.data import load_documents
     from strata.evals.long_context import (
+        DEFAULT_REACH,
         loss_by_position,
         loss_by_position_markdown,
         plot_loss_by_position,
     )
 
     trained_length = training_length(trained)
-    length = request.length or 4 * trained_length
+    length = request.length or DEFAULT_REACH[request.protocol] * trained_length
     result = loss_by_position(trained.model, trained.tokenizer, load_documents(request.long), length,
-                              max_windows=request.windows)
+                              max_windows=request.windows, protocol=request.protocol)
     result["train_length"] = trained_length
     plot = folder / "loss_by_position.png"
     plot_loss_by_position({run_dir_of(trained).name: result}, plot, {run_dir_of(trained).name: trained_length})
     result["plot"] = str(plot)
     beyond = [b for b in result["buckets"] if b["start"] >= trained_length]
     within = [b for b in result["buckets"] if b["end"] <= trained_length]
-    headline = {"bpb": result["bpb"]}
+    headline = {"bpb": result["bpb"], "nats_per_token": result["nats_per_token"]}
     if within and beyond:
         headline["bpb_last_within"] = within[-1]["bpb"]
         headline["bpb_last_beyond"] = beyond[-1]["bpb"]
@@ -131,29 +146,38 @@ def _languages(trained, request, folder):
             languages_markdown(result) + f"\n\n![bits per character by language]({plot.name})")
 
 
-def context_lengths(trained, request) -> list[int]:
-    """The needle/passkey lengths asked for, or half to four times the training length (at least
+def retrieval_grid(trained, request, protocol) -> tuple[list[int], list[float], int]:
+    """Needle/passkey lengths, depths and trials: those asked for, else ``protocol``'s. Its lengths
+    are the paper's fixed series, or strata's half to four times the training length (at least
     320 tokens: a byte-level passkey prompt alone takes about 260)."""
+    from strata.evals.needle import paper_lengths
+
     if request.lengths:
-        return request.lengths
-    trained_length = training_length(trained)
-    return sorted({max(320, length) for length in (trained_length // 2, trained_length, 2 * trained_length, 4 * trained_length)})
+        lengths = request.lengths
+    elif protocol.name == "paper":
+        lengths = paper_lengths(request.max_length)
+    else:
+        trained_length = training_length(trained)
+        lengths = sorted({max(320, length) for length in (trained_length // 2, trained_length, 2 * trained_length,
+                                                          4 * trained_length)})
+    return lengths, request.depths or list(protocol.depths), request.trials or protocol.trials
 
 
 def _needle(trained, request, folder):
     from strata.data import load_documents
-    from strata.evals.needle import needle_grid
+    from strata.evals.needle import PROTOCOLS, needle_grid
 
-    result = needle_grid(trained.model, trained.tokenizer, load_documents(request.needle), context_lengths(trained, request), request.depths,
-                         request.trials, name=run_dir_of(trained).name)
+    result = needle_grid(trained.model, trained.tokenizer, load_documents(request.needle),
+                         *retrieval_grid(trained, request, PROTOCOLS[request.protocol]), name=run_dir_of(trained).name,
+                         protocol=request.protocol)
     return _heatmap(result, folder, "needle")
 
 
 def _passkey(trained, request, folder):
-    from strata.evals.needle import passkey_grid
+    from strata.evals.needle import PASSKEY_PROTOCOL, passkey_grid
 
-    result = passkey_grid(trained.model, trained.tokenizer, context_lengths(trained, request), request.depths,
-                          request.trials, name=run_dir_of(trained).name)
+    result = passkey_grid(trained.model, trained.tokenizer, *retrieval_grid(trained, request, PASSKEY_PROTOCOL),
+                          name=run_dir_of(trained).name)
     return _heatmap(result, folder, "passkey")
 
 
@@ -179,7 +203,9 @@ def _task(trained, request, path):
     from strata.evals.multiple_choice import evaluate_task
 
     result = evaluate_task(trained.model, trained.tokenizer, path, shots=request.shots, limit=request.limit)
-    row = (f"| {result['n']:,} | {result['acc']:.4f} ± {result['acc_stderr']:.4f} | "
-           f"{result['acc_norm']:.4f} ± {result['acc_norm_stderr']:.4f} | {request.shots} |")
-    markdown = f"| n | acc | acc_norm | shots |\n|---|---|---|---|\n{row}"
-    return {"acc": result["acc"], "acc_norm": result["acc_norm"]}, result, markdown
+    metrics = ("acc", "acc_norm", "acc_bytes")
+    row = " | ".join([f"{result['n']:,}", *(f"{result[m]:.4f} ± {result[f'{m}_stderr']:.4f}" for m in metrics),
+                      str(request.shots)])
+    header = "| n | acc | acc_norm (per character) | acc_bytes (per byte) | shots |\n|---|---|---|---|---|"
+    markdown = f"{header}\n| {row} |"
+    return {metric: result[metric] for metric in metrics}, result, markdown

@@ -30,21 +30,22 @@ def print_report(console: Console, checkpoint, report: dict, shots: int) -> None
     if tasks:
         table = _titled(console, f"multiple choice, {shots}-shot — {checkpoint}")
         table.add_column("task")
-        for column in ("n", "acc", "acc_norm"):
+        for column in ("n", "acc", "acc_norm", "acc_bytes"):
             table.add_column(column, justify="right")
         for name, task in tasks.items():
-            table.add_row(name, f"{task['n']:,}", f"{task['acc']:.4f} ± {task['acc_stderr']:.4f}",
-                          f"{task['acc_norm']:.4f} ± {task['acc_norm_stderr']:.4f}")
+            table.add_row(name, f"{task['n']:,}", *(f"{task[metric]:.4f} ± {task[f'{metric}_stderr']:.4f}"
+                                                    for metric in ("acc", "acc_norm", "acc_bytes")))
         console.print(table)
     if "long_context" in report:
         result = report["long_context"]["result"]
         table = _titled(console, f"loss by position, windows of {result['length']:,} tokens (trained at "
-                                 f"{result['train_length']:,}) — plot: {result['plot']}")
-        for column in ("positions", "bits/byte"):
+                                 f"{result['train_length']:,}), {result['protocol']} protocol — plot: {result['plot']}")
+        for column in ("positions", "bits/byte", "nats/token"):
             table.add_column(column, justify="right")
         for bucket in result["buckets"]:
             beyond = " (beyond training)" if bucket["start"] >= result["train_length"] else ""
-            table.add_row(f"{bucket['start']}-{bucket['end'] - 1}{beyond}", f"{bucket['bpb']:.4f}")
+            table.add_row(f"{bucket['start']}-{bucket['end'] - 1}{beyond}", f"{bucket['bpb']:.4f}",
+                          f"{bucket['nats_per_token']:.4f}")
         console.print(table)
     if "languages" in report:
         result = report["languages"]["result"]
@@ -59,7 +60,7 @@ def print_report(console: Console, checkpoint, report: dict, shots: int) -> None
         if name in report:
             result = report[name]["result"]
             table = _titled(console, f"{name}: accuracy by depth (rows) and length in tokens (columns), mean "
-                                     f"{result['mean']:.2f} — plot: {result['plot']}")
+                                     f"{result['mean']:.2f}, {result['protocol']} protocol — plot: {result['plot']}")
             table.add_column("depth")
             for length in result["lengths"]:
                 table.add_column(f"{length:,}", justify="right")
