@@ -5,12 +5,13 @@ Table 8, its main table (§7) and its appendix, plus the figures the fidelity au
 from the paper's Tables 10 and 15; the training recipe is brief §6.
 """
 
+import json
 from pathlib import Path
 
 import pytest
 
 from strata import load_config
-from strata.analysis.cost import model_cost
+from strata.cli import main
 
 PAPER = Path(__file__).resolve().parents[1] / "configs" / "paper"
 MIB = 2**20
@@ -72,12 +73,13 @@ CACHE_TOLERANCE = {"intra-1b": 0.045}
 
 
 @pytest.mark.parametrize("name, billions, mib", PAPER_SIZES)
-def test_presets_have_the_papers_sizes(name, billions, mib):
-    cost = model_cost(load_config(PAPER / f"{name}.yaml").model, 8192, "bf16")
+def test_strata_info_gives_the_papers_sizes(name, billions, mib, capsys):
+    assert main(["info", str(PAPER / f"{name}.yaml"), "--json", "--context", "8192", "--dtype", "bf16"]) == 0
+    info = json.loads(capsys.readouterr().out)
     if billions is not None:
-        assert within(cost.non_embedding_params / 1e9, billions), cost.non_embedding_params
+        assert within(info["non_embedding_params"] / 1e9, billions), info["non_embedding_params"]
     if mib is not None:
-        assert within(cost.cache_bytes / MIB, mib, CACHE_TOLERANCE.get(name, 0.03)), cost.cache_bytes / MIB
+        assert within(info["cache_bytes"] / MIB, mib, CACHE_TOLERANCE.get(name, 0.03)), info["cache_bytes"] / MIB
 
 
 def test_intra_350m_has_16_attention_and_16_ssm_heads():
