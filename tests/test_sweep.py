@@ -127,6 +127,27 @@ def test_budgets_set_the_steps(tmp_path):
         assert abs(run.cost.non_embedding_params - 60000) == min(abs(n - 60000) for n in others)
 
 
+def test_a_folder_resumes_across_a_key_added_with_a_default_but_not_a_changed_config(tmp_path):
+    """A plan written before ``model.hybrid.branches`` existed still matches today's run; a plan
+    whose config really differs is refused, naming the key."""
+    from rich.console import Console
+
+    from strata.analysis.sweep import _prepare
+
+    sweep, size, runs, evaluation, mqar = plan_sweep(write_sweep(tmp_path, "base: {config: tiny.yaml}\n" + GRID), None)
+    run, run_dir, console = runs[-1], tmp_path / "out" / runs[-1].name, Console(quiet=True)
+    _prepare(run_dir, run, evaluation, mqar, sweep, size, console)
+    plan = json.loads((run_dir / "plan.json").read_text())
+    del plan["config"]["model"]["hybrid"]["branches"]  # as an older strata wrote it
+    (run_dir / "plan.json").write_text(json.dumps(plan))
+    _prepare(run_dir, run, evaluation, mqar, sweep, size, console)
+
+    plan["config"]["model"]["d_model"] = 48
+    (run_dir / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(ConfigError, match=r"was started with another config \(config\.model\.d_model: 48 then, 32 now\)"):
+        _prepare(run_dir, run, evaluation, mqar, sweep, size, console)
+
+
 def _finished(out: Path) -> list[str]:
     return sorted(path.parent.name for path in out.glob("*/done.json"))
 

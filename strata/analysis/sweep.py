@@ -36,7 +36,7 @@ from strata.analysis.info import human
 from strata.analysis.report import blocks
 from strata.analysis.sweep_run import BUSY, DONE, PLAN, write_json
 from strata.analysis.sweep_spec import PATH_FIELDS, Budget, MQARTraining, Sweep, SweepEval, load_sweep
-from strata.config import ConfigError, config_to_dict
+from strata.config import ConfigError, config_to_dict, validate_config
 
 
 def plan_sweep(path: str | Path, size: str | None, overrides: list[str] = ()
@@ -129,7 +129,8 @@ def _prepare(run_dir: Path, run: PlannedRun, evaluation: SweepEval, mqar: MQARTr
     }
     if (run_dir / PLAN).exists():
         earlier = json.loads((run_dir / PLAN).read_text())
-        trained, planned = ({"config": plan_["config"], "mqar": plan_["mqar"]} for plan_ in (earlier, plan))
+        trained = {"config": _current_schema(earlier["config"], run_dir), "mqar": earlier["mqar"]}
+        planned = {"config": plan["config"], "mqar": plan["mqar"]}
         if trained != planned:
             raise ConfigError(f"{run_dir}: was started with another config ({_difference(trained, planned)}); "
                               "remove the folder or choose another --out")
@@ -143,6 +144,15 @@ def _prepare(run_dir: Path, run: PlannedRun, evaluation: SweepEval, mqar: MQARTr
     write_json(run_dir / PLAN, plan)
     if not (run_dir / "config.yaml").exists():
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def _current_schema(config: dict, run_dir: Path) -> dict:
+    """An earlier plan's config as today's schema resolves it: a key added since, with a default
+    that keeps the old behaviour, is filled in, so the run still compares equal and resumes."""
+    try:
+        return _plain(config_to_dict(validate_config(config, str(run_dir / PLAN))))
+    except ConfigError as error:
+        raise ConfigError(f"{error}; the run was planned by another strata: remove the folder or choose another --out") from None
 
 
 def _plain(data):
