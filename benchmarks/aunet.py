@@ -19,7 +19,6 @@ the per-round ratios (this machine's speed drifts by up to 2x within seconds).
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import time
 from pathlib import Path
@@ -31,16 +30,15 @@ from results import append_json_lines
 from timing import alternate, paired_ratio
 
 from strata import build_model, load_config
-from strata.data import ByteTokenizer, model_levels
+from strata.data import ByteTokenizer, corpus_path, model_levels
 from strata.inference import model_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"aunet2": ROOT / "configs/tiny/aunet2.yaml", "byte transformer": ROOT / "configs/tiny/byte-transformer.yaml"}
-DATA = Path(os.environ.get("STRATA_DATA") or ROOT.parent / "shared" / "data")
 
 
 def shakespeare() -> np.ndarray:
-    text = (DATA / "corpora" / "shakespeare.txt").read_bytes()
+    text = corpus_path("shakespeare").read_bytes()
     return np.concatenate([[ByteTokenizer.bos_id], ByteTokenizer().encode(text)]).astype(np.int64)
 
 

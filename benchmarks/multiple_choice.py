@@ -15,7 +15,6 @@ its batches save per-forward overhead. CPU runs use float32 and the default thre
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 from pathlib import Path
 
@@ -29,14 +28,8 @@ from strata.evals.multiple_choice import build_prompts, load_task, score_choices
 from strata.evals.prefix_tree import tokens_run
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("STRATA_DATA") or ROOT.parent / "shared" / "data")
-# Two, three and eleven choices per item.
-DEFAULT_TASKS = ("winowhy", "social_iqa", "language_identification")
-
-
-def task_path(name: str) -> Path:
-    path = Path(name)
-    return path if path.suffix == ".jsonl" else DATA / "tasks" / f"{name}.jsonl"
+# Two and four choices per item; short prompts (one sentence) and long ones (two).
+DEFAULT_TASKS = ("sotu-word-order", "sotu-next-sentence", "udhr-language")
 
 
 def token_ratio(tokenizer, prompts: list[str], items) -> float:
@@ -48,8 +41,8 @@ def token_ratio(tokenizer, prompts: list[str], items) -> float:
     return full / tokens_run(prompt_ids, choice_ids)
 
 
-def bench_task(path: Path, model, tokenizer, args) -> dict:
-    task = load_task(path)
+def bench_task(name: str, model, tokenizer, args) -> dict:
+    task = load_task(name)
     prompts = build_prompts(task, args.shots)
     items, prompts = task[: args.items], prompts[: args.items]
     samples = alternate({
@@ -57,7 +50,7 @@ def bench_task(path: Path, model, tokenizer, args) -> dict:
         "full": timed(lambda: score_choices(model, tokenizer, prompts, items, use_cache=False)),
     }, repeats=args.repeats, warmup=1)
     speedup, low, high = paired_ratio(samples["full"], samples["cached"])
-    return {"task": path.stem, "items": len(items), "choices": sum(len(item.choices) for item in items),
+    return {"task": Path(name).stem, "items": len(items), "choices": sum(len(item.choices) for item in items),
             "shots": args.shots, "family": args.family, "cached_s": statistics.median(samples["cached"]),
             "full_s": statistics.median(samples["full"]), "speedup": speedup, "speedup_range": [low, high],
             "token_ratio": token_ratio(tokenizer, prompts, items)}
@@ -65,7 +58,7 @@ def bench_task(path: Path, model, tokenizer, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), help="task names in DATA/tasks or .jsonl paths")
+    parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), help="task names (strata data list) or .jsonl paths")
     parser.add_argument("--items", type=int, default=1000)
     parser.add_argument("--shots", type=int, default=0)
     parser.add_argument("--family", default="transformer", help="a config in configs/tiny")
@@ -79,7 +72,7 @@ def main() -> None:
     print(f"tiny {args.family}, {args.items} items a task, {args.shots} shots, {torch.get_num_threads()} threads")
     print(f"{'task':>24} {'choices':>8} {'cached s':>9} {'full s':>8} {'speed-up':>9} {'(range)':>13} {'token ratio':>12}")
     for name in args.tasks:
-        row = bench_task(task_path(name), model, tokenizer, args)
+        row = bench_task(name, model, tokenizer, args)
         low, high = row["speedup_range"]
         print(f"{row['task']:>24} {row['choices']:>8,} {row['cached_s']:>9.2f} {row['full_s']:>8.2f} "
               f"{row['speedup']:>8.2f}x {f'({low:.2f}-{high:.2f})':>13} {row['token_ratio']:>11.2f}x", flush=True)

@@ -123,14 +123,15 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError("give RUN_OR_CKPT to evaluate, or --compare RUN RUN ...")
     request = EvalRequest(data=args.data or [], tasks=args.tasks or [], shots=args.shots, limit=args.limit,
                           long=args.long or [], length=args.length, windows=args.windows, languages=args.languages,
-                          needle=args.needle or [], passkey=args.passkey, protocol=args.protocol, lengths=args.lengths,
+                          language_codes=args.language_codes, needle=args.needle or [], passkey=args.passkey, protocol=args.protocol, lengths=args.lengths,
                           max_length=args.max_length, depths=args.depths, trials=args.trials,
                           characters=args.characters or [], character_items=args.character_items,
                           character_shots=args.character_shots)
     if not (request.data or request.tasks or request.long or request.languages or request.needle or request.passkey
             or request.characters):
-        raise ValueError("give something to evaluate: --data PATH (bits per byte), --tasks FILE.jsonl (multiple choice), "
-                         "--long PATH (loss by position), --languages DIR, --needle PATH, --passkey or --characters PATH")
+        raise ValueError("give something to evaluate: --data PATH (bits per byte), --tasks TASK (multiple choice), "
+                         "--long PATH (loss by position), --languages DIR, --needle PATH, --passkey or --characters PATH "
+                         "(a PATH may be a name of strata data list)")
     trained = open_run(args.run)
     report = run_suite(trained, request)
     if args.json:
@@ -251,10 +252,28 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_data_fetch(args: argparse.Namespace) -> int:
-    from strata.data import fetch_corpus
+def run_data_list(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
 
-    print(fetch_corpus(args.name))
+    from strata.data import catalog_rows
+
+    table = Table(title="named data (strata data fetch NAME; cache: $STRATA_CACHE or ~/.cache/strata)")
+    for column in ("name", "kind", "size", "licence", "source", "here", "what"):
+        table.add_column(column, overflow="fold")
+    for row in catalog_rows():
+        table.add_row(row["name"], row["kind"], row["size"], row["licence"], row["source"], row["here"], row["description"])
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    return 0
+
+
+def run_data_fetch(args: argparse.Namespace) -> int:
+    from strata.data import data_path, known_names
+
+    if bool(args.names) == args.all:
+        raise SystemExit("strata data fetch: give NAME ... or --all")
+    for name in known_names() if args.all else args.names:
+        print(f"{name}: {data_path(name)}")
     return 0
 
 
@@ -281,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--context", type=positive_int, default=None, help="sequence length (default: model.context_length)")
     info.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="cache element type")
     info.add_argument("--json", action="store_true", help="one JSON object instead of tables")
-    info.add_argument("--data", metavar="FILE", help="AU-Net: measure bytes per stage position on this text")
+    info.add_argument("--data", metavar="FILE", help="AU-Net: measure bytes per stage position on this text (a path or a name: shakespeare)")
     info.set_defaults(handler=run_info)
 
     train = commands.add_parser("train", help="train a model (or continue one with --resume)")
@@ -299,8 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a trained run; every evaluation is saved as JSON and Markdown (and plots) in RUN/evals/.",
     )
     evaluate.add_argument("run", metavar="RUN_OR_CKPT", nargs="?")
-    evaluate.add_argument("--data", nargs="+", metavar="PATH", help="held-out text: bits per byte and per character")
-    evaluate.add_argument("--tasks", nargs="+", metavar="FILE.jsonl", help="multiple-choice task files")
+    evaluate.add_argument("--data", nargs="+", metavar="PATH",
+                          help="held-out text: bits per byte and per character (a path or a name of strata data list)")
+    evaluate.add_argument("--tasks", nargs="+", metavar="TASK",
+                          help="multiple-choice tasks: JSONL files or task names (sotu-next-sentence, ...)")
     evaluate.add_argument("--shots", type=whole_number(0), default=0, help="examples before each task item (default 0)")
     evaluate.add_argument("--limit", type=positive_int, default=None, help="score only the first N items of each task")
     evaluate.add_argument("--long", nargs="+", metavar="PATH", help="long documents: loss by position, with a plot")
@@ -310,7 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--protocol", choices=["strata", "paper"], default="strata",
                           help="--needle and --long as strata runs them (default) or as the hybrid paper ran them: "
                                "its prompt, grid and answer rule; one window a document and 1,024-token buckets")
-    evaluate.add_argument("--languages", metavar="DIR", help="one text per language (e.g. shared/data/udhr): bpb and bpc each")
+    evaluate.add_argument("--languages", metavar="DIR",
+                          help="one text per language (a folder, or udhr): bits per byte and per character each")
+    evaluate.add_argument("--language-codes", nargs="+", metavar="CODE",
+                          help="only these languages of --languages (file names without .txt; default all)")
     evaluate.add_argument("--needle", nargs="+", metavar="PATH",
                           help="needle in a haystack with filler from these files (give held-out text): accuracy heat map")
     evaluate.add_argument("--passkey", action="store_true", help="passkey retrieval: accuracy heat map")
@@ -350,9 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help="torch.compile the decoding step: 1.6-1.8x faster on a CPU, after 20-40 s of compiling (seconds once cached)")
     generate.set_defaults(handler=run_generate)
 
-    data = commands.add_parser("data", help="named corpora").add_subparsers(dest="data_command", required=True)
-    fetch = data.add_parser("fetch", help="download a named corpus into the cache")
-    fetch.add_argument("name")
+    data = commands.add_parser("data", help="named corpora, folders and tasks").add_subparsers(dest="data_command",
+                                                                                               required=True)
+    data.add_parser("list", help="every named data set: size, licence, source, whether it is here").set_defaults(
+        handler=run_data_list)
+    fetch = data.add_parser("fetch", help="download (or build) named data into the cache")
+    fetch.add_argument("names", nargs="*", metavar="NAME")
+    fetch.add_argument("--all", action="store_true", help="every name of strata data list")
     fetch.set_defaults(handler=run_data_fetch)
 
     sweep = commands.add_parser("sweep", help="run a sweep file's grid of runs, matched by a budget, and evaluate them")

@@ -17,10 +17,10 @@ def strata(*args, stdin=None, check=True) -> subprocess.CompletedProcess:
     return result
 
 
-def train_tiny(family: str, out: Path, data_dir: Path) -> Path:
-    """A few training steps of a tiny preset on Shakespeare: a real run directory to load."""
+def train_tiny(family: str, out: Path) -> Path:
+    """A few training steps of a tiny preset on Shakespeare (named data): a real run directory to load."""
     strata(
-        "train", ROOT / f"configs/tiny/{family}.yaml", "--data", data_dir / "corpora/shakespeare.txt", "--steps", 3,
+        "train", ROOT / f"configs/tiny/{family}.yaml", "--data", "shakespeare", "--steps", 3,
         "--out", out, "--quiet", "model.context_length=64", "train.batch_size=4", "train.eval_bytes=4096",
         "data.valid_fraction=0.01",
     )

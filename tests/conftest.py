@@ -1,4 +1,7 @@
-"""Shared fixtures. Real data lives outside the repository, in $STRATA_DATA (default ../shared/data)."""
+"""Shared fixtures. Data comes by name (``strata.data.corpus_path("sotu")``, ``dataset_path("udhr")``),
+fetched once into the cache; $STRATA_DATA, when set (CI points it at ../shared/data), is a local
+copy that saves the downloads. The multiple-choice files the tests read are the project's own
+(``tests/data/tasks``, written by ``tests/data/make_tasks.py``)."""
 
 import os
 from pathlib import Path
@@ -6,19 +9,27 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("STRATA_DATA") or ROOT.parent / "shared" / "data")
-# Named corpora (``shakespeare``) resolve through $STRATA_DATA, in this process and in the CLI runs
-# the tests start, so no test downloads by accident.
-os.environ["STRATA_DATA"] = str(DATA_DIR)
+TASKS_DIR = ROOT / "tests" / "data" / "tasks"
+
+
+def local_copy_present() -> bool:
+    shared = os.environ.get("STRATA_DATA")
+    return bool(shared) and (Path(shared) / "corpora" / "shakespeare.txt").is_file()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``network`` download from the registries; with a local copy of the data they
+    are skipped, so a run beside ../shared (CI) needs no network."""
+    if not local_copy_present():
+        return
+    skip = pytest.mark.skip(reason="a local copy of the data is present ($STRATA_DATA): no downloads")
+    for item in items:
+        if "network" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
-def data_dir() -> Path:
-    """The shared data folder. Missing data is a broken setup, not a reason to skip: fail loudly."""
-    if not (DATA_DIR / "corpora" / "shakespeare.txt").is_file():
-        pytest.fail(
-            f"shared test data not found at {DATA_DIR} (no corpora/shakespeare.txt); "
-            "set STRATA_DATA to the folder holding corpora/, udhr/ and tasks/",
-            pytrace=False,
-        )
-    return DATA_DIR
+def tasks_dir() -> Path:
+    """The project's own small multiple-choice files: sotu-next-sentence (4 choices),
+    sotu-word-order (2) and udhr-language (4), 60 items each."""
+    return TASKS_DIR

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from cli_runner import strata
+from strata.data import corpus_path
 
 ROOT = Path(__file__).resolve().parents[1]
 AUNET2 = ROOT / "configs" / "tiny" / "aunet2.yaml"
@@ -21,8 +22,8 @@ def losses(run: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def shakespeare(data_dir) -> Path:
-    return data_dir / "corpora" / "shakespeare.txt"
+def shakespeare() -> Path:
+    return corpus_path("shakespeare")
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +41,13 @@ def test_a_resumed_run_repeats_the_straight_run_exactly(tmp_path, shakespeare, r
     assert sorted(losses(run)) == list(range(1, 7))
 
 
-def test_eval_scores_bytes_and_tasks(run, shakespeare, data_dir, tmp_path):
+def test_eval_scores_bytes_and_tasks(run, shakespeare, tmp_path):
     held_out = tmp_path / "held_out.txt"
     held_out.write_bytes(shakespeare.read_bytes()[-5000:])
     scores = json.loads(strata("eval", run, "--data", held_out, "--json").stdout)
     assert scores["bytes"] == 5000 and 0 < scores["bpb"] < 9
-    tasks = json.loads(strata("eval", run, "--tasks", data_dir / "tasks" / "winowhy.jsonl", "--limit", 8, "--json").stdout)
-    assert tasks["winowhy"]["n"] == 8 and 0 <= tasks["winowhy"]["acc"] <= 1
+    tasks = json.loads(strata("eval", run, "--tasks", "sotu-word-order", "--limit", 8, "--json").stdout)  # a task name
+    assert tasks["sotu-word-order"]["n"] == 8 and 0 <= tasks["sotu-word-order"]["acc"] <= 1
 
 
 def test_generate_streams_a_continuation(run):

@@ -18,7 +18,7 @@ from strata.analysis.aunet_cost import (
     measure_contraction,
 )
 from strata.config import AUNetConfig, validate_config
-from strata.data import ByteTokenizer, load_documents
+from strata.data import ByteTokenizer, corpus_path, load_documents
 from strata.data.levels import splitter_for, stream_levels
 from strata.data.loader import pack
 
@@ -182,10 +182,10 @@ def test_contraction_is_a_hand_count():
         measure_contraction(three, [])
 
 
-def test_contraction_of_a_packed_streams_levels_is_the_measured_one(data_dir):
+def test_contraction_of_a_packed_streams_levels_is_the_measured_one(tasks_dir):
     """A trainer holds the levels of its packed stream (BOS, document, BOS, ...) already."""
     three = config(TINY / "aunet3.yaml")
-    documents = load_documents([str(data_dir / "tasks" / "winowhy.jsonl")], "input")[:300]
+    documents = load_documents([str(tasks_dir / "sotu-next-sentence.jsonl")], "input")
     stream = pack(documents, ByteTokenizer())
     from_levels = contraction_of_levels(stream_levels(stream, splitter_for(three)), three.n_stages)
     assert from_levels == measure_contraction(three, [document.text for document in documents])
@@ -210,12 +210,12 @@ def test_paper_presets_have_the_briefs_sizes(name, params):
     assert abs(aunet_cost(config(PAPER / f"{name}.yaml")).params / params - 1) < 0.05
 
 
-def test_flops_per_byte_on_english_prose_against_the_paper(data_dir):
+def test_flops_per_byte_on_english_prose_against_the_paper():
     """AU-Net brief §5: 1.8e9 / 2.3e9 / 2.8e9 FLOPs a byte for AU-Net-2 / 3 / 4 at 1B, with the
     contraction measured on DCLM. Measured here on State of the Union prose instead (no fitted
     constant): AU-Net-2 lands within 10 % (its one contraction, bytes per word, is much the same
     on any English prose), and the deeper models keep the paper's order."""
-    prose = [(data_dir / "corpora" / "sotu.txt").read_bytes()[:2_000_000]]
+    prose = [corpus_path("sotu").read_bytes()[:2_000_000]]
     flops = {}
     for name in ("aunet2-1b", "aunet3-1b", "aunet4-1b"):
         model = config(PAPER / f"{name}.yaml")
@@ -252,10 +252,10 @@ AUNET2 = TINY / "aunet2.yaml"
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, data_dir):
+def runs(tmp_path_factory):
     """Every ``strata info`` run of this module, started at once (each subprocess imports torch)."""
     sample = tmp_path_factory.mktemp("data") / "sample.txt"
-    sample.write_bytes((data_dir / "corpora" / "shakespeare.txt").read_bytes()[:200_000])
+    sample.write_bytes(corpus_path("shakespeare").read_bytes()[:200_000])
     binary = sample.with_name("binary.bin")
     binary.write_bytes(b"\x00\x01\x02" * 100)
     commands = {

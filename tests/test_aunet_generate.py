@@ -111,9 +111,10 @@ def test_forked_rows_go_on_independently():
         assert (got[row] - expected).abs().max() < TOLERANCE
 
 
-def test_multiple_choice_scores_through_the_caches_equal_full_forwards(data_dir):
+def test_multiple_choice_scores_through_the_caches_equal_full_forwards(tasks_dir):
+    """Four choices of different lengths: the context's cache is forked into four ragged rows."""
     model = build(aunet_config(2))
-    path = data_dir / "tasks" / "winowhy.jsonl"
+    path = tasks_dir / "sotu-next-sentence.jsonl"
     cached = evaluate_task(model, ByteTokenizer(), path, shots=1, limit=6)
     full = evaluate_task(model, ByteTokenizer(), path, shots=1, limit=6, use_cache=False)
     assert cached["acc"] == full["acc"] and cached["acc_norm"] == full["acc_norm"]

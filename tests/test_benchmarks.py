@@ -46,7 +46,7 @@ def numbers(value):
 
 
 @pytest.mark.parametrize("name", list(TINY_RUNS))
-def test_benchmark_writes_real_measurements(tmp_path, data_dir, name):
+def test_benchmark_writes_real_measurements(tmp_path, name):
     rows_file = tmp_path / "rows.jsonl"
     run_benchmark(name, *TINY_RUNS[name], "--json", str(rows_file))
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
@@ -60,7 +60,7 @@ def test_benchmark_writes_real_measurements(tmp_path, data_dir, name):
         assert {row["model"] for row in rows} >= {"transformer", "mamba2", "inter", "intra", "HF Llama", "HF Mamba2"}
 
 
-def test_mqar_benchmark_writes_its_report(tmp_path, data_dir):
+def test_mqar_benchmark_writes_its_report(tmp_path):
     out = tmp_path / "mqar"
     run_benchmark("mqar", "--families", "attention", "mamba2", "--steps", "2", "--pairs", "4", "--examples", "8", "--out", str(out))
     report = json.loads((out / "mqar.json").read_text())

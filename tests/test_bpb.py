@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from strata import build_model, load_config
-from strata.data import BPETokenizer, ByteTokenizer, DataError, Document
+from strata.data import BPETokenizer, ByteTokenizer, DataError, Document, corpus_path
 from strata.evals.bpb import bits_per_byte
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,8 +61,8 @@ def test_uniform_over_bytes_is_exactly_eight_bits_per_byte():
     assert model.training and model.grad_seen and not any(model.grad_seen)  # mode restored, no autograd
 
 
-def test_uniform_over_a_bpe_vocabulary(data_dir):
-    text = (data_dir / "corpora" / "shakespeare.txt").read_bytes()
+def test_uniform_over_a_bpe_vocabulary():
+    text = corpus_path("shakespeare").read_bytes()
     tokenizer = BPETokenizer.train([Document("slice", text[:200_000])], 512)
     documents = [Document("held-out", text[-20_000:]), *DOCUMENTS]
     model = Uniform(tokenizer.vocab_size, allowed=tokenizer.vocab_size).eval()

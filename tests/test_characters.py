@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from strata import build_model, load_config
-from strata.data import ByteTokenizer
+from strata.data import ByteTokenizer, corpus_path
 from strata.evals.characters import (
     CHANCE,
     TASKS,
@@ -84,8 +84,8 @@ class Uniform(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def shakespeare(data_dir) -> bytes:
-    return (data_dir / "corpora" / "shakespeare.txt").read_bytes()
+def shakespeare() -> bytes:
+    return corpus_path("shakespeare").read_bytes()
 
 
 @pytest.fixture(scope="module")

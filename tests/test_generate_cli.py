@@ -10,9 +10,9 @@ from strata.inference.generate import generate
 from strata.train.runs import open_run
 
 @pytest.fixture(scope="module")
-def run(data_dir, tmp_path_factory) -> Path:
+def run(tmp_path_factory) -> Path:
     """A few steps of the tiny intra-layer hybrid: attention and Mamba caches both decode."""
-    return train_tiny("intra", tmp_path_factory.mktemp("generate") / "run", data_dir)
+    return train_tiny("intra", tmp_path_factory.mktemp("generate") / "run")
 
 
 def test_greedy_output_is_the_prompt_then_the_api_continuation(run):

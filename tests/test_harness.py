@@ -102,9 +102,9 @@ def test_a_checkpoint_or_a_model_is_required():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_loglikelihood_is_strata_multiple_choice_scoring(family, data_dir):
+def test_loglikelihood_is_strata_multiple_choice_scoring(family, tasks_dir):
     lm = tiny(family, 1024)
-    items = load_task(data_dir / "tasks/winowhy.jsonl")[:5]
+    items = load_task(tasks_dir / "sotu-word-order.jsonl")[:5]  # choices that share a long prefix
     results = lm.loglikelihood(requests("loglikelihood", *[(item.input, " " + choice) for item in items
                                                            for choice in item.choices]))
     expected = score_choices(lm.model, lm.tokenizer, [item.input for item in items], items, max_rows=lm.batch_size)
@@ -195,20 +195,20 @@ def test_generate_until_is_greedy_decoding_cut_at_stop_strings(family):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, data_dir) -> Path:
-    return train_tiny("transformer", tmp_path_factory.mktemp("harness") / "run", data_dir)
+def run(tmp_path_factory) -> Path:
+    return train_tiny("transformer", tmp_path_factory.mktemp("harness") / "run")
 
 
-def test_lm_eval_command_line_matches_strata_eval(run, data_dir, tmp_path):
+def test_lm_eval_command_line_matches_strata_eval(run, tasks_dir, tmp_path):
     """The real lm_eval command line (through ``python -m strata.evals.harness``, which registers
     ``strata`` first) on local task YAMLs: the same n, acc, acc_norm (per character) and acc_bytes
-    (per byte) as ``strata eval``, on winowhy (ASCII) and on choices in other scripts, where the
-    two normalisations differ. ``--batch_size 64`` is strata eval's, so the log-likelihoods are
-    the same bit for bit."""
+    (per byte) as ``strata eval``, on sotu-next-sentence (English prose, four choices of different
+    lengths) and on choices in other scripts, where the two normalisations differ. ``--batch_size
+    64`` is strata eval's, so the log-likelihoods are the same bit for bit."""
     world = tmp_path / "world.jsonl"
     world.write_text("".join(json.dumps({"input": text, "choices": choices, "gold": gold}, ensure_ascii=False) + "\n"
                              for text, choices, gold in WORLD), encoding="utf-8")
-    files = {"winowhy": data_dir / "tasks/winowhy.jsonl", "world": world}
+    files = {"sotu-next-sentence": tasks_dir / "sotu-next-sentence.jsonl", "world": world}
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     for name, path in files.items():
@@ -218,14 +218,14 @@ def test_lm_eval_command_line_matches_strata_eval(run, data_dir, tmp_path):
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     result = subprocess.run(
         [sys.executable, "-m", "strata.evals.harness", "--model", "strata", "--model_args", f"checkpoint={run}",
-         "--tasks", "strata_winowhy,strata_world", "--include_path", str(tasks), "--limit", str(LIMIT),
+         "--tasks", "strata_sotu-next-sentence,strata_world", "--include_path", str(tasks), "--limit", str(LIMIT),
          "--batch_size", "64", "--output_path", str(tmp_path / "out")],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600, check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     harness = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
     ours = json.loads(strata("eval", run, "--tasks", *files.values(), "--limit", LIMIT, "--json").stdout)
-    for name, n in (("winowhy", LIMIT), ("world", len(WORLD))):
+    for name, n in (("sotu-next-sentence", LIMIT), ("world", len(WORLD))):
         scores = harness["results"][f"strata_{name}"]
         assert harness["n-samples"][f"strata_{name}"]["effective"] == ours[name]["n"] == n
         for metric in ("acc", "acc_norm", "acc_bytes"):

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from strata import ConfigError, build_model, load_config
 from strata.config import FFNConfig
+from strata.data import corpus_path
 from strata.nn.mlp import MoE
 from strata.train.trainer import train
 
@@ -61,14 +62,14 @@ def test_normalize_weights_option():
         load_config(ROOT / "configs/tiny/intra-moe.yaml", ["model.ffn.moe.normalize_weights=true"])
 
 
-def test_router_learns_and_experts_stay_balanced_over_50_steps(tmp_path, data_dir):
+def test_router_learns_and_experts_stay_balanced_over_50_steps(tmp_path):
     """The brief's MoE (top-1 of 8, balancing rate 1e-3) trained 50 steps on Shakespeare: every
     router has moved beyond what weight decay alone does (on the old normalised top-1 weights it got
     no gradient), and routing has not collapsed: on held-out text no expert takes more than half of
     the tokens (4 even shares). 50 steps move a balance bias by at most 0.05, so the load is about as
     uneven as the random router's at the start (up to 2.5 even shares measured), not even yet."""
     config = load_config(ROOT / "configs/tiny/intra-moe.yaml", [
-        f"data.sources=[{data_dir / 'corpora/shakespeare.txt'}]", "model.context_length=64",
+        "data.sources=[shakespeare]", "model.context_length=64",
         "train.steps=50", "train.batch_size=8", "train.eval_every=1000", "train.eval_bytes=2048",
         "data.valid_fraction=0.002", "train.save_every=50"])
     torch.manual_seed(config.train.seed)  # as the trainer does, so this is the run's initial model
@@ -86,7 +87,7 @@ def test_router_learns_and_experts_stay_balanced_over_50_steps(tmp_path, data_di
     model = build_model(config)
     model.load_state_dict(weights)
     model.train()
-    text = (data_dir / "corpora/shakespeare.txt").read_bytes()[-32 * 64 :]  # the held-out end
+    text = corpus_path("shakespeare").read_bytes()[-32 * 64 :]  # the held-out end
     tokens = torch.tensor(list(text), dtype=torch.long).reshape(32, 64)
     with torch.no_grad():
         model(tokens)

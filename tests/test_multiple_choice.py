@@ -67,14 +67,15 @@ class Oracle(Uniform):
 
 
 @pytest.fixture(scope="module")
-def winowhy(data_dir) -> Path:
-    return data_dir / "tasks" / "winowhy.jsonl"
+def word_order(tasks_dir) -> Path:
+    """Two choices a line, the same words with two swapped: they share a long prefix."""
+    return tasks_dir / "sotu-word-order.jsonl"
 
 
 @pytest.mark.parametrize("shots", [0, 2])
 @pytest.mark.parametrize("family", ["intra", "transformer", "swa"])
-def test_cached_scores_equal_one_full_forward_per_choice(family, shots, winowhy):
-    items = load_task(winowhy)
+def test_cached_scores_equal_one_full_forward_per_choice(family, shots, word_order):
+    items = load_task(word_order)
     prompts = build_prompts(items, shots)[:ITEMS]
     model, tokenizer = tiny(family), ByteTokenizer()
     model.train()
@@ -86,8 +87,8 @@ def test_cached_scores_equal_one_full_forward_per_choice(family, shots, winowhy)
         assert fast == pytest.approx(slow, abs=1e-4)
 
 
-def test_an_oracle_scores_every_item(data_dir):
-    path = data_dir / "tasks" / "logical_deduction_three_objects.jsonl"
+def test_an_oracle_scores_every_item(tasks_dir):
+    path = tasks_dir / "udhr-language.jsonl"
     items, tokenizer = load_task(path)[:ITEMS], ByteTokenizer()
     oracle = Oracle(build_prompts(load_task(path), 1)[:ITEMS], items, tokenizer)
     result = evaluate_task(oracle, tokenizer, path, shots=1, limit=ITEMS, use_cache=False)
@@ -95,15 +96,17 @@ def test_an_oracle_scores_every_item(data_dir):
                       "acc_norm_stderr": 0.0, "acc_bytes_stderr": 0.0}
 
 
-@pytest.mark.parametrize("task", ["winowhy", "logical_deduction_three_objects"])
-def test_a_uniform_model_scores_the_tie_breaking_rule(task, data_dir):
+@pytest.mark.parametrize("task", ["sotu-word-order", "udhr-language"])
+def test_a_uniform_model_scores_the_tie_breaking_rule(task, tasks_dir):
     """With constant logits every byte costs log(vocab), the scored space included: ``acc`` picks
-    the (first) shortest choice, and ``acc_norm`` and ``acc_bytes`` (these files are ASCII, so
+    the (first) shortest choice, and ``acc_norm`` and ``acc_bytes`` (these choices are ASCII, so
     characters are bytes) the (first) longest, as the n + 1 bytes scored over the n divided by fall
-    with n. What that scores is fixed by the file, not by the model."""
-    path = data_dir / "tasks" / f"{task}.jsonl"
-    items = load_task(path)[:200]
-    result = evaluate_task(Uniform(), ByteTokenizer(), path, limit=200, use_cache=False, return_items=True)
+    with n. What that scores is fixed by the file, not by the model. The two choices of
+    sotu-word-order always tie (same bytes), so every rule picks the first; udhr-language's four
+    language names differ in length."""
+    path = tasks_dir / f"{task}.jsonl"
+    items = load_task(path)
+    result = evaluate_task(Uniform(), ByteTokenizer(), path, use_cache=False, return_items=True)
     shortest = [min(range(len(item.choices)), key=lambda c: len(item.choices[c])) for item in items]
     longest = [max(range(len(item.choices)), key=lambda c: len(item.choices[c])) for item in items]
     expected_acc = sum(item.gold == pick for item, pick in zip(items, shortest, strict=True)) / len(items)
@@ -114,8 +117,8 @@ def test_a_uniform_model_scores_the_tie_breaking_rule(task, data_dir):
     assert [entry["pred_norm"] for entry in result["items"]] == longest
 
 
-def test_shots_are_other_items_and_reproducible(winowhy):
-    items = load_task(winowhy)[:50]
+def test_shots_are_other_items_and_reproducible(word_order):
+    items = load_task(word_order)[:50]
     prompts = build_prompts(items, 3, seed=7)
     assert prompts == build_prompts(items, 3, seed=7)
     assert prompts != build_prompts(items, 3, seed=8)
@@ -153,37 +156,38 @@ def test_bad_task_files_fail_with_one_line_naming_file_and_line(content, message
 
 
 def test_a_missing_task_file_is_named(tmp_path):
-    with pytest.raises(DataError, match=r"missing\.jsonl: cannot read the task file"):
+    with pytest.raises(DataError, match=r"missing\.jsonl: no such file or folder$"):
         load_task(tmp_path / "missing.jsonl")
 
 
 @pytest.fixture(scope="module")
-def run(data_dir, tmp_path_factory) -> Path:
-    return train_tiny("transformer", tmp_path_factory.mktemp("multiple_choice") / "run", data_dir)
+def run(tmp_path_factory) -> Path:
+    return train_tiny("transformer", tmp_path_factory.mktemp("multiple_choice") / "run")
 
 
-def test_eval_tasks_prints_the_library_result(run, winowhy):
-    printed = json.loads(strata("eval", run, "--tasks", winowhy, "--shots", 1, "--limit", 40, "--json").stdout)
+def test_eval_tasks_prints_the_library_result(run, word_order):
+    printed = json.loads(strata("eval", run, "--tasks", word_order, "--shots", 1, "--limit", 40, "--json").stdout)
     trained = open_run(run)
-    expected = evaluate_task(trained.model, trained.tokenizer, winowhy, shots=1, limit=40)
-    assert printed["winowhy"] == expected and printed["winowhy"]["n"] == 40
+    expected = evaluate_task(trained.model, trained.tokenizer, word_order, shots=1, limit=40)
+    assert printed["sotu-word-order"] == expected and printed["sotu-word-order"]["n"] == 40
     assert printed["checkpoint"] == str(trained.checkpoint) and "bpb" not in printed
 
 
-def test_eval_with_data_and_tasks_keeps_the_bpb_keys_and_prints_tables(run, winowhy, tmp_path):
+def test_eval_with_data_and_tasks_keeps_the_bpb_keys_and_prints_tables(run, tmp_path):
+    """Tasks by name (``strata data list``), built into the cache on first use."""
     text = tmp_path / "held_out.txt"
     text.write_text("To be, or not to be, that is the question.\n" * 20)
-    both = json.loads(strata("eval", run, "--data", text, "--tasks", winowhy, "--limit", 5, "--json").stdout)
-    assert {"bpb", "bytes", "files", "checkpoint", "winowhy"} <= set(both)
-    table = strata("eval", run, "--tasks", winowhy, "--limit", 5).stdout.decode()
-    assert "winowhy" in table and "acc_norm" in table and "acc_bytes" in table and "±" in table
+    both = json.loads(strata("eval", run, "--data", text, "--tasks", "sotu-word-order", "--limit", 5, "--json").stdout)
+    assert {"bpb", "bytes", "files", "checkpoint", "sotu-word-order"} <= set(both)
+    table = strata("eval", run, "--tasks", "sotu-word-order", "--limit", 5).stdout.decode()
+    assert "sotu-word-order" in table and "acc_norm" in table and "acc_bytes" in table and "±" in table
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ([], "give something to evaluate: --data PATH (bits per byte), --tasks FILE.jsonl (multiple choice)"),
-        (["--tasks", "/nonexistent/task.jsonl"], "/nonexistent/task.jsonl: cannot read the task file"),
+        ([], "give something to evaluate: --data PATH (bits per byte), --tasks TASK (multiple choice)"),
+        (["--tasks", "/nonexistent/task.jsonl"], "/nonexistent/task.jsonl: no such file or folder"),
         (["--tasks", "/nonexistent/task.jsonl", "--protocol", "paper"], "protocol paper changes needle and long"),
         (["--needle", "/nonexistent/filler.txt", "--max-length", "2000"],
          "max-length caps the paper's needle lengths: give it with protocol paper and without lengths"),

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from strata import build_model, load_config
-from strata.data import BPETokenizer, ByteTokenizer, Document
+from strata.data import BPETokenizer, ByteTokenizer, Document, corpus_path
 from strata.evals.needle import (
     PROTOCOLS,
     _Haystack,
@@ -31,8 +31,8 @@ SENTENCE_END = re.compile(rb"""[.!?]['")\]]*$""")
 
 
 @pytest.fixture(scope="module")
-def shakespeare(data_dir) -> bytes:
-    return (data_dir / "corpora" / "shakespeare.txt").read_bytes()
+def shakespeare() -> bytes:
+    return corpus_path("shakespeare").read_bytes()
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from strata.analysis.sweep import plan_sweep
 from strata.analysis.sweep_spec import load_sweep
 from strata.cli import main
 from strata.config import ConfigError
+from strata.data import corpus_path
 
 READY = sorted((ROOT / "configs/sweeps").glob("*.yaml"))
 
@@ -53,7 +54,7 @@ def write_sweep(folder: Path, text: str) -> Path:
 
 
 @pytest.mark.parametrize("path", READY, ids=[path.stem for path in READY])
-def test_ready_sweeps_are_flops_matched_at_every_size(path, data_dir, capsys, monkeypatch):
+def test_ready_sweeps_are_flops_matched_at_every_size(path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "160")  # the dry run's table, unwrapped
     sweep = load_sweep(path)
     assert set(sweep.spec.sizes) == {"cpu", "gpu"}
@@ -152,8 +153,8 @@ def _finished(out: Path) -> list[str]:
     return sorted(path.parent.name for path in out.glob("*/done.json"))
 
 
-def test_killed_sweep_completes_only_the_missing_runs_then_reports(tmp_path, data_dir):
-    (tmp_path / "small.txt").write_bytes((data_dir / "corpora/shakespeare.txt").read_bytes()[:60000])
+def test_killed_sweep_completes_only_the_missing_runs_then_reports(tmp_path):
+    (tmp_path / "small.txt").write_bytes(corpus_path("shakespeare").read_bytes()[:60000])
     sweep = write_sweep(tmp_path, "description: tiny test sweep\nbase: {config: tiny.yaml}\n" + GRID
                         + "budget: {kind: flops, value: 3.0e9}\n"
                         + "eval: {data: [small.txt], decode: {new: 8, repeats: 1, context: 32}}\n")

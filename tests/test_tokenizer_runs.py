@@ -10,7 +10,7 @@ from cli_runner import strata
 from tokenizer_files import BOS, EOS, llama_like, save_with_transformers
 from tokenizers import Tokenizer as LibraryTokenizer
 
-from strata.data import HFTokenizer, load_tokenizer
+from strata.data import HFTokenizer, corpus_path, load_tokenizer
 
 # A model small enough that a run is mostly start-up: 2 blocks of width 32, 32-token windows.
 TINY = {
@@ -23,9 +23,9 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def text(data_dir, tmp_path_factory):
+def text(tmp_path_factory):
     """200 KB of Shakespeare as the training data, and the 20 KB after it held out."""
-    data = (data_dir / "corpora" / "shakespeare.txt").read_bytes()
+    data = corpus_path("shakespeare").read_bytes()
     folder = tmp_path_factory.mktemp("text")
     (folder / "train.txt").write_bytes(data[:200_000])
     (folder / "held_out.txt").write_bytes(data[200_000:220_000])

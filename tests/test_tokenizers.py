@@ -22,6 +22,8 @@ from strata.data import (
     HFTokenizer,
     build_tokenizer,
     check_vocab_size,
+    corpus_path,
+    dataset_path,
     load_hf_tokenizer,
     load_tokenizer,
     planned_vocab_size,
@@ -33,8 +35,8 @@ TRICKY = ["", "héllo wörld", "emoji 🎉👩‍👩‍👧 and CJK 漢字", "<
 
 
 @pytest.fixture(scope="module")
-def shakespeare(data_dir) -> bytes:
-    return (data_dir / "corpora" / "shakespeare.txt").read_bytes()
+def shakespeare() -> bytes:
+    return corpus_path("shakespeare").read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +138,8 @@ def test_load_tokenizer_errors_name_the_file(tmp_path, content, message):
         load_tokenizer(tmp_path)
 
 
-def test_build_tokenizer_follows_the_config(data_dir):
-    documents = [Document("udhr/eng.txt", (data_dir / "udhr" / "eng.txt").read_bytes())]
+def test_build_tokenizer_follows_the_config():
+    documents = [Document("udhr/eng.txt", (dataset_path("udhr") / "eng.txt").read_bytes())]
     train, _ = split_documents(documents, 0.1)
     assert isinstance(build_tokenizer(DataConfig(tokenizer="bytes"), train), ByteTokenizer)
     bpe = build_tokenizer(DataConfig(tokenizer="bpe", bpe_vocab_size=300), train)

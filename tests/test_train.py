@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from strata.data import corpus_path
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny"
 # Small, fast runs: 64-token windows, 4 sequences a step.
@@ -35,8 +37,8 @@ def validations(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def shakespeare(data_dir) -> Path:
-    return data_dir / "corpora" / "shakespeare.txt"
+def shakespeare() -> Path:
+    return corpus_path("shakespeare")
 
 
 def test_resume_after_kill_repeats_the_straight_run_exactly(tmp_path, shakespeare):

@@ -24,8 +24,8 @@ its ``sizes.<size>``. The size comes before the variants so that a size can scal
 by ratio (``model.layout.layers``) that the variants then place. Overrides given to
 ``strata sweep`` (``data.sources=[...]``) come last. A run is named by its variants' names joined
 with ``-`` (``inter-1to5``); a value's name is the value with ``:`` read as ``to``.
-``eval`` holds the fields of ``strata.evals.suite.EvalRequest`` (what ``strata eval`` runs, with
-``$STRATA_DATA`` and other variables expanded in paths), plus ``decode`` (decode tokens/s on this
+``eval`` holds the fields of ``strata.evals.suite.EvalRequest`` (what ``strata eval`` runs: data
+by name, ``sotu``, ``udhr-language``, or by path, environment variables expanded), plus ``decode`` (decode tokens/s on this
 machine; on unless set to null) and ``mqar`` (recall grid).
 """
 

@@ -7,11 +7,10 @@ without the text field) is found here, at load time, so a run never dies hours i
 from __future__ import annotations
 
 import codecs
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from strata.data.corpora import CORPORA, corpus_path
+from strata.data.catalog import resolve
 from strata.data.errors import DataError
 from strata.data.jsonl import json_objects
 
@@ -33,7 +32,8 @@ def load_documents(sources: list[str], text_field: str = "text") -> list[Documen
 
     A source is a file (.jsonl: one document per line, the text under ``text_field``; anything
     else: the whole file is one document), a folder (all *.txt and *.md below it), or, when it
-    names no file and has no path separator, a named corpus such as ``shakespeare``.
+    names no file and has no path separator, a named data set such as ``shakespeare`` or ``udhr``
+    (``strata data list``).
     """
     if not sources:
         raise DataError("no data sources given (data.sources is empty)")
@@ -44,22 +44,15 @@ def load_documents(sources: list[str], text_field: str = "text") -> list[Documen
 
 
 def _load_source(source: str, text_field: str) -> list[Document]:
-    path = Path(source)
+    path = resolve(source)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in FOLDER_SUFFIXES and p.is_file())
         if not files:
             raise DataError(f"{source}: folder has no {' or '.join('*' + s for s in FOLDER_SUFFIXES)} files")
         return [Document(str(file), _read_text(file)) for file in files]
-    if path.exists():
-        if path.suffix == ".jsonl":
-            return _load_jsonl(path, text_field)
-        return [Document(source, _read_text(path))]
-    if os.sep in source or (os.altsep and os.altsep in source):
-        raise DataError(f"{source}: no such file or folder")
-    if source not in CORPORA:
-        raise DataError(f"{source}: no such file, folder or named corpus (known corpora: {', '.join(sorted(CORPORA))})")
-    file = corpus_path(source)
-    return [Document(str(file), _read_text(file))]
+    if path.suffix == ".jsonl":
+        return _load_jsonl(path, text_field)
+    return [Document(str(path), _read_text(path))]
 
 
 def _read_text(path: Path) -> bytes:

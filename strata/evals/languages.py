@@ -1,4 +1,4 @@
-"""Bits per byte and per character in each language of a parallel corpus (the UDHR in 31 languages).
+"""Bits per byte and per character in each language of a parallel corpus (the UDHR: ``udhr``).
 
 The same text in every language, so differences come from the model and the script: a script of
 3-byte characters (Chinese, Thai) has a low bits-per-byte and a high bits-per-character for the
@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from strata.data.catalog import resolve
 from strata.data.documents import Document, load_documents
 from strata.data.errors import DataError
 from strata.evals.bpb import bits_per_byte
@@ -24,12 +25,19 @@ def language_names(folder: Path) -> dict[str, str]:
         return {row["code"]: row["name"] for row in csv.DictReader(file, delimiter="\t") if row.get("code")}
 
 
-def evaluate_languages(model, tokenizer, folder, seq_len: int, batch_size: int = 8) -> dict:
-    """Bits per byte and per character of every ``*.txt`` in ``folder`` (one language a file)."""
-    folder = Path(folder)
+def evaluate_languages(model, tokenizer, folder, seq_len: int, batch_size: int = 8,
+                       codes: list[str] | None = None) -> dict:
+    """Bits per byte and per character of every ``*.txt`` in ``folder`` (one language a file; a
+    named folder such as ``udhr`` is fetched first), or of the files ``codes`` name."""
+    folder = resolve(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder of per-language texts")
     files = sorted(folder.glob("*.txt"))
+    if codes is not None:
+        missing = [code for code in codes if not (folder / f"{code}.txt").is_file()]
+        if missing:
+            raise DataError(f"{folder}: no text for language {', '.join(missing)}")
+        files = [folder / f"{code}.txt" for code in sorted(codes)]
     if not files:
         raise DataError(f"{folder}: no *.txt files (one per language)")
     names = language_names(folder)

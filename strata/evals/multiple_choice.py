@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from strata.data.catalog import resolve
 from strata.data.errors import DataError
 from strata.data.jsonl import json_objects
 from strata.data.levels import model_inputs
@@ -54,8 +55,9 @@ class Item:
 
 
 def load_task(path: str | Path) -> list[Item]:
-    """The items of a JSONL task file; a bad file raises a one-line DataError naming file and line."""
-    path = Path(path)
+    """The items of a JSONL task file or named task (``strata data list``); a bad file raises a
+    one-line DataError naming file and line."""
+    path = resolve(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:

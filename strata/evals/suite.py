@@ -19,13 +19,14 @@ from strata.evals.report import evals_dir, save_evaluation
 @dataclass
 class EvalRequest:
     data: list[str] = field(default_factory=list)  # held-out text: bits per byte / character
-    tasks: list[str] = field(default_factory=list)  # multiple-choice JSONL files
+    tasks: list[str] = field(default_factory=list)  # multiple-choice JSONL files or task names
     shots: int = 0
     limit: int | None = None
     long: list[str] = field(default_factory=list)  # long documents: loss by position
     length: int | None = None  # window for loss by position (default 4x the training length, the paper's 3x)
     windows: int = 32  # windows for loss by position, at most
-    languages: str | None = None  # folder of per-language texts
+    languages: str | None = None  # folder of per-language texts, or udhr
+    language_codes: list[str] | None = None  # which of its languages (default: all)
     needle: list[str] = field(default_factory=list)  # filler text for needle-in-a-haystack (give held-out text)
     passkey: bool = False
     # How needle and loss by position run: strata's own protocol or the hybrid paper's (the
@@ -138,7 +139,8 @@ def _languages(trained, request, folder):
         plot_languages,
     )
 
-    result = evaluate_languages(trained.model, trained.tokenizer, request.languages, training_length(trained))
+    result = evaluate_languages(trained.model, trained.tokenizer, request.languages, training_length(trained),
+                                codes=request.language_codes)
     plot = folder / "languages.png"
     plot_languages({run_dir_of(trained).name: result}, plot)
     result["plot"] = str(plot)
