@@ -33,7 +33,7 @@ from results import append_json_lines
 from timing import alternate, paired_ratio
 
 from strata import build_model, load_config
-from strata.analysis.cost import model_cost
+from strata.cost.model import model_cost
 from strata.inference.generate import generate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ from results import append_json_lines
 from timing import time_alternating
 
 from strata import build_model, load_config
-from strata.analysis.cost import model_cost
+from strata.cost.model import model_cost
 from strata.nn.ssd import ssd_chunked
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ def run_info(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from strata.analysis.info import aunet_info, lm_info
+    from strata.cost.info import aunet_info, lm_info
 
     config = load_config(args.config, args.overrides)
     if isinstance(config.model, AUNetConfig):
@@ -153,19 +153,14 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from strata.evals.report import write_comparison
-    from strata.evals.terminal import print_comparison
-
-    runs = [Path(run) for run in args.compare]
-    out = Path(args.out)
-    metrics, table = write_comparison(runs, out)
+    """``strata eval --compare RUN ...``: the report of those runs (``strata report``'s table and plots)."""
     if args.json:
-        print(json.dumps(table))
+        from strata.experiments.report import collect
+
+        report = collect(args.compare, args.context)
+        print(json.dumps({run.name: {"val_bpb": run.val_bpb, **run.headlines} for run in report.runs}))
         return 0
-    print_comparison(Console(), metrics, table, out)
-    return 0
+    return _write_and_print_report(args.compare, Path(args.out), args.context)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -231,18 +226,22 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from strata.analysis.sweep import run_sweep as sweep
+    from strata.experiments.sweep import run_sweep as sweep
 
     return sweep(args.sweep, args.size, args.out, args.jobs, args.dry_run, args.overrides)
 
 
 def run_report(args: argparse.Namespace) -> int:
+    out = Path(args.out or (args.dirs[0] if len(args.dirs) == 1 else "report"))
+    return _write_and_print_report(args.dirs, out, args.context)
+
+
+def _write_and_print_report(dirs: list[str], out: Path, context: int) -> int:
     from rich.console import Console
 
-    from strata.analysis.report import collect, print_report, write_report
+    from strata.experiments.report import collect, print_report, write_report
 
-    report = collect(args.dirs, args.context)
-    out = Path(args.out or (args.dirs[0] if len(args.dirs) == 1 else "report"))
+    report = collect(dirs, context)
     for title, outcome in write_report(report, out).items():
         if not outcome.endswith(".png"):
             print(f"{title}: skipped, {outcome}", file=sys.stderr)
@@ -351,8 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--character-items", type=positive_int, default=100, help="items per character task (default 100)")
     evaluate.add_argument("--character-shots", type=whole_number(0), default=3,
                           help="examples before each character question (default 3)")
-    evaluate.add_argument("--compare", nargs="+", metavar="RUN", help="one table (and plots) across these runs' saved evaluations")
-    evaluate.add_argument("--out", default="comparison", help="folder for --compare's table and plots (default ./comparison)")
+    evaluate.add_argument("--compare", nargs="+", metavar="RUN",
+                          help="one table (and plots) across these runs' saved evaluations: strata report of the runs")
+    evaluate.add_argument("--out", default="comparison", help="folder for --compare's report (default ./comparison)")
+    evaluate.add_argument("--context", type=positive_int, default=8192,
+                          help="with --compare: context for the cache column (default 8192)")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(handler=run_eval)
 

@@ -11,13 +11,13 @@ import yaml
 from cli_runner import strata
 
 from strata import build_model, load_config
-from strata.analysis.aunet_cost import (
+from strata.config import AUNetConfig, validate_config
+from strata.cost.aunet import (
     ASSUMED_CONTRACTION,
     aunet_cost,
     contraction_of_levels,
     measure_contraction,
 )
-from strata.config import AUNetConfig, validate_config
 from strata.data import ByteTokenizer, corpus_path, load_documents
 from strata.data.levels import splitter_for, stream_levels
 from strata.data.loader import pack

@@ -10,7 +10,7 @@ from torch import nn
 
 from strata import build_model, load_config
 from strata.data import BPETokenizer, ByteTokenizer, DataError, Document, corpus_path
-from strata.evals.bpb import bits_per_byte
+from strata.inference.bpb import bits_per_byte
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from strata import load_config
-from strata.analysis.cost import model_cost
 from strata.cli import build_parser, main
+from strata.cost.model import model_cost
 
 ROOT = Path(__file__).resolve().parents[1]
 TRANSFORMER = "configs/tiny/transformer.yaml"

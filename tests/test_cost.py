@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from strata import ConfigError, build_model, load_config
-from strata.analysis.cost import (
+from strata.config import AUNetConfig
+from strata.cost.model import (
     attention_params,
     attention_sequence_flops,
     causal_pairs,
@@ -19,7 +20,6 @@ from strata.analysis.cost import (
     mixer_params,
     model_cost,
 )
-from strata.config import AUNetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "configs" / "paper"

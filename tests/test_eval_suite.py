@@ -10,16 +10,11 @@ from matplotlib.image import imread
 from test_bpb import Uniform
 
 from strata.data import ByteTokenizer, DataError, Document, corpus_path, dataset_path
-from strata.evals.bpb import bits_per_byte, count_chars
 from strata.evals.characters import TASKS
 from strata.evals.languages import evaluate_languages, languages_markdown
 from strata.evals.long_context import _buckets, loss_by_position
-from strata.evals.report import (
-    comparison,
-    comparison_markdown,
-    load_evaluations,
-    save_evaluation,
-)
+from strata.evals.report import load_evaluations, save_evaluation
+from strata.inference.bpb import bits_per_byte, count_chars
 
 UNIFORM_BITS = math.log2(256)  # Uniform(259, 256): equal odds on the 256 byte values
 
@@ -71,19 +66,14 @@ def test_languages_report_each_file_with_its_name(tmp_path):
         evaluate_languages(Uniform(259, 256), ByteTokenizer(), tmp_path / "missing", seq_len=32)
 
 
-def test_saved_records_make_one_comparison(tmp_path):
+def test_saved_records_read_back_by_name(tmp_path):
     for run, bpb in (("a", 2.5), ("b", 2.0)):
         save_evaluation(tmp_path / run, "heldout", "ckpt", {"bpb": bpb}, {"bpb": bpb}, "| bpb |")
     save_evaluation(tmp_path / "b", "task-winowhy", "ckpt", {"acc": 0.5}, {}, "")
     assert json.loads((tmp_path / "a" / "evals" / "heldout.json").read_text())["headline"] == {"bpb": 2.5}
     assert (tmp_path / "a" / "evals" / "heldout.md").read_text().startswith("# heldout")
     assert set(load_evaluations(tmp_path / "b")) == {"heldout", "task-winowhy"}
-    metrics, table = comparison([tmp_path / "a", tmp_path / "b"])
-    assert metrics == ["heldout/bpb", "task-winowhy/acc"]
-    assert table[str(tmp_path / "a")] == {"heldout/bpb": 2.5}
-    assert "| – |" in comparison_markdown(metrics, table)
-    with pytest.raises(ValueError, match="no evaluations saved"):
-        comparison([tmp_path / "c"])
+    assert load_evaluations(tmp_path / "c") == {}
 
 
 def test_eval_cli_saves_every_evaluation_and_compares_runs(tmp_path):
@@ -107,11 +97,17 @@ def test_eval_cli_saves_every_evaluation_and_compares_runs(tmp_path):
             assert (run / "evals" / f"{name}.json").exists() and (run / "evals" / f"{name}.md").exists()
         assert_png(run / "evals" / "loss_by_position.png")
         assert_png(run / "evals" / "languages.png")
+    # --compare is strata report of the runs: one table-and-plot path for both commands.
     table = strata("eval", "--compare", *runs, "--out", tmp_path / "cmp").stdout.decode()
-    assert "heldout/bpb" in table and "languages/mean_bpc" in table
-    for name in ("comparison.png", "loss_by_position.png", "languages.png"):
+    assert table.startswith("2 runs") and "aunet2" in table and "transformer" in table
+    for name in ("headlines.png", "loss_by_position.png", "languages.png"):
         assert_png(tmp_path / "cmp" / name)
-    assert "| run |" in (tmp_path / "cmp" / "comparison.md").read_text()
+    markdown = (tmp_path / "cmp" / "report.md").read_text()
+    assert "| run |" in markdown and "heldout bpb" in markdown and "languages mean_bpc" in markdown
+    assert (tmp_path / "cmp" / "report.md").read_text() == (
+        strata("report", *runs, "--out", tmp_path / "report") and (tmp_path / "report" / "report.md").read_text())
+    compared = json.loads(strata("eval", "--compare", *runs, "--json").stdout)
+    assert set(compared) == {"transformer", "aunet2"} and "languages/mean_bpc" in compared["aunet2"]
     shown = strata("eval", runs[0], "--data", long, "--needle", long, "--passkey", "--lengths", 320, "--depths", 0, 1,
                    "--trials", 1, "--characters", long, "--character-items", 2, "--character-shots", 1).stdout.decode()
     assert "bits/char" in shown and "needle: accuracy by depth" in shown and "saved in" in shown

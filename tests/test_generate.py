@@ -9,7 +9,7 @@ import torch
 
 import strata
 from strata import build_model, load_config
-from strata.analysis.cost import model_cost
+from strata.cost.model import model_cost
 from strata.data import ByteTokenizer
 from strata.inference.cache import StackCache
 from strata.inference.generate import generate

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from strata import ConfigError, build_model, load_config
-from strata.analysis.cost import model_cost
+from strata.cost.model import model_cost
 from strata.inference.cache import StackCache
 from strata.inference.generate import generate
 from strata.nn.attention import Attention

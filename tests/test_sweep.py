@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from cli_runner import ROOT, strata
 
-from strata.analysis.budget import plan_runs
-from strata.analysis.sweep import plan_sweep
-from strata.analysis.sweep_spec import load_sweep
 from strata.cli import main
 from strata.config import ConfigError
 from strata.data import corpus_path
+from strata.experiments.budget import plan_runs
+from strata.experiments.sweep import plan_sweep
+from strata.experiments.sweep_spec import load_sweep
 
 READY = sorted((ROOT / "configs/sweeps").glob("*.yaml"))
 
@@ -133,7 +133,7 @@ def test_a_folder_resumes_across_a_key_added_with_a_default_but_not_a_changed_co
     whose config really differs is refused, naming the key."""
     from rich.console import Console
 
-    from strata.analysis.sweep import _prepare
+    from strata.experiments.sweep import _prepare
 
     sweep, size, runs, evaluation, mqar = plan_sweep(write_sweep(tmp_path, "base: {config: tiny.yaml}\n" + GRID), None)
     run, run_dir, console = runs[-1], tmp_path / "out" / runs[-1].name, Console(quiet=True)

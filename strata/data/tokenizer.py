@@ -3,7 +3,7 @@ Hugging Face ``tokenizers`` file (``data.tokenizer: {kind: hf, path: FILE_OR_DIR
 tokenizer.json say, 128,256 ids).
 
 All take bytes and give bytes back, so bits per byte count the same bytes (the documents' own,
-strata/evals/bpb.py) whatever the tokenizer; an hf tokenizer that would not give the training text
+strata/inference/bpb.py) whatever the tokenizer; an hf tokenizer that would not give the training text
 back (a normaliser, unknown tokens) is refused for that reason. The run directory keeps the
 tokenizer as ``tokenizer.json``, for BPE and hf in the Hugging Face format (an hf file copied
 verbatim, beside a ``tokenizer_config.json`` naming its BOS/EOS/PAD): the run is self-contained.

@@ -14,7 +14,7 @@ from pathlib import Path
 from strata.data.catalog import resolve
 from strata.data.documents import Document, load_documents
 from strata.data.errors import DataError
-from strata.evals.bpb import bits_per_byte
+from strata.inference.bpb import bits_per_byte
 
 
 def language_names(folder: Path) -> dict[str, str]:

@@ -87,7 +87,7 @@ def run_suite(trained, request: EvalRequest) -> dict:
 
 def _heldout(trained, request, folder):
     from strata.data import load_documents
-    from strata.evals.bpb import bits_per_byte
+    from strata.inference.bpb import bits_per_byte
 
     result = bits_per_byte(trained.model, trained.tokenizer, load_documents(request.data), training_length(trained))
     files: dict[str, dict] = {}

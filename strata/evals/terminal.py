@@ -79,15 +79,3 @@ def print_report(console: Console, checkpoint, report: dict, shots: int) -> None
                       f"{average['chance']:.2f}")
         console.print(table)
     console.print(f"saved in {Path(checkpoint).parent.parent / 'evals'}/")
-
-
-def print_comparison(console: Console, metrics: list[str], table: dict[str, dict[str, float]], out: Path) -> None:
-    """Metrics down, runs across: a run is a column, so many metrics still fit a terminal."""
-    grid = _titled(console, "comparison (from each run's evals/)")
-    grid.add_column("metric")
-    for run in table:
-        grid.add_column(Path(run).name, justify="right")
-    for metric in metrics:
-        grid.add_row(metric, *(f"{values[metric]:.4f}" if metric in values else "–" for values in table.values()))
-    console.print(grid)
-    console.print(f"table and plots written to {out}/")

@@ -1,4 +1,5 @@
-"""Inference: caches for every mixer and model, generation, sampling."""
+"""Inference: caches for every mixer and model, generation, sampling, and bits per byte of text
+(the teacher-forced scoring that training's validation and the evaluations share)."""
 
 from __future__ import annotations
 

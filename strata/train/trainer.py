@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from strata.analysis import training_flops
 from strata.config import Config, config_to_dict
+from strata.cost import training_flops
 from strata.data import (
     Document,
     TokenLoader,
@@ -39,7 +39,7 @@ from strata.data import (
     pack,
     split_documents,
 )
-from strata.evals.bpb import bits_per_byte
+from strata.inference.bpb import bits_per_byte
 from strata.inference.generate import generate
 from strata.models import build_model
 from strata.train.checkpoint import (

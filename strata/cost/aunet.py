@@ -18,7 +18,7 @@ it out, and added in ``flops_per_byte_with_head``. Static stage lengths (``max_l
 the figures: they count the real positions of the data, not the padding or the dropped splits.
 Inference caches: stage i holds ⌈context / k_i⌉ positions, in its encoder's and decoder's blocks.
 
-The per-block formulas are those of ``strata.analysis.cost``; a test holds the parameter counts
+The per-block formulas are those of ``strata.cost.model``; a test holds the parameter counts
 equal to the built model's.
 """
 
@@ -31,13 +31,13 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from strata.analysis.cost import (
+from strata.config import AUNetConfig, StageConfig
+from strata.cost.model import (
     DTYPE_BYTES,
     block_params,
     mixer_cache_elements,
     mixer_sequence_flops,
 )
-from strata.config import AUNetConfig, StageConfig
 from strata.data.levels import splitter_for
 
 # Bytes per position of stages 2, 3, 4, ... assumed for the text rules when no data is given: those

@@ -24,11 +24,18 @@ import functools
 import json
 from dataclasses import dataclass, field
 
-from strata.analysis.aunet_cost import aunet_cost, contraction_of_levels
-from strata.analysis.cost import model_cost
-from strata.analysis.sweep_spec import Budget, MQARTraining, RunSpec
-from strata.config import AUNetConfig, Config, ConfigError, config_to_dict, set_key, validate_config
+from strata.config import (
+    AUNetConfig,
+    Config,
+    ConfigError,
+    config_to_dict,
+    set_key,
+    validate_config,
+)
+from strata.cost.aunet import aunet_cost, contraction_of_levels
+from strata.cost.model import model_cost
 from strata.data import ByteTokenizer, check_vocab_size, planned_vocab_size
+from strata.experiments.sweep_spec import Budget, MQARTraining, RunSpec
 
 
 @dataclass

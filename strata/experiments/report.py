@@ -4,7 +4,7 @@ One row per run: its grid choices, blocks, parameters, training FLOPs per token 
 AU-Net), tokens and FLOPs trained, inference cache at a context (bf16, from the cost model),
 validation bits per byte (the trainer's last validation), the headline of every saved evaluation
 (tasks, held-out text, needle, MQAR, ...) and decode tokens/s. Written as ``report.md`` and
-``report.csv`` with the plots of ``strata.analysis.plots`` beside them, and printed as a table.
+``report.csv`` with the plots of ``strata.experiments.plots`` beside them, and printed as a table.
 Runs whose intra-layer hybrids learn how to weigh their branches (α of the hybrid paper's
 Appendix Q, Diff-T's λ) get a second table, those values per layer, read from the newest checkpoint.
 
@@ -28,12 +28,13 @@ from rich.console import Console
 from rich.table import Table
 from safetensors import SafetensorError, safe_open
 
-from strata.analysis.aunet_cost import aunet_cost
-from strata.analysis.budget import RunCost, run_cost
-from strata.analysis.cost import model_cost
-from strata.analysis.info import human, runs as short_layout
 from strata.config import AUNetConfig, Config, load_config, validate_config
+from strata.cost.aunet import aunet_cost
+from strata.cost.info import human
+from strata.cost.info import runs as short_layout
+from strata.cost.model import model_cost
 from strata.evals.report import load_evaluations
+from strata.experiments.budget import RunCost, run_cost
 from strata.nn.hybrid import diff_lambda, lambda_init
 from strata.train.checkpoint import list_checkpoints
 from strata.train.metrics import read_metrics
@@ -317,7 +318,7 @@ def _heading(report: Report) -> list[str]:
 
 def write_report(report: Report, out: Path) -> dict[str, str | None]:
     """Write report.md, report.csv and the plots into ``out``; {plot: file, or why it was skipped}."""
-    from strata.analysis.plots import draw_all
+    from strata.experiments.plots import draw_all
 
     out.mkdir(parents=True, exist_ok=True)
     plots = draw_all(report, out)

@@ -1,12 +1,14 @@
-"""Analysis: the cost models (parameters, FLOPs, cache) of every model kind, and what ``strata info`` prints."""
+"""The cost model: parameters, FLOPs and inference cache of every model kind (an AU-Net's measured
+contraction included), and what ``strata info`` prints. A bottom layer: it imports only config,
+layout and data, so the trainer can price its own steps."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from strata.analysis.aunet_cost import aunet_cost, contraction_of_levels
-from strata.analysis.cost import model_cost
 from strata.config import AUNetConfig, ModelConfig
+from strata.cost.aunet import aunet_cost, contraction_of_levels
+from strata.cost.model import model_cost
 
 
 def training_flops(config: ModelConfig | AUNetConfig, context: int, levels: np.ndarray | None = None) -> tuple[float, float]:

@@ -11,9 +11,9 @@ import itertools
 from rich import box
 from rich.table import Table
 
-from strata.analysis.aunet_cost import AUNetCost, aunet_cost, measure_contraction
-from strata.analysis.cost import ModelCost, model_cost
 from strata.config import Config, ModelConfig
+from strata.cost.aunet import AUNetCost, aunet_cost, measure_contraction
+from strata.cost.model import ModelCost, model_cost
 from strata.data import load_documents
 from strata.layout import BLOCK_SYMBOLS
 

@@ -8,7 +8,7 @@
         <run>/...               what ``strata train`` and ``strata eval`` write, then done.json
 
 Runs go one after another, or ``jobs`` at a time, each in its own process
-(``strata.analysis.sweep_run``), so a crash or a kill costs at most the runs in flight, and those
+(``strata.experiments.sweep_run``), so a crash or a kill costs at most the runs in flight, and those
 continue from their last checkpoint when the sweep is started again; finished runs (``done.json``)
 are skipped. Each process gets ``OMP_NUM_THREADS`` = cores / jobs unless it is set already.
 A re-run whose plan changed stops with an error if a run's training config changed (its
@@ -31,12 +31,19 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from strata.analysis.budget import PlannedRun, plan_runs
-from strata.analysis.info import human
-from strata.analysis.report import blocks
-from strata.analysis.sweep_run import BUSY, DONE, PLAN, write_json
-from strata.analysis.sweep_spec import PATH_FIELDS, Budget, MQARTraining, Sweep, SweepEval, load_sweep
 from strata.config import ConfigError, config_to_dict, validate_config
+from strata.cost.info import human
+from strata.experiments.budget import PlannedRun, plan_runs
+from strata.experiments.report import blocks
+from strata.experiments.sweep_run import BUSY, DONE, PLAN, write_json
+from strata.experiments.sweep_spec import (
+    PATH_FIELDS,
+    Budget,
+    MQARTraining,
+    Sweep,
+    SweepEval,
+    load_sweep,
+)
 
 
 def plan_sweep(path: str | Path, size: str | None, overrides: list[str] = ()
@@ -181,7 +188,7 @@ def _execute(pending: list[PlannedRun], runs: list[PlannedRun], out: Path, jobs:
                 run = queue.pop(0)
                 run_dir = out / run.name
                 log = (run_dir / "log.txt").open("ab")
-                process = subprocess.Popen([sys.executable, "-m", "strata.analysis.sweep_run", str(run_dir)],
+                process = subprocess.Popen([sys.executable, "-m", "strata.experiments.sweep_run", str(run_dir)],
                                            stdout=log, stderr=subprocess.STDOUT, env=env)
                 active[run.name] = (process, time.perf_counter(), log)
                 console.print(f"[{order[run.name]}/{len(runs)}] {run.name}: started, {run.steps:,} steps "

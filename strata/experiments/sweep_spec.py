@@ -14,7 +14,7 @@
       ratio: {key: model.layout.ratio, values: ["1:1", "1:5"]}   # ... or one key and its values
     also:                                    # single runs beside the grid
       - {name: mamba2, set: {model.layout.ratio: "0:1"}}
-    budget: {kind: flops, value: 1.0e13}     # or params / tokens (strata.analysis.budget)
+    budget: {kind: flops, value: 1.0e13}     # or params / tokens (strata.experiments.budget)
     eval: {data: [...], tasks: [...], limit: 200, decode: {new: 32}, mqar: {pairs: [4, 8, 16]}}
     mqar: {seq_len: 64, n_pairs: [4, 8, 16]} # train on MQAR instead of text (recall sweeps)
 
@@ -90,7 +90,7 @@ class Base(Strict):
 
 
 class Budget(Strict):
-    """What the runs share (``strata.analysis.budget``): training FLOPs, parameters or tokens."""
+    """What the runs share (``strata.experiments.budget``): training FLOPs, parameters or tokens."""
 
     kind: Literal["flops", "params", "tokens"]
     value: float | None = Field(None, gt=0)

@@ -1,6 +1,6 @@
 """One run of a sweep, from its directory: train (or resume), evaluate, then mark it finished.
 
-    python -m strata.analysis.sweep_run SWEEP_OUT/NAME
+    python -m strata.experiments.sweep_run SWEEP_OUT/NAME
 
 ``strata sweep`` writes ``NAME/plan.json`` (the resolved config with its planned steps, the
 evaluations, the costs) and ``config.yaml``, then starts this in a subprocess per run. The steps
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from strata.analysis.sweep_spec import MQARTraining, SweepEval
 from strata.config import Config, validate_config
+from strata.experiments.sweep_spec import MQARTraining, SweepEval
 from strata.files import write_atomically
 from strata.train.metrics import METRICS
 
@@ -154,7 +154,7 @@ def _prompts(config: Config, tokenizer, length: int, batch: int) -> list[list[in
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m strata.analysis.sweep_run SWEEP_OUT/NAME", file=sys.stderr)
+        print("usage: python -m strata.experiments.sweep_run SWEEP_OUT/NAME", file=sys.stderr)
         return 2
     run_dir = Path(argv[0])
     with (run_dir / LOCK).open("a") as lock:

@@ -7,7 +7,10 @@
 - ``cache_vs_context.png``: inference cache against context length, from the cost model;
 - ``mqar.png``: recall against key-value pairs, per run and length;
 - ``needle.png``: needle / passkey accuracy against context length (mean over depths), per run;
-- ``branch_mix.png``: the learned branch weights of intra-layer hybrids (α, λ) against the layer.
+- ``branch_mix.png``: the learned branch weights of intra-layer hybrids (α, λ) against the layer;
+- ``headlines.png``: every saved evaluation's headline numbers, a small bar chart per metric;
+- ``loss_by_position.png`` and ``languages.png``: the curves of the runs that saved those
+  evaluations, drawn together (``strata.evals.long_context``, ``strata.evals.languages``).
 
 A plot whose data no run has is skipped with the reason, never drawn empty.
 """
@@ -18,7 +21,13 @@ from pathlib import Path
 
 from matplotlib import colormaps
 from matplotlib.figure import Figure
-from matplotlib.ticker import EngFormatter, LogLocator, MaxNLocator, NullFormatter, ScalarFormatter
+from matplotlib.ticker import (
+    EngFormatter,
+    LogLocator,
+    MaxNLocator,
+    NullFormatter,
+    ScalarFormatter,
+)
 
 CONTEXTS = [2**n for n in range(8, 16)]  # 256 .. 32K
 
@@ -178,6 +187,49 @@ def branch_mix(report, path: Path) -> str:
     return _save(figure, path)
 
 
+def headlines(report, path: Path) -> str:
+    """One bar chart per evaluation metric, a bar per run (a run without the metric has none)."""
+    metrics = report.metrics
+    if not metrics:
+        return "no run has saved evaluations (strata eval RUN ...)"
+    columns = min(3, len(metrics))
+    rows = -(-len(metrics) // columns)
+    figure = Figure(figsize=(4.2 * columns, 2.8 * rows))
+    grid = figure.subplots(rows, columns, squeeze=False)
+    names = [run.name for run in report.runs]
+    for index, metric in enumerate(metrics):
+        axes = grid[index // columns][index % columns]
+        values = [run.headlines.get(metric, float("nan")) for run in report.runs]
+        axes.bar(range(len(names)), values, color=[f"C{i % 10}" for i in range(len(names))])
+        axes.set_xticks(range(len(names)), names, rotation=20, fontsize=8, ha="right")
+        axes.set_title(metric.removeprefix("task-"), fontsize=9)
+        axes.grid(True, axis="y", alpha=0.3)
+    for index in range(len(metrics), rows * columns):
+        grid[index // columns][index % columns].axis("off")
+    return _save(figure, path)
+
+
+def loss_by_position(report, path: Path) -> str:
+    from strata.evals.long_context import plot_loss_by_position
+
+    curves = {run.name: run.evaluations["long_context"]["result"] for run in report.runs
+              if "long_context" in run.evaluations}
+    if not curves:
+        return "no run has a saved loss-by-position evaluation (strata eval RUN --long ...)"
+    plot_loss_by_position(curves, path, {name: result["train_length"] for name, result in curves.items()})
+    return str(path)
+
+
+def languages(report, path: Path) -> str:
+    from strata.evals.languages import plot_languages
+
+    results = {run.name: run.evaluations["languages"]["result"] for run in report.runs if "languages" in run.evaluations}
+    if not results:
+        return "no run has a saved languages evaluation (strata eval RUN --languages ...)"
+    plot_languages(results, path)
+    return str(path)
+
+
 def draw_all(report, out: Path) -> dict[str, str]:
     """Every plot into ``out``: {title: the PNG's path, or the reason it was skipped}."""
     plots = {
@@ -187,5 +239,8 @@ def draw_all(report, out: Path) -> dict[str, str]:
         "MQAR recall": (mqar, "mqar.png"),
         "needle and passkey accuracy": (needle, "needle.png"),
         "learned branch weights per layer": (branch_mix, "branch_mix.png"),
+        "evaluation headlines": (headlines, "headlines.png"),
+        "loss by position": (loss_by_position, "loss_by_position.png"),
+        "bits per character by language": (languages, "languages.png"),
     }
     return {title: draw(report, out / name) for title, (draw, name) in plots.items()}
