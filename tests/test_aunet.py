@@ -1,18 +1,26 @@
-"""AU-Net: routes between stages, causality for 2-4 stages and every upsampling mode, config errors.
+"""AU-Net: routes between stages, causality for 2-4 stages and every upsampling mode, the levels
+the model finds itself, config errors.
 
-Levels always come from the real split rule (``strata.data.levels``) on real text, so a perturbed
-byte also changes the levels after it, as it would in use.
+Levels always come from the real split rule on real text (``model(tokens)`` runs it, as
+``strata.data.levels`` does), so a perturbed byte also changes the levels after it, as it would in use.
 """
 
 import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from strata import load_config
 from strata.config import ConfigError, validate_config
-from strata.data.levels import model_inputs
+from strata.data import ByteTokenizer, corpus_path
+from strata.data.levels import model_inputs, model_levels
+from strata.inference import model_cache
 from strata.models import AUNet, build_model
 from strata.models.aunet import route
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 
 TEXT = (
     b"\x00Whan that Aprille with his shoures soote, the droghte of March hath perced to the roote; "
@@ -54,7 +62,7 @@ def build(config, seed=0) -> AUNet:
 
 def logits_of(model, tokens):
     with torch.no_grad():
-        return model(tokens, **model_inputs(model, tokens))
+        return model(tokens)
 
 
 def text_tokens(length=120):
@@ -123,16 +131,51 @@ def test_static_lengths_change_nothing_when_they_are_long_enough():
     assert torch.allclose(logits_of(free, tokens), logits_of(model, tokens), atol=1e-5)
 
 
-def test_forward_needs_levels():
+def test_route_goes_on_with_a_carried_segment():
+    # Decoding: the positions continue a sequence whose segment is open 2 positions past its split.
+    path = route(torch.tensor([[0, 0, 1, 0, 1]]), 1, carry=torch.tensor([2]))
+    assert path.index.tolist() == [[2, 4]]
+    assert path.segment.tolist() == [[0, 0, 1, 1, 2]]  # 0: the carried segment
+    assert path.offset.tolist() == [[3, 4, 0, 1, 0]]
+    assert route(torch.tensor([[0]]), 1, carry=torch.tensor([5])).offset.tolist() == [[6]]
+
+
+@pytest.mark.parametrize("preset", ["aunet2", "aunet3"])
+def test_forward_finds_the_levels_the_data_pipeline_gives(preset):
+    """Rows of Shakespeare as they reach a model: a document from its BOS, the same left-padded, a
+    window of a packed stream across a document's end (EOS, BOS), and one that starts at a BOS."""
+    torch.manual_seed(0)
+    model = build_model(load_config(TINY / f"{preset}.yaml", ["model.init_std=0.1"])).eval()
+    text = corpus_path("shakespeare").read_bytes()
+    bos, eos, pad = ByteTokenizer.bos_id, ByteTokenizer.eos_id, ByteTokenizer.pad_id
+    width = 300
+    document = [bos, *text[1000 : 1000 + width - 1]]
+    stream = np.array([*document, *text[5000:5100], eos, bos, *text[9000 : 9000 + width]])
+    stream_levels = model_levels(model.config, stream)
+    rows = [document, [pad] * 40 + document[: width - 40], stream[200 : 200 + width], stream[width + 101 :][:width]]
+    tokens = torch.tensor(np.array(rows))
+    levels = torch.from_numpy(np.stack([model_levels(model.config, np.array(row)) for row in rows]))
+    assert torch.equal(model.split_levels(tokens), levels.long())
+    assert torch.equal(levels, model_inputs(model, tokens)["levels"])
+    # A window that starts at a BOS has, read alone, the levels the trainer cuts from its stream.
+    assert np.array_equal(levels[3].numpy(), stream_levels[width + 101 :][:width])
+    with torch.no_grad():
+        assert torch.equal(model(tokens), model(tokens, levels=levels))
+
+
+def test_levels_must_fit_the_tokens_and_a_cache_finds_its_own():
     model = build(aunet_config(2))
-    with pytest.raises(ValueError, match="levels"):
-        model(text_tokens(10))
+    tokens = text_tokens(10)
+    with pytest.raises(ValueError, match="shape of tokens"):
+        model(tokens, levels=torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="finds the levels"):
+        model(tokens, model_cache(model, 1, 10), levels=model.split_levels(tokens))
 
 
 def test_training_backward_reaches_every_parameter():
     model = build(aunet_config(3)).train()
     tokens = text_tokens(120)
-    logits = model(tokens, **model_inputs(model, tokens))
+    logits = model(tokens)
     torch.nn.functional.cross_entropy(logits[0, :-1], tokens[0, 1:]).backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []

@@ -14,22 +14,30 @@ decoder's input is its encoder's output (the skip) plus the upsampled deeper out
 Causality: the coarse vector of a split at position s has seen bytes <= s, and it is used at
 positions >= s only. Position 0 (BOS) is a split at every stage, so every position has a segment.
 
-``levels`` [B, T] give each byte its depth: 0 = no split, k = a split for stages 2..k+1. They come
-from the data layer (``strata.data.levels``), which runs the split rule on the bytes; the model
-never reads text. ``forward(tokens, cache=...)`` hands over to the cache (``strata.inference``),
-which runs a deeper stage only on the steps that reach it.
+``levels`` [B, T] give each byte its depth: 0 = no split, k = a split for stages 2..k+1. The split
+rule gives them (``strata.data.levels``): ``model(tokens)`` runs it on each row's ids, as the data
+pipeline does on a stream that starts there; ``levels=`` passes them in (a training window cut
+from a longer stream has the levels of that stream).
+
+One walk (``AUNet.descend``) runs the stages for the full forward and for decoding. With a cache
+(``strata.inference.aunet_cache``, state only) the byte stage advances as one batch and each row
+walks its deeper stages on its own, since rows reach different depths on the same step: a deeper
+stage runs only on the steps that reach it, and the segment left open by the last call goes on.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from strata.config import AUNetConfig
+from strata.data.levels import splitter_for, stream_levels
 from strata.models.lm import build_stack, init_weights, run_stack
 from strata.nn.mlp import update_balance_biases
 from strata.nn.norms import RMSNorm, rms_norm
@@ -39,41 +47,53 @@ from strata.nn.norms import RMSNorm, rms_norm
 class Route:
     """How stage k+1's sequence sits on stage k's, for a batch.
 
-    ``index`` [B, N]: the stage-k positions that are stage-(k+1) positions, in order, padded
-    (with position 0) to the longest row or to the static length; ``real`` [B, N]: which of them
-    are not padding. ``segment`` [B, T]: the stage-(k+1) position whose vector each stage-k
-    position receives; ``offset`` [B, T]: how far past that split it lies.
+    ``split`` [B, T]: which stage-k positions are stage-(k+1) positions; ``width``: how many
+    stage-(k+1) positions there are (the most of any row, or the static length). ``segment``
+    [B, T]: the stage-(k+1) position whose vector each stage-k position receives; ``offset``
+    [B, T]: how far past that split it lies. Computed when first used: ``index`` [B, width], the
+    split positions in order, padded with position 0; ``real`` [B, width], which are not padding.
     """
 
-    index: torch.Tensor
-    real: torch.Tensor
+    split: torch.Tensor
+    width: int
     segment: torch.Tensor
     offset: torch.Tensor
 
+    @functools.cached_property
+    def real(self) -> torch.Tensor:
+        return torch.arange(self.width, device=self.split.device)[None] < self.split.sum(1, keepdim=True)
+
+    @functools.cached_property
+    def index(self) -> torch.Tensor:
+        # Split positions first, in order (a stable sort), then the rest.
+        index = torch.argsort(self.split.to(torch.int8), dim=1, descending=True, stable=True)[:, : self.width]
+        if index.shape[1] < self.width:
+            index = F.pad(index, (0, self.width - index.shape[1]))
+        return torch.where(self.real, index, 0)
+
     def select(self, x: torch.Tensor) -> torch.Tensor:
-        """The rows of ``x`` [B, T, ...] at the split positions: [B, N, ...]."""
-        index = self.index.view(*self.index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
-        return x.gather(1, index)
+        """The rows of ``x`` [B, T, ...] at the split positions: [B, width, ...]."""
+        index = self.index.to(x.device)
+        return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
 
 
-def route(levels: torch.Tensor, depth: int, max_length: int | None = None) -> Route:
+def route(levels: torch.Tensor, depth: int, max_length: int | None = None, carry: torch.Tensor | None = None) -> Route:
     """The route from a stage whose positions have ``levels`` [B, T] (-1 on padding) to the next
     stage, made of the positions of level ``depth`` or more; at most ``max_length`` of them (the
-    first ones) when a static length is set, and then exactly that many, padded."""
+    first ones) when a static length is set, and then exactly that many, padded.
+
+    Position 0 must be a split, unless the positions go on a sequence whose next stage has a
+    segment open (decoding): ``carry`` [B] is then the offset in it of the position before them.
+    That segment is segment 0 of the route, and the positions before the first split go on in it."""
     split = levels >= depth
-    counts = split.sum(1)
-    width = max_length if max_length is not None else max(int(counts.max()), 1)
-    # Split positions first, in order (a stable sort of "not a split"), then the rest.
-    order = torch.argsort((~split).to(torch.int8), dim=1, stable=True)
-    index = order[:, :width]
-    if index.shape[1] < width:
-        index = F.pad(index, (0, width - index.shape[1]))
-    kept = torch.clamp(counts, max=width)
-    real = torch.arange(width, device=levels.device)[None] < kept[:, None]
-    index = torch.where(real, index, 0)
-    segment = (split.cumsum(1) - 1).clamp(0, width - 1)
-    offset = torch.arange(levels.shape[1], device=levels.device)[None] - index.gather(1, segment)
-    return Route(index, real, segment, offset)
+    count = split.cumsum(1)  # splits at or before each position
+    width = max_length if max_length is not None else int(count.max())
+    if max_length is not None:  # only the first splits are kept
+        split, count = split & (count <= width), count.clamp(max=width)
+    # Offset: how far past the latest split a position is (past the carried segment's, before the first).
+    positions = torch.arange(levels.shape[1], device=levels.device)
+    latest = torch.where(split, positions, 0 if carry is None else -1 - carry[:, None]).cummax(1).values
+    return Route(split, width, count - 1 if carry is None else count, positions - latest)
 
 
 class Pool(nn.Module):
@@ -108,6 +128,10 @@ class Upsample(nn.Module):
 
     def forward(self, coarse: torch.Tensor, segment: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         normed = rms_norm(coarse, self.norm.weight, self.norm.eps)
+        if self.mode == "multilinear" and segment.shape[1] == 1:  # one position (a decoding step)
+            source = _gather_rows(normed, segment)  # [B, 1, d_in]: only its own vector
+            weight = self.offset_weight[torch.remainder(offset[:, 0], self.max_offset)]  # [B, d_out, d_in]: its offset's matrix
+            return F.linear(source, self.proj.weight) + torch.bmm(source, weight.transpose(1, 2))
         shared = _gather_rows(F.linear(normed, self.proj.weight), segment)
         if self.mode == "simple":
             return shared * (offset == 0).unsqueeze(-1).to(shared.dtype)
@@ -115,10 +139,6 @@ class Upsample(nn.Module):
         if self.mode == "repeat":
             return shared + self.offset_bias[offset]
         d_out = self.offset_weight.shape[1]
-        if segment.shape[1] == 1:  # one position (a decoding step): only its own offset's matrix
-            weight = self.offset_weight[offset[:, 0]]  # [B, d_out, d_in]
-            source = _gather_rows(normed, segment)  # [B, 1, d_in]
-            return shared + torch.bmm(source, weight.transpose(1, 2))
         # Every offset's output for every coarse vector, then each position takes its own: cheaper
         # than a matrix per position, since coarse vectors are few.
         every = F.linear(normed, self.offset_weight.reshape(-1, self.offset_weight.shape[2]))  # [B, N, M·d_out]
@@ -135,6 +155,7 @@ class AUNet(nn.Module):
     def __init__(self, config: AUNetConfig):
         super().__init__()
         self.config = config
+        self.splitter = splitter_for(config)
         stages = config.stages
         eps = stages[0].norm_eps
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
@@ -166,36 +187,67 @@ class AUNet(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache=None, last_only: bool = False, *, levels: torch.Tensor | None = None,
                 lengths: torch.Tensor | None = None, logits_at: torch.Tensor | None = None):
-        """tokens [B, T] and their levels [B, T] -> logits [B, T, vocab] ([B, 1, vocab] with
-        ``last_only``; [N, vocab] at the N True places of a boolean [B, T] ``logits_at``). With a
-        cache, the cache finds the levels and drives the stages. ``lengths`` (ending rows early,
-        see ``LanguageModel.forward``) is refused: the byte stage's sliding windows cannot skip holes."""
+        """tokens [B, T] -> logits [B, T, vocab] ([B, 1, vocab] with ``last_only``; [N, vocab] at
+        the N True places of a boolean [B, T] ``logits_at``). ``levels`` [B, T]: the split levels
+        of the tokens, by default ``split_levels(tokens)``. With a cache (``strata.inference``)
+        the tokens are the steps after those it holds, and it finds their levels as they come.
+        ``lengths`` (ending rows early, see ``LanguageModel.forward``) is refused: the byte
+        stage's sliding windows cannot skip holes."""
         if lengths is not None:
             raise ValueError("an AU-Net cache cannot hold trailing padding (lengths=): its byte stage uses sliding windows")
-        if cache is not None:
-            return cache.forward(self, tokens, last_only, logits_at)
-        if levels is None:
-            raise ValueError(
-                "AU-Net needs the split level of every byte: pass levels= (see strata.data.levels.model_inputs)"
-            )
-        if levels.shape != tokens.shape:
+        if cache is not None and levels is not None:
+            raise ValueError("a cached AU-Net forward finds the levels of its steps itself; do not pass levels=")
+        if levels is not None and levels.shape != tokens.shape:
             raise ValueError(f"levels {tuple(levels.shape)} must have the shape of tokens {tuple(tokens.shape)}")
-        levels = levels.to(device=tokens.device, dtype=torch.long).clone()
-        levels[:, 0] = self.n_stages - 1  # position 0 opens a segment at every stage
-        x = self.embed(tokens)
-        skips, routes = [], []
-        for depth, encoder in enumerate(self.encoders, start=1):
-            x = run_stack(encoder, x)
-            path = route(levels, depth, self.config.stages[depth].max_length)
-            skips.append(x)
-            routes.append(path)
-            x = self.pools[depth - 1](path.select(x))
-            levels = torch.where(path.real, path.select(levels), -1)
-        y = run_stack(self.trunk, x)
-        for stage in reversed(range(self.n_stages - 1)):
-            path = routes[stage]
-            y = run_stack(self.decoders[stage], skips[stage] + self.ups[stage](y, path.segment, path.offset))
+        rows = None if cache is None else cache.feed(tokens)  # before the byte stage advances: it knows their padding
+        x = run_stack(self.encoders[0], self.embed(tokens), None if cache is None else cache.byte_encoder)
+        if cache is None:
+            levels = self.split_levels(tokens) if levels is None else levels.to(device=x.device, dtype=torch.long)
+            up = self.descend(1, x, levels)
+        else:  # row by row: rows reach different depths
+            up = torch.zeros_like(x)
+            for row, begin, row_levels, stages in rows:
+                up[row, begin:] = self.descend(1, x[row : row + 1, begin:], row_levels, stages)[0]
+        y = run_stack(self.decoders[0], x + up, None if cache is None else cache.byte_decoder)
         return self.logits(y[logits_at] if logits_at is not None else y[:, -1:] if last_only else y)
+
+    def descend(self, depth: int, hidden: torch.Tensor, levels: torch.Tensor, stages=None) -> torch.Tensor:
+        """The walk below stage ``depth - 1``, whose output ``hidden`` [B, T, d] sits at positions
+        with ``levels`` [B, T] (-1 on padding): pool the splits of stage ``depth``, run its encoder,
+        the walk below it and its decoder (or the trunk), and return what it sends back up to every
+        position, [B, T, d]. The levels may stay on the CPU when ``hidden`` is not.
+
+        ``stages`` (decoding, one row): ``stages[k - 1]`` is the row's ``StageCache`` of
+        ``config.stages[k]`` (``strata.inference.aunet_cache``), whose block caches advance and
+        whose ``carried`` segment, left open by the last call, the positions before the first split
+        go on in. A static ``max_length`` applies to the full forward only."""
+        stage = None if stages is None else stages[depth - 1]
+        carried = None if stage is None else stage.carried
+        if carried is None:  # a sequence's first position opens a segment at every stage
+            levels = levels.clone()
+            levels[:, 0] = self.n_stages - 1
+        max_length = self.config.stages[depth].max_length if stage is None else None
+        path = route(levels, depth, max_length, None if carried is None else carried[1])
+        coarse = None if carried is None else carried[0]
+        if path.width:
+            x = self.pools[depth - 1](path.select(hidden))
+            if depth == self.n_stages - 1:
+                y = run_stack(self.trunk, x, None if stage is None else stage.trunk)
+            else:
+                x = run_stack(self.encoders[depth], x, None if stage is None else stage.encoder)
+                deeper = self.descend(depth + 1, x, torch.where(path.real, path.select(levels), -1), stages)
+                y = run_stack(self.decoders[depth], x + deeper, None if stage is None else stage.decoder)
+            coarse = y if coarse is None else torch.cat([coarse, y], 1)
+        if stage is not None:
+            stage.carried = (coarse[:, -1:], path.offset[:, -1])
+        return self.ups[depth - 1](coarse, path.segment.to(hidden.device), path.offset.to(hidden.device))
+
+    def split_levels(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The split level of every id of ``tokens`` [B, T], each row read as the start of a stream
+        (``strata.data.levels.stream_levels``: bytes by the split rule, BOS at the top level, the
+        rule started afresh after every special id such as left padding)."""
+        rows = [stream_levels(row, self.splitter) for row in tokens.cpu().numpy()]
+        return torch.from_numpy(np.array(rows, dtype=np.int64).reshape(tokens.shape)).to(tokens.device)
 
     def logits(self, y: torch.Tensor) -> torch.Tensor:
         """The byte stage's output -> next-byte logits (the final norm, then the untied head)."""
