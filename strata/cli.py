@@ -7,6 +7,7 @@ import codecs
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from strata.config import AUNetConfig, ConfigError, load_config
@@ -59,16 +60,17 @@ def whole_number(low: int):
 positive_int = whole_number(1)
 
 
-def bounded_float(low: float, high: float = float("inf"), low_inclusive: bool = True):
-    """An argparse type: a number in [low, high] (or (low, high] without ``low_inclusive``)."""
+def bounded_float(low: float, high: float = float("inf"), low_inclusive: bool = True, high_inclusive: bool = True):
+    """An argparse type: a number in [low, high] (or (low, ... without ``low_inclusive``, ..., high)
+    without ``high_inclusive``)."""
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not (value >= low if low_inclusive else value > low) or value > high:
-            bounds = f"{'[' if low_inclusive else '('}{low:g}, {high:g}]"
+        if not (value >= low if low_inclusive else value > low) or not (value <= high if high_inclusive else value < high):
+            bounds = f"{'[' if low_inclusive else '('}{low:g}, {high:g}{']' if high_inclusive else ')'}"
             raise argparse.ArgumentTypeError(f"must be in {bounds}, got {value:g}")
         return value
 
@@ -164,7 +166,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from strata.inference.generate import generate
+    from strata.inference.generate import cache_bytes, generate, prompt_context
+    from strata.train.memory import available_memory, gib
     from strata.train.runs import open_run
 
     if args.prompt_file is not None:
@@ -192,16 +195,43 @@ def run_generate(args: argparse.Namespace) -> int:
         "compile": args.compile,
     }
 
+    context = prompt_context(trained.config.model)
+    available = available_memory(next(trained.model.parameters()).device)
+
+    def prompt_ids(data: bytes) -> tuple[list[int], bool]:
+        """The prompt's tokens and whether they were cut: refused, or cut to its last ``context``
+        with --truncate left, if it is longer than the model's context (``strata.inference.generate``'s
+        docstring); refused if the cache for it and ``--max-new`` tokens would not fit in memory."""
+        tokenizer = trained.tokenizer
+        ids = [tokenizer.bos_id, *tokenizer.encode(data).tolist()]
+        truncated = context is not None and len(ids) > context
+        if truncated:
+            what = (f"the prompt is {len(ids):,} tokens, longer than the model's context of {context:,} "
+                    f"(model.context_length)")
+            if args.truncate != "left":
+                raise ValueError(f"{what}; shorten it, or give --truncate left to keep its last {context:,} tokens")
+            ids = ids[-context:]
+            print(f"strata: note: {what}; kept its last {context:,} tokens (--truncate left)", file=sys.stderr)
+        if available is not None:
+            parameter = next(trained.model.parameters())
+            needed = cache_bytes(trained.config.model, len(ids) + args.max_new, parameter.dtype)
+            if needed > available.bytes:
+                raise MemoryError(f"--max-new {args.max_new:,}: the cache for {len(ids) + args.max_new:,} tokens needs "
+                                  f"{gib(needed)}, more than the {gib(available.bytes)} {available.where}; "
+                                  f"ask for fewer new tokens")
+        return ids, truncated
+
     def continue_prompt(data: bytes) -> None:
-        """Print the prompt, then the continuation as it is generated."""
+        """Print the prompt (what is kept of it), then the continuation as it is generated."""
+        ids, truncated = prompt_ids(data)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
         def show(_index: int, new: bytes) -> None:
             sys.stdout.write(decoder.decode(new))
             sys.stdout.flush()
 
-        show(0, data)
-        generate(trained.model, data, args.max_new, on_text=show, **settings)
+        show(0, trained.tokenizer.decode(ids) if truncated else data)
+        generate(trained.model, ids, args.max_new, on_text=show, **settings)
         sys.stdout.write(decoder.decode(b"", final=True) + "\n")
         sys.stdout.flush()
 
@@ -222,6 +252,8 @@ def run_generate(args: argparse.Namespace) -> int:
                 continue_prompt(line.rstrip(b"\r\n"))
             except KeyboardInterrupt:
                 print(file=sys.stderr)
+            except (ValueError, MemoryError) as error:  # this prompt only: the next may do
+                print(f"strata: error: {error}", file=sys.stderr)
     return 0
 
 
@@ -364,7 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt", help="prompt text (may be empty)")
     source.add_argument("--prompt-file", metavar="PATH", help="read the prompt's bytes from a file (any bytes)")
     generate.add_argument("--interactive", action="store_true", help="then read prompts from stdin, one per line")
-    generate.add_argument("--max-new", type=positive_int, default=200, help="new tokens at most (default 200)")
+    generate.add_argument("--max-new", type=positive_int, default=200,
+                          help="new tokens at most (default 200); refused if their cache would not fit in memory")
+    generate.add_argument("--truncate", choices=["left"], default=None,
+                          help="a prompt longer than the model's context (model.context_length; none for a model "
+                               "of Mamba-2 blocks only) is refused; with left, its last tokens are kept, saying so")
     generate.add_argument("--temperature", type=bounded_float(0), default=0.8, help="0 is greedy (default 0.8)")
     generate.add_argument("--top-k", type=positive_int, default=None)
     generate.add_argument("--top-p", type=bounded_float(0, 1, low_inclusive=False), default=None)
@@ -404,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     bpe = tokenizer.add_parser("train", help="train a byte-level BPE tokenizer on the training split")
     bpe.add_argument("--data", nargs="+", required=True, metavar="PATH")
     bpe.add_argument("--vocab-size", type=positive_int, default=4096)
-    bpe.add_argument("--valid-fraction", type=float, default=0.05)
+    bpe.add_argument("--valid-fraction", type=bounded_float(0, 0.5, low_inclusive=False, high_inclusive=False), default=0.05,
+                     help="held out as in training (data.valid_fraction; default 0.05): trains on the rest")
     bpe.add_argument("--out", required=True)
     bpe.set_defaults(handler=run_tokenizer_train)
     return parser
@@ -419,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    warnings.formatwarning = _one_line_warning
     try:
         return args.handler(args)
     except ConfigError as error:
@@ -427,6 +465,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:  # DataError and other bad input
         print(f"strata: error: {error}", file=sys.stderr)
         return 2
+    except MemoryError as error:  # refused before allocating, or an allocation that failed
+        print(f"strata: error: {error or 'out of memory'}", file=sys.stderr)
+        return 1
+    except OSError as error:  # disk full, a file-size limit, no permission: name the file and the reason
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"strata: error: {where}{error.strerror or error}", file=sys.stderr)
+        return 1
     except RuntimeError as error:
         from strata.train.checkpoint import CheckpointError
         from strata.train.trainer import TrainingError
@@ -435,6 +480,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"strata: error: {error}", file=sys.stderr)
         return 1
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """strata's own warnings (a broken checkpoint passed over, ...) as one line; others as Python prints them."""
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        return f"strata: warning: {message}\n"
+    return _python_warning(message, category, filename, lineno, line)
+
+
+_python_warning = warnings.formatwarning
 
 
 if __name__ == "__main__":

@@ -17,6 +17,15 @@ projections itself, fused with the ops around them, rather than call MKL once pe
 product: 5-10 % faster again (the same with four rows measured 0-5 %, so larger batches keep MKL).
 The first calls compile for 20-40 s (seconds once inductor has cached the code); a model compiles
 once per process.
+
+A model's *context* (``prompt_context``) is the length it was trained on, ``model.context_length``
+(tokens; bytes for an AU-Net): its attention never saw positions beyond it. A model with no
+attention at all (only Mamba-2 blocks, or intra-layer hybrids of two Mamba-2 branches) has no such
+limit: its state has the same size after any number of tokens, so any prompt is read whole.
+``generate`` itself reads any prompt (the long-context evaluations go past the context on purpose);
+``strata generate`` refuses a longer prompt, or keeps its last tokens with ``--truncate left``. The
+continuation may run past the context. ``cache_bytes`` is what the cache for a generation takes,
+from the cost model, so that one too large for memory is refused before it is allocated.
 """
 
 from __future__ import annotations
@@ -28,6 +37,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from strata.config import AUNetConfig, ModelConfig, StackConfig
+from strata.cost.aunet import aunet_cost
+from strata.cost.model import model_cost
 from strata.data.levels import model_inputs
 from strata.data.tokenizer import Tokenizer
 from strata.inference import model_cache
@@ -241,7 +253,16 @@ class _CachedSteps:
         for row, ids in enumerate(prompt_ids):
             self.batch[row, starts[row] :] = torch.tensor(ids, dtype=torch.long)
         # Room for every step the generation can take, so the KV caches never reallocate.
-        self.cache = model_cache(model, len(prompt_ids), longest + max_new_tokens, starts=starts)
+        capacity = longest + max_new_tokens
+        try:
+            self.cache = model_cache(model, len(prompt_ids), capacity, starts=starts)
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if not isinstance(error, torch.OutOfMemoryError) and "can't allocate memory" not in str(error):
+                raise
+            dtype = next(model.parameters()).dtype
+            needed = len(prompt_ids) * cache_bytes(model.config, capacity, dtype)
+            raise MemoryError(f"the cache for {len(prompt_ids)} x {capacity:,} tokens ({needed / 2**30:,.1f} GiB by the "
+                              f"cost model) cannot be allocated on {device}; ask for fewer new tokens") from None
         self.prefill_chunk = prefill_chunk
 
     def first(self) -> torch.Tensor:
@@ -275,6 +296,25 @@ class _FullSteps:
 
     def select(self, rows: torch.Tensor) -> None:
         self.sequences = [self.sequences[row] for row in rows.tolist()]
+
+
+def prompt_context(config: ModelConfig | AUNetConfig) -> int | None:
+    """The longest prompt ``strata generate`` reads whole, in tokens: the model's context_length, or
+    None for a model without attention (module docstring)."""
+    stacks = config.stages if isinstance(config, AUNetConfig) else [config]
+    return None if all(_attention_free(stack) for stack in stacks) else config.context_length
+
+
+def _attention_free(stack: StackConfig) -> bool:
+    return all(symbol == "M" or (symbol == "H" and "attention" not in stack.hybrid.branch_kinds) for symbol in stack.layout)
+
+
+def cache_bytes(config: ModelConfig | AUNetConfig, tokens: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of the cache of one sequence of ``tokens`` tokens (prompt and new ones), from the cost
+    model: the KV caches grow with it, Mamba-2 states and sliding windows do not."""
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    cost = aunet_cost(config, tokens, name) if isinstance(config, AUNetConfig) else model_cost(config, tokens, name)
+    return cost.cache_bytes
 
 
 def _seen_tokens(prompt_ids: list[list[int]], vocab_size: int, device) -> torch.Tensor:

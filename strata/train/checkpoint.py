@@ -7,8 +7,11 @@
         state.json          step, tokens, data-loader position, trainer counters
 
 A crash mid-save leaves only a ``.tmp-*`` directory, which is ignored and cleaned up; the newest
-complete checkpoint is untouched. Loading tries the newest first and falls back, with a warning,
-to older ones if it is unreadable. A distributed run's checkpoint holds ``dcp/`` (model and
+complete checkpoint is untouched. A save that fails (disk full, a file-size limit, no permission)
+removes its temporary directory and raises a one-line CheckpointError naming the file and the
+system's reason; the newest complete checkpoint is again untouched, so the run resumes from it.
+Loading tries the newest first and falls back, with a warning, to older ones if it is unreadable
+(a CheckpointError if none is). A distributed run's checkpoint holds ``dcp/`` (model and
 optimiser as DCP shards, ``strata.train.distributed_checkpoint``) instead of ``optimizer.pt``, and
 the same whole-model ``model.safetensors``, so eval and generate read either kind.
 """
@@ -18,8 +21,11 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +75,8 @@ def save_checkpoint(
     keep_last: int,
 ) -> Path:
     temporary = start_checkpoint(run_dir, step)
-    torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
+    with _writing(temporary, step, "optimizer.pt") as path:
+        _torch_save(optimizer.state_dict(), path)
     return finish_checkpoint(temporary, step, model.state_dict(), state, keep_last)
 
 
@@ -81,23 +88,34 @@ def temporary_dir(run_dir: Path, step: int) -> Path:
 def start_checkpoint(run_dir: Path, step: int) -> Path:
     """A fresh temporary directory for the checkpoint of ``step``."""
     temporary = temporary_dir(run_dir, step)
-    temporary.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
+    with _writing(temporary, step, ""):
+        temporary.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir()
     return temporary
 
 
 def finish_checkpoint(temporary: Path, step: int, weights: dict[str, torch.Tensor], state: dict, keep_last: int) -> Path:
     """Add the weights, RNG states and trainer state to ``temporary``, then publish it by renaming
     and drop all but the newest ``keep_last`` checkpoints."""
-    save_file({name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()}, str(temporary / "model.safetensors"))
-    torch.save(_rng_states(), temporary / "rng.pt")
-    (temporary / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+    with _writing(temporary, step, "model.safetensors") as path:
+        save_file({name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()}, str(path))
+    with _writing(temporary, step, "rng.pt") as path:
+        _torch_save(_rng_states(), path)
+    with _writing(temporary, step, "state.json") as path:
+        path.write_text(json.dumps({"step": step, **state}, indent=1))
     _fsync_dir(temporary)
     final = temporary.parent / f"step-{step:06d}"
-    if final.exists():  # re-saving the same step (e.g. at the end after a periodic save)
-        shutil.rmtree(final)
-    os.replace(temporary, final)
+    with _writing(temporary, step, ""):
+        if final.exists():  # re-saving the same step (e.g. at the end after a periodic save)
+            # Set aside, not deleted, until the new one is in place.
+            aside = final.with_name(f".old-{final.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
+            os.replace(temporary, final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(temporary, final)
     _fsync_dir(temporary.parent)
     for old in list_checkpoints(temporary.parent.parent)[keep_last:]:
         shutil.rmtree(old, ignore_errors=True)
@@ -108,33 +126,44 @@ def load_checkpoint(path: Path, with_training_state: bool = True) -> Checkpoint:
     """Read one checkpoint directory; raise CheckpointError naming the file that is bad."""
     path = Path(path)
     sharded = path / "dcp" if (path / "dcp").is_dir() else None
+    reading = path / "state.json"  # the file being read, for the message
     try:
-        state = json.loads((path / "state.json").read_text())
+        state = json.loads(reading.read_text())
+        step = int(state["step"])
         model = optimizer = rng = None
         if not (with_training_state and sharded):
-            model = load_file(str(path / "model.safetensors"))
+            reading = path / "model.safetensors"
+            model = load_file(str(reading))
         if with_training_state:
-            rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
+            reading = path / "rng.pt"
+            rng = torch.load(reading, map_location="cpu", weights_only=True)
             if sharded is None:
-                optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+                reading = path / "optimizer.pt"
+                optimizer = torch.load(reading, map_location="cpu", weights_only=True)
             else:
-                (sharded / ".metadata").stat()  # the shards themselves are read when loaded into a model
+                reading = sharded / ".metadata"
+                reading.stat()  # the shards themselves are read when loaded into a model
     except FileNotFoundError as error:
-        raise CheckpointError(f"{path}: missing {Path(error.filename).name}") from None
-    except (json.JSONDecodeError, SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError) as error:
-        raise CheckpointError(f"{path}: unreadable ({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
-    return Checkpoint(path, int(state["step"]), state, model, optimizer, rng, sharded if with_training_state else None)
+        raise CheckpointError(f"{path}: missing {Path(error.filename or reading).name}") from None
+    except (json.JSONDecodeError, SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError,
+            KeyError, TypeError) as error:
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else "no detail"
+        raise CheckpointError(f"{reading}: unreadable ({type(error).__name__}: {reason})") from None
+    return Checkpoint(path, step, state, model, optimizer, rng, sharded if with_training_state else None)
 
 
 def latest_checkpoint(run_dir: Path, with_training_state: bool = True) -> Checkpoint | None:
-    """The newest readable checkpoint of a run, warning about each newer one that is broken."""
+    """The newest readable checkpoint of a run, warning about each newer one that is broken; None
+    if the run has none. If it has some but none is readable, a CheckpointError names the oldest's
+    problem (the newer ones' were warned about)."""
     candidates = list_checkpoints(run_dir)
     for index, path in enumerate(candidates):
         try:
             return load_checkpoint(path, with_training_state)
         except CheckpointError as error:
-            fallback = candidates[index + 1].name if index + 1 < len(candidates) else "none left"
-            warnings.warn(f"{error}; falling back to the previous checkpoint ({fallback})", stacklevel=2)
+            if index + 1 == len(candidates):
+                raise CheckpointError(f"{error}; {Path(run_dir)} has no older checkpoint to fall back to") from None
+            warnings.warn(f"{error}; falling back to the previous checkpoint ({candidates[index + 1].name})", stacklevel=2)
     return None
 
 
@@ -178,6 +207,40 @@ def _rng_states() -> dict:
     if torch.cuda.is_available():
         states["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
     return states
+
+
+@contextmanager
+def _writing(temporary: Path, step: int, name: str) -> Iterator[Path]:
+    """Write ``temporary / name``; if that fails (disk full, a file-size limit, no permission),
+    remove the temporary checkpoint and raise a CheckpointError naming the file and the reason."""
+    path = temporary / name if name else temporary
+    try:
+        yield path
+    except (OSError, RuntimeError, SafetensorError) as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        previous = list_checkpoints(temporary.parent.parent)
+        kept = (f"the newest complete checkpoint, {previous[0].name}, is intact" if previous
+                else "there is no earlier checkpoint")
+        raise CheckpointError(f"{path}: cannot save the checkpoint of step {step} ({write_failure(error)}); {kept}") from None
+
+
+def write_failure(error: BaseException) -> str:
+    """Why a write failed, in the operating system's words ("No space left on device") when the
+    error carries them: an OSError, one that torch's writer hit first, or safetensors' "os error N"."""
+    for candidate in (error, error.__cause__, error.__context__):
+        if isinstance(candidate, OSError) and candidate.strerror:
+            return candidate.strerror
+    code = re.search(r"os error (\d+)", str(error))
+    if code:
+        return os.strerror(int(code.group(1)))
+    return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+
+
+def _torch_save(obj, path: Path) -> None:
+    """``torch.save`` through a Python file, so that a failed write leaves its OSError (and errno)
+    as the context of torch's RuntimeError."""
+    with open(path, "wb") as handle:
+        torch.save(obj, handle)
 
 
 def _fsync_dir(path: Path) -> None:

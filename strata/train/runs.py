@@ -35,7 +35,7 @@ def open_run(path: str | Path, device: str | torch.device = "cpu") -> TrainedMod
     elif (path / "config.yaml").exists():
         run_dir, checkpoint = path, latest_checkpoint(path, with_training_state=False)
         if checkpoint is None:
-            raise CheckpointError(f"{path}: run has no readable checkpoint")
+            raise CheckpointError(f"{path}: the run has no checkpoint yet")
     else:
         raise CheckpointError(f"{path}: neither a run directory (config.yaml) nor a checkpoint (model.safetensors)")
     config = load_config(run_dir / "config.yaml")
