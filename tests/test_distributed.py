@@ -120,6 +120,56 @@ def test_moe_and_aunet_train_under_ddp_as_in_one_process(tmp_path, shakespeare, 
     assert sorted(ddp) == [1, 2] and max(differences(single, ddp, [1, 2])) < 1e-5
 
 
+FSDP_INIT = """
+import sys
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from strata import build_model, load_config
+from strata.train.distributed import parallelize, session
+
+out, *paths = sys.argv[1:]
+with session(load_config(paths[0], ["train.parallel=fsdp"]).train) as world:
+    saved = {}
+    for path in paths:
+        config = load_config(path, ["train.parallel=fsdp"])
+        torch.manual_seed(config.train.seed)  # as the trainer builds
+        model = build_model(config, device="meta")
+        parallelize(model, world, config.train, bf16=False)
+        held = sum(param.to_local().numel() for param in model.parameters())
+        whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        saved[path] = (whole, dict(model.named_buffers()), held)
+    if world.is_main:
+        torch.save(saved, out)
+"""
+
+
+def test_fsdp_fills_each_ranks_shards_with_the_weights_of_one_process(tmp_path):
+    """Under FSDP the model is built on meta, sharded, and each rank allocates and fills only its
+    shards; gathered, they are the weights one process builds from the same seed, bit for bit."""
+    script, weights = tmp_path / "fsdp_init.py", tmp_path / "weights.pt"
+    script.write_text(FSDP_INIT)
+    paths = [str(TINY / "intra-moe.yaml"), str(TINY / "aunet2-hybrid.yaml")]  # MoE, hybrid, Mamba-2, AU-Net
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+               str(weights), *paths]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = torch.load(weights, weights_only=True)
+    for path in paths:
+        whole, buffers, held = saved[path]
+        config = load_config(path)
+        torch.manual_seed(config.train.seed)
+        single = build_model(config)
+        total = sum(param.numel() for param in single.parameters())
+        assert total / 2 <= held < 0.55 * total  # rank 0 holds its half, not the whole
+        assert whole.keys() == single.state_dict().keys()
+        for name, tensor in single.state_dict().items():
+            assert torch.equal(whole[name], tensor), name
+        for name, buffer in single.named_buffers():
+            assert torch.equal(buffers[name], buffer), name
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():

@@ -1,4 +1,5 @@
-"""AU-Net, the autoregressive U-Net over bytes (AU-Net brief §2).
+"""AU-Net, the autoregressive U-Net over bytes ("From Bytes to Ideas: Language Modeling with
+Autoregressive U-Nets", Videau et al., 2025, its architecture).
 
 Stage 1 reads bytes; each deeper stage reads the positions where the split rule puts a split of
 its depth (words, word pairs, ...), so it runs on a shorter sequence. Every stage is a stack of
@@ -38,7 +39,8 @@ from torch import nn
 
 from strata.config import AUNetConfig
 from strata.data.levels import splitter_for, stream_levels
-from strata.models.lm import build_stack, init_weights, run_stack
+from strata.models.init import whole_parameters
+from strata.models.lm import build_stack, run_stack, scaled_init
 from strata.nn.mlp import update_balance_biases
 from strata.nn.norms import RMSNorm, rms_norm
 
@@ -124,7 +126,14 @@ class Upsample(nn.Module):
         if mode == "multilinear":
             self.offset_weight = nn.Parameter(torch.empty(max_offset, d_out, d_in))
         elif mode == "repeat":
-            self.offset_bias = nn.Parameter(torch.zeros(max_offset, d_out))
+            self.offset_bias = nn.Parameter(torch.empty(max_offset, d_out))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Offset biases start at zero. The offset matrices are the model's to draw, with its
+        ``init_std``, after its projections (``AUNet.reset_parameters``)."""
+        if self.mode == "repeat":
+            nn.init.zeros_(self.offset_bias)
 
     def forward(self, coarse: torch.Tensor, segment: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         normed = rms_norm(coarse, self.norm.weight, self.norm.eps)
@@ -171,11 +180,16 @@ class AUNet(nn.Module):
         )
         self.norm = RMSNorm(config.d_model, eps)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        init_weights(self, config.init_std, self.n_blocks)
-        with torch.no_grad():
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The scaled normal initialisation of embedding and projections (``scaled_init``), then
+        N(0, init_std²) for the offset matrices of multilinear upsampling."""
+        scaled_init(self, self.config.init_std, self.n_blocks)
+        if self.config.upsample == "multilinear":
             for up in self.ups:
-                if config.upsample == "multilinear":
-                    nn.init.normal_(up.offset_weight, std=config.init_std)
+                with torch.no_grad(), whole_parameters(up):
+                    nn.init.normal_(up.offset_weight, std=self.config.init_std)
 
     @property
     def n_stages(self) -> int:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from strata.config import ModelConfig, RopeConfig, StackConfig
+from strata.models.init import whole_parameters
 from strata.nn.attention import Attention
 from strata.nn.hybrid import OUTPUT_PROJECTIONS as HYBRID_OUTPUT_PROJECTIONS, IntraLayerHybrid
 from strata.nn.mamba2 import Mamba2
@@ -80,18 +81,21 @@ def run_stack(blocks: nn.ModuleList, x: torch.Tensor, cache=None, lengths: torch
 
 
 @torch.no_grad()
-def init_weights(model: nn.Module, std: float, n_blocks: int) -> None:
+def scaled_init(model: nn.Module, std: float, n_blocks: int) -> None:
     """Normal(0, std) for embeddings and projections; projections that write into a residual
-    stream get std / sqrt(2 · n_blocks)."""
+    stream get std / sqrt(2 · n_blocks). A model's own ``reset_parameters``: it runs after every
+    module has reset its own (``strata.models.init``)."""
     residual_std = std / math.sqrt(2 * n_blocks)
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=std)
+            with whole_parameters(module):
+                nn.init.normal_(module.weight, std=std)
         elif isinstance(module, nn.Linear):
             is_residual = name.rsplit(".", 1)[-1] in RESIDUAL_PROJECTIONS
-            nn.init.normal_(module.weight, std=residual_std if is_residual else std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+            with whole_parameters(module):
+                nn.init.normal_(module.weight, std=residual_std if is_residual else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
 
 class LanguageModel(nn.Module):
@@ -102,7 +106,11 @@ class LanguageModel(nn.Module):
         self.blocks = build_stack(config)
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
-        init_weights(self, config.init_std, len(self.blocks))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The scaled normal initialisation of embedding and projections (``scaled_init``)."""
+        scaled_init(self, self.config.init_std, len(self.blocks))
 
     def forward(self, tokens: torch.Tensor, cache=None, last_only: bool = False, *,
                 lengths: torch.Tensor | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:

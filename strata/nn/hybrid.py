@@ -1,5 +1,5 @@
-"""The intra-layer (head-wise) hybrid mixer of brief §5, and the other two-branch designs of the
-hybrid paper's Table 6.
+"""The intra-layer (head-wise) hybrid mixer of "Hybrid Architectures for Language Models" (Bae et
+al., 2025), and the other two-branch designs of that paper's Table 6.
 
     f(X) = W_out( α_b · Norm(M_b(X))  ⊕  α_a · Norm(M_a(X)) )
 
@@ -41,6 +41,7 @@ from strata.nn.norms import HeadGroupNorm
 
 ALPHA_INIT = 0.5
 LAMBDA_STD = 0.1
+LAMBDA_VECTORS = ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
 
 
 def branch_names(branches: str) -> tuple[str, str]:
@@ -71,6 +72,9 @@ def diff_lambda(q1: torch.Tensor, k1: torch.Tensor, q2: torch.Tensor, k2: torch.
 class IntraLayerHybrid(nn.Module):
     """The two-branch mixer; ``layer`` (1-indexed in its stack) sets λ_init of the lambda scaling."""
 
+    # The children built after the scalings drew their parameters (see strata.models.init).
+    built_after_reset = (*OUTPUT_PROJECTIONS, "out_proj")
+
     def __init__(self, d_model: int, config: HybridConfig, norm_eps: float = 1e-5, layer: int = 1):
         super().__init__()
         self.config = config
@@ -89,27 +93,45 @@ class IntraLayerHybrid(nn.Module):
             norm = HeadGroupNorm(width, branch.n_heads, norm_eps) if config.norm == "group" else nn.Identity()
             setattr(self, f"{name}_norm", norm)
             if config.scale == "vector":
-                setattr(self, f"{name}_scale", nn.Parameter(torch.ones(width)))
+                setattr(self, f"{name}_scale", nn.Parameter(torch.empty(width)))
 
         if config.scale == "scalar":
             # One learnable scalar on branch a (the attention of the hybrid), relative to b.
-            setattr(self, f"{self.names[0]}_scale", nn.Parameter(torch.ones(1)))
+            setattr(self, f"{self.names[0]}_scale", nn.Parameter(torch.empty(1)))
         elif config.scale == "gate":
             # Input-dependent sigmoid gate per head of each branch.
             self.gate = nn.Linear(d_model, first.n_heads + second.n_heads, bias=True)
         elif config.scale == "lambda":
             self.lambda_init = lambda_init(layer)
-            for key in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
-                setattr(self, key, nn.Parameter(torch.randn(first.head_dim) * LAMBDA_STD))
+            for key in LAMBDA_VECTORS:
+                setattr(self, key, nn.Parameter(torch.empty(first.head_dim)))
         elif config.scale == "alpha":
-            self.alpha = nn.Parameter(torch.full((), ALPHA_INIT))
+            self.alpha = nn.Parameter(torch.empty(()))
+        self.reset_parameters()
 
-        # Created last, as they always were, so a seed gives the hybrid's designs the same weights.
+        # Created last, as they always were, so a seed gives the hybrid's designs the same weights
+        # (after the scalings drew theirs: built_after_reset).
         if config.out_proj == "separate":
             for name, width in zip(self.names, widths):
                 setattr(self, f"{name}_out", nn.Linear(width, d_model, bias=False))
         else:
             self.out_proj = nn.Linear(sum(widths) if config.fusion == "concat" else widths[1], d_model, bias=False)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The scalings' own parameters: vector and scalar scales 1, Diff-T's λ vectors drawn from
+        N(0, LAMBDA_STD²), α = ALPHA_INIT. The branches, norms and projections reset themselves."""
+        scale = self.config.scale
+        if scale in ("vector", "scalar"):
+            for name in self.names:
+                if hasattr(self, f"{name}_scale"):
+                    nn.init.ones_(getattr(self, f"{name}_scale"))
+        elif scale == "lambda":
+            for key in LAMBDA_VECTORS:
+                vector = getattr(self, key)
+                vector.copy_(torch.randn(vector.shape, device=vector.device) * LAMBDA_STD)
+        elif scale == "alpha":
+            self.alpha.fill_(ALPHA_INIT)
 
     def branch_modules(self) -> tuple[nn.Module, nn.Module]:
         """The mixers of branches a and b."""

@@ -56,15 +56,18 @@ class Mamba2(nn.Module):
         self.D = nn.Parameter(torch.empty(self.n_heads))
         self.norm = GatedRMSNorm(self.d_ssm, config.n_groups, norm_eps)
         self.out_proj = nn.Linear(self.d_ssm, d_model, bias=False) if output_projection else None
-        self.init_ssm_parameters(config)
+        self.config = config
+        self.reset_parameters()  # after every child: the order construction draws in (strata.models.init)
 
     @torch.no_grad()
-    def init_ssm_parameters(self, config: Mamba2Config) -> None:
+    def reset_parameters(self) -> None:
         """A ~ U[a_init_range] (the paper's [0.01, 2]); dt log-uniform in [dt_min, dt_max] stored
         through the inverse softplus in dt_bias; D = 1."""
+        config, device = self.config, self.A_log.device
         low, high = config.a_init_range
-        self.A_log.copy_(torch.empty(self.n_heads).uniform_(low, high).log())
-        dt = torch.exp(torch.rand(self.n_heads) * (math.log(config.dt_max) - math.log(config.dt_min)) + math.log(config.dt_min))
+        self.A_log.copy_(torch.empty(self.n_heads, device=device).uniform_(low, high).log())
+        dt = torch.exp(torch.rand(self.n_heads, device=device) * (math.log(config.dt_max) - math.log(config.dt_min))
+                       + math.log(config.dt_min))
         dt = dt.clamp(min=config.dt_init_floor)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         self.D.fill_(1.0)

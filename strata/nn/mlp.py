@@ -28,7 +28,8 @@ class SwiGLU(nn.Module):
 
 
 class MoE(nn.Module):
-    """Shared experts plus top-k of ``n_experts`` routed SwiGLU experts (brief §7).
+    """Shared experts plus top-k of ``n_experts`` routed SwiGLU experts (the MoE hybrids of "Hybrid
+    Architectures for Language Models", Bae et al., 2025).
 
     The router scores experts with a sigmoid; a per-expert ``balance_bias`` is added to the
     scores only to *choose* experts, never to weight them, and is nudged after each optimiser
@@ -49,8 +50,14 @@ class MoE(nn.Module):
         self.router = nn.Linear(d_model, moe.n_experts, bias=False)
         self.experts = nn.ModuleList(SwiGLU(d_model, width) for _ in range(moe.n_experts))
         self.shared = nn.ModuleList(SwiGLU(d_model, width) for _ in range(moe.n_shared))
-        self.register_buffer("balance_bias", torch.zeros(moe.n_experts))
-        self.register_buffer("tokens_per_expert", torch.zeros(moe.n_experts), persistent=False)
+        self.register_buffer("balance_bias", torch.empty(moe.n_experts))
+        self.register_buffer("tokens_per_expert", torch.empty(moe.n_experts), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The balancing state: no bias yet, no tokens counted (router and experts reset themselves)."""
+        nn.init.zeros_(self.balance_bias)
+        nn.init.zeros_(self.tokens_per_expert)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])

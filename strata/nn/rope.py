@@ -10,14 +10,15 @@ from torch import nn
 from strata.config import RopeConfig
 
 
-def rope_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:
-    """Inverse frequencies ``theta^(-2i/d)``, rescaled per Llama-3 when ``rope.scaling`` is set.
+def rope_frequencies(head_dim: int, rope: RopeConfig, device=None) -> torch.Tensor:
+    """Inverse frequencies ``theta^(-2i/d)``, rescaled per Llama-3 when ``rope.scaling`` is set;
+    computed on ``device`` (by default torch's current default device).
 
     Llama-3 scaling divides wavelengths longer than ``original_context / low_freq_factor`` by
     ``factor``, keeps those shorter than ``original_context / high_freq_factor``, and blends
     linearly (in frequency) between the two.
     """
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
     scaling = rope.scaling
     if scaling is None:
         return inv_freq.float()
@@ -45,9 +46,16 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, rope: RopeConfig):
         super().__init__()
-        self.register_buffer("inv_freq", rope_frequencies(head_dim, rope), persistent=False)
+        self.head_dim, self.rope = head_dim, rope
+        self.register_buffer("inv_freq", torch.empty((head_dim + 1) // 2), persistent=False)
         # Layers with equal settings have equal tables; a decoding step looks them up once.
         self.key = ("rope", head_dim, rope.model_dump_json())
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The frequencies, computed on the buffer's device; the tables follow when first asked for."""
+        with torch.no_grad():
+            self.inv_freq.copy_(rope_frequencies(self.head_dim, self.rope, device=self.inv_freq.device))
         self._cos = self._sin = None
 
     def _tables(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,16 +31,46 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from strata.config import ConfigError, TrainConfig
+from strata.models import init_weights
 from strata.models.lm import Block
 from strata.nn.mlp import moe_layers
 
+# The kinds of device a run may name in train.device (besides auto).
+DEVICE_KINDS = ("cpu", "cuda", "mps", "xpu")
+
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` is a GPU when there is one, else the CPU; a GPU without an index is this process's."""
+    """``auto`` is a GPU when there is one, else the CPU; a GPU without an index is this process's.
+    A device this machine does not have stops with a ConfigError that lists the ones it has."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in DEVICE_KINDS:
+        raise ConfigError(f"train.device: {name!r} is not a device name (auto, cpu, cuda, cuda:N, mps or xpu); "
+                          f"this machine has {machine_devices()}")
+    if device.type in ("cuda", "xpu") and device.index is None:
+        device = torch.device(device.type, local_rank)
+    indexed = device.type in ("cuda", "xpu")  # cpu and mps are one device each
+    if (str(device) if indexed else device.type) not in machine_devices().split(", ") or (not indexed and device.index):
+        which = f" (local rank {local_rank}'s)" if name in ("cuda", "xpu") and local_rank else ""
+        raise ConfigError(f"train.device: {name!r}{which} is not a device of this machine, which has {machine_devices()}")
+    return device
+
+
+def machine_devices() -> str:
+    """The devices a run can use here, e.g. ``cpu, cuda:0, cuda:1``."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        found.append("mps")
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        found += [f"xpu:{index}" for index in range(xpu.device_count())]
+    return ", ".join(found)
 
 
 @dataclass(frozen=True)
@@ -112,10 +142,19 @@ def session(train: TrainConfig) -> Iterator[World]:
 
 def parallelize(model: nn.Module, world: World, train: TrainConfig, bf16: bool) -> nn.Module:
     """Apply recompute and compile to every block and DDP or FSDP2 to ``model``; return what the
-    training step calls (``model`` itself, changed in place, except under DDP)."""
+    training step calls (``model`` itself, changed in place, except under DDP).
+
+    A model built on the meta device (``build_model(config, device="meta")``) is materialised on
+    ``world.device`` and filled by ``init_weights`` from the random generator's state (seeded
+    alike on every rank), which gives the weights a build on that device would have had. Under
+    FSDP this happens after sharding, so a rank allocates only its shards (and one whole tensor
+    at a time while drawing it: ``strata.models.init``)."""
+    on_meta = any(param.is_meta for param in model.parameters())
     blocks = [module for module in model.modules() if isinstance(module, Block)]
     for block in blocks:
         _wrap_training_forward(block, train.activation_checkpointing, train.compile)
+    if on_meta and world.parallel != "fsdp":
+        _materialize(model, world.device)
     if world.parallel == "ddp":
         # Buffers are not copied from rank 0 at every forward: the MoE token counts are per rank
         # until sync_expert_loads sums them, and every buffer then moves alike on every rank.
@@ -131,7 +170,16 @@ def parallelize(model: nn.Module, world: World, train: TrainConfig, bf16: bool) 
         for block in blocks:
             fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
+        if on_meta:
+            _materialize(model, world.device)
     return model
+
+
+def _materialize(model: nn.Module, device: torch.device) -> None:
+    """Storage on ``device`` for a model built on meta (its shards only, once sharded), filled as
+    construction would have filled it."""
+    model.to_empty(device=device)
+    init_weights(model)
 
 
 def _wrap_training_forward(block: nn.Module, recompute: bool, compile: bool) -> None:
