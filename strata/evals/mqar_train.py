@@ -15,13 +15,14 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from strata.config import ModelConfig, TrainConfig
 from strata.data.levels import model_inputs
-from strata.evals.mqar import IGNORE, MQAR_VOCAB, check_mqar, draw_mqar, score_recall
+from strata.evals.mqar import MQAR_VOCAB, check_mqar, draw_mqar, score_recall
 from strata.models import build_model
-from strata.train.optim import build_optimizer, learning_rate_factor
+from strata.train.distributed import World, parallelize
+from strata.train.optim import build_optimizer
+from strata.train.step import OptimizerStep, TrainingError
 
 FAMILIES = ("attention", "mamba2", "inter", "intra")
 
@@ -62,7 +63,7 @@ def mqar_layout(family: str, n_layers: int) -> str:
     inter hybrid puts its attention block first (``AM``), where it can copy each key into the
     next position for the Mamba-2 block above to store and look up: in 4,000-step runs of three
     seeds it recalled 99 %, 97 % and 45 % at 16 pairs, the other order (``MA``) 5 %, 90 % and 76 %.
-    (The hybrid brief's "never attention first" is about language modelling.) The intra hybrid's
+    (The hybrid paper's "never attention first" is about language modelling.) The intra hybrid's
     block goes on top (``MH``), where its attention branch can look up what the Mamba-2 block
     below tied together; it reached 92 % in 4,000 steps.
     """
@@ -82,7 +83,7 @@ def mqar_model_config(family: str, d_model: int = RECIPE["d_model"], n_layers: i
 
     Attention: heads of ``head_dim``, as many KV heads (no grouping at this size). Mamba-2: expansion
     2, ``d_state``, SSM heads of ``head_dim``. Intra-layer hybrid: the Mamba-2 block's 2·d_model
-    channels split evenly, d_model of attention (Q/K and values) and d_model of SSM (the brief's 1:1
+    channels split evenly, d_model of attention (Q/K and values) and d_model of SSM (the hybrid paper's 1:1
     split), with the final recipe's GroupNorm, difference fusion and separate projections.
     ``d_ffn`` 0 means no FFN, as in Zoology's MQAR models.
     """
@@ -110,22 +111,24 @@ def mqar_model_config(family: str, d_model: int = RECIPE["d_model"], n_layers: i
 def train_mqar(config: ModelConfig, seq_len: int = RECIPE["seq_len"], n_pairs: int | Sequence[int] = RECIPE["n_pairs"],
                steps: int = RECIPE["steps"], batch_size: int = RECIPE["batch_size"], lr: float = LEARNING_RATES["attention"],
                seed: int = 0, time_limit: float | None = None, vocab_size: int = MQAR_VOCAB,
-               weight_decay: float = 0.1, warmup: float = 0.05, eval_every: int = 250, eval_examples: int = 256,
+               weight_decay: float = 0.1, warmup: float = 0.05, clip: float | None = 1.0, grad_accum: int = 1,
+               compile: bool = False, eval_every: int = 250, eval_examples: int = 256,
                callback: Callable[[dict], None] | None = None) -> tuple[torch.nn.Module, list[dict]]:
     """Train a model built from ``config`` on MQAR; return (model, history).
 
     Each step draws a fresh batch of ``batch_size`` sequences of ``seq_len`` whose pair count is
-    the next of ``n_pairs`` in turn (one count if an int). Loss: cross-entropy at the query
-    positions only. AdamW (``strata.train.optim``, decay on matrices only), gradient clip 1.0,
-    cosine schedule with ``warmup``. The run stops after ``steps`` steps, or when another step and
+    the next of ``n_pairs`` in turn (one count if an int; ``grad_accum`` batches a step). Loss:
+    cross-entropy at the query positions only. Each step is the trainer's (``strata.train.step``):
+    AdamW with decay on matrices only, clipping at ``clip``, a skipped update on a non-finite loss
+    or gradient, MoE balancing, ``compile`` per block; cosine schedule with ``warmup``. The run stops after ``steps`` steps, or when another step and
     evaluation as long as the last ones would end past ``time_limit`` seconds from the call (the
     model's construction included); with a time limit the schedule follows the larger of the two
     fractions done, so a run cut short by the clock still cools down instead of ending at its peak.
 
     Every ``eval_every`` steps and after the last, recall at ``seq_len`` with the largest pair count
     on ``eval_examples`` held-out sequences goes into the history. History: one dict per step
-    (``step``, ``loss``, ``lr``, ``time`` in seconds since the call, and ``recall`` on evaluated
-    steps); ``callback`` receives each as it is made.
+    (``step``, ``loss``, ``lr``, ``grad_norm``, ``time`` in seconds since the call, and ``recall``
+    on evaluated steps); ``callback`` receives each as it is made.
     """
     counts = [n_pairs] if isinstance(n_pairs, int) else list(n_pairs)
     if not counts:
@@ -140,34 +143,29 @@ def train_mqar(config: ModelConfig, seq_len: int = RECIPE["seq_len"], n_pairs: i
         raise ValueError(f"seq_len {seq_len} exceeds the model's context_length {config.context_length}")
     start = time.perf_counter()
     settings = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule="cosine",
-                           warmup=warmup, seed=seed)
+                           warmup=warmup, seed=seed, clip=clip, grad_accum=grad_accum, compile=compile)
     torch.manual_seed(seed)
     model = build_model(config)
     optimizer = build_optimizer(model, settings)
+    optimizer_step = OptimizerStep(model, parallelize(model, World(), settings, bf16=False), optimizer, settings, steps)
     # Streams apart from evaluate_mqar's: numpy seeds [s, 0] like the integer s, but [s, 1] and
     # [s, 2] like no integer below 2**32.
     rng = np.random.default_rng([seed, 1])
     held_out = draw_mqar(np.random.default_rng([seed, 2]), eval_examples, seq_len, max(counts), vocab_size)
     pair_cycle = itertools.cycle(counts)
+
+    def next_micro_batch():
+        tokens, targets = draw_mqar(rng, batch_size, seq_len, next(pair_cycle), vocab_size)
+        return {"tokens": tokens, **model_inputs(model, tokens)}, targets  # targets are IGNORE but at queries
+
     history: list[dict] = []
     eval_seconds = 0.0  # the last evaluation's, kept free at the end of a timed run
-    model.train()
     for step in range(steps):
         step_start = time.perf_counter() - start
         progress = step if time_limit is None else max(step, int(steps * step_start / time_limit))
-        factor = learning_rate_factor(min(progress, steps - 1), steps, settings)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * factor
-        tokens, targets = draw_mqar(rng, batch_size, seq_len, next(pair_cycle), vocab_size)
-        logits = model(tokens, **model_inputs(model, tokens))
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        model.update_balance_biases()  # MoE FFNs balance their experts here as in the trainer
+        outcome = optimizer_step(next_micro_batch, min(progress, steps - 1))
         elapsed = time.perf_counter() - start
-        record = {"step": step + 1, "loss": loss.item(), "lr": lr * factor, "time": elapsed}
+        record = {"step": step + 1, **outcome.record(), "time": elapsed}
         next_step_end = elapsed + (elapsed - step_start)
         last = step + 1 == steps or (time_limit is not None and next_step_end + eval_seconds > time_limit)
         if last or (step + 1) % eval_every == 0:
@@ -176,6 +174,8 @@ def train_mqar(config: ModelConfig, seq_len: int = RECIPE["seq_len"], n_pairs: i
         history.append(record)
         if callback is not None:
             callback(record)
+        if reason := optimizer_step.stalled:
+            raise TrainingError(f"MQAR step {step + 1}: {reason}")
         if last:
             break
     model.eval()

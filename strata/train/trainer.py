@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 
 from strata.config import Config, config_to_dict
@@ -50,21 +49,16 @@ from strata.train.checkpoint import (
 )
 from strata.train.distributed import (
     World,
-    clip_gradients,
-    gradient_sync,
     lost_peer,
     parallelize,
     resolve_device,
     session,
-    sync_expert_loads,
 )
 from strata.train.distributed_checkpoint import load_sharded, load_whole, save_sharded
+from strata.train.memory import check_training_memory
 from strata.train.metrics import MetricsLog, Progress
-from strata.train.optim import build_optimizer, learning_rate_factor
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on; the message names the step and the reason."""
+from strata.train.optim import build_optimizer
+from strata.train.step import OptimizerStep, TrainingError
 
 
 @dataclass
@@ -121,6 +115,7 @@ def plan_steps(config: Config, tokens_per_step: int, flops_per_token: float) -> 
 class Trainer:
     def __init__(self, config: Config, run_dir: Path, resume: bool = False, quiet: bool = False, world: World | None = None):
         self.world = world or World(device=resolve_device(config.train.device))
+        check_training_memory(config, self.world.device, self.world.parallel, self.world.size)  # before any work
         self.run_dir = Path(run_dir)
         self.resume = resume
         self.quiet = quiet or not self.world.is_main
@@ -144,9 +139,11 @@ class Trainer:
         precision = train.precision if train.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         self.autocast = precision == "bf16"
         torch.manual_seed(train.seed)  # the same on every rank: every rank builds the same model
-        self.model = build_model(config, device=self.device)
-        # self.model stays the plain module (state, validation, sampling); self.forward trains.
-        self.forward = parallelize(self.model, self.world, train, self.autocast)
+        # Under FSDP on meta: parallelize gives each rank storage for its shards only and fills them.
+        self.model = build_model(config, device="meta" if self.world.parallel == "fsdp" else self.device)
+        # self.model stays the plain module (state, validation, sampling); the step trains through
+        # what parallelize returns.
+        forward = parallelize(self.model, self.world, train, self.autocast)
         self.optimizer = build_optimizer(self.model, train)  # after FSDP has replaced the parameters
 
         stream = pack(self.train_documents, self.tokenizer)
@@ -155,8 +152,10 @@ class Trainer:
         self.tokens_per_step = train.batch_size * self.seq_len * train.grad_accum
         flops_per_token, self.flops_per_token = training_flops(config.model, self.seq_len, levels)
         self.total_steps = plan_steps(config, self.tokens_per_step, flops_per_token)
+        self.optimizer_step = OptimizerStep(self.model, forward, self.optimizer, train, self.total_steps, self.world,
+                                            self.autocast)
 
-        self.step, self.tokens, self.bad_in_a_row, self.elapsed = 0, 0, 0, 0.0
+        self.step, self.tokens, self.elapsed = 0, 0, 0.0
         if resume:
             self._restore()
         elif self.world.is_main:
@@ -198,7 +197,7 @@ class Trainer:
         state = checkpoint.state
         self.loader.load_state_dict(state["loader"])
         self.step, self.tokens = checkpoint.step, state["tokens"]
-        self.bad_in_a_row, self.elapsed = state["bad_in_a_row"], state["elapsed"]
+        self.optimizer_step.bad_in_a_row, self.elapsed = state["bad_in_a_row"], state["elapsed"]
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -222,11 +221,9 @@ class Trainer:
                 record.update(time=round(self.elapsed, 3), tokens_per_s=round(self.tokens / max(self.elapsed, 1e-9)))
                 self._log(record)
                 progress.update(self.step, record)
-                if self.bad_in_a_row >= train.max_bad_steps:
-                    raise TrainingError(
-                        f"step {self.step}: loss or gradient non-finite for {self.bad_in_a_row} steps in a row; "
-                        f"stopping (checkpoints, if any, are in {self.run_dir / 'checkpoints'})"
-                    )
+                if reason := self.optimizer_step.stalled:
+                    raise TrainingError(f"step {self.step}: {reason}; stopping (checkpoints, if any, are in "
+                                        f"{self.run_dir / 'checkpoints'})")
                 if self.step % train.eval_every == 0 and self.step < self.total_steps:
                     progress.update(self.step, self._validate(head_of(self.valid_documents, train.eval_bytes)))
                 if self.step % train.save_every == 0:
@@ -249,35 +246,14 @@ class Trainer:
                          stopped_early, self.world.rank)
 
     def _train_step(self) -> dict:
-        train = self.config.train
-        lr = train.lr * learning_rate_factor(self.step, self.total_steps, train)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.model.train()
-        total_loss = 0.0
-        for micro in range(train.grad_accum):
+        def next_micro_batch():
             batch = self.loader.next_batch(self.world.rank, self.world.size).to(self.device)
-            with gradient_sync(self.forward, enabled=micro == train.grad_accum - 1):
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                    logits = self.forward(**batch.inputs())
-                loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten()) / train.grad_accum
-                loss.backward()
-            total_loss += loss.item()
-        # The mean over ranks is the global batch's loss: every rank has the same number of rows.
-        total_loss = self.world.mean(total_loss)
+            return batch.inputs(), batch.targets
+
+        outcome = self.optimizer_step(next_micro_batch, self.step)
         self.step += 1
         self.tokens += self.tokens_per_step
-        grad_norm = clip_gradients(list(self.model.parameters()), train.clip)
-        if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.bad_in_a_row += 1
-            return {"step": self.step, "loss": None, "lr": lr, "tokens": self.tokens, "skipped": "non-finite loss or gradient"}
-        self.bad_in_a_row = 0
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        sync_expert_loads(self.model, self.world)
-        self.model.update_balance_biases()
-        return {"step": self.step, "loss": total_loss, "lr": lr, "tokens": self.tokens, "grad_norm": grad_norm}
+        return {"step": self.step, **outcome.record(), "tokens": self.tokens}
 
     def _validate(self, documents: list[Document]) -> dict:
         result = bits_per_byte(self.model, self.tokenizer, documents, self.seq_len, self.config.train.batch_size, self.device)
@@ -293,7 +269,7 @@ class Trainer:
         state = {
             "tokens": self.tokens,
             "loader": self.loader.state_dict(),
-            "bad_in_a_row": self.bad_in_a_row,
+            "bad_in_a_row": self.optimizer_step.bad_in_a_row,
             "elapsed": self.elapsed,
         }
         keep_last = self.config.train.keep_last
