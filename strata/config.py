@@ -124,7 +124,8 @@ class Mamba2Config(Strict):
 
 
 class HybridConfig(Strict):
-    """The intra-layer hybrid mixer (brief §5): an attention branch and a Mamba-2 branch side by side.
+    """The intra-layer hybrid mixer of "Hybrid Architectures for Language Models" (Bae et al., 2025):
+    an attention branch and a Mamba-2 branch side by side.
 
     The attention branch has reduced Q/K (``attention.n_heads * attention.head_dim``) and, by
     default, full-width values (``v_head_dim = mamba.d_ssm / attention.n_heads``) so both branches
@@ -219,7 +220,7 @@ class FFNConfig(Strict):
 
     @property
     def expert_width(self) -> int:
-        """Routed experts are half the dense width unless set (brief §7)."""
+        """Routed experts are half the dense width unless set (the hybrid paper's MoE)."""
         assert self.moe is not None
         return self.moe.d_expert or self.d_ffn // 2
 
@@ -365,7 +366,8 @@ class SplitConfig(Strict):
 
 
 class AUNetConfig(Strict):
-    """The autoregressive U-Net over bytes (AU-Net brief §2): stages from bytes to the trunk.
+    """The autoregressive U-Net over bytes of "From Bytes to Ideas: Language Modeling with
+    Autoregressive U-Nets" (Videau et al., 2025): stages from bytes to the trunk.
 
     ``upsample``: how a coarse vector is spread over the finer positions of its segment:
     ``multilinear`` (a shared Linear plus one Linear per offset, offsets modulo ``max_offset``),

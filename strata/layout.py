@@ -18,8 +18,8 @@ BLOCK_SYMBOLS = {
 
 PLACEMENTS = ("front", "middle", "end", "scatter", "cluster", "sandwich")
 
-# The paper's own index sets (hybrid brief §4, §5 and its appendix; the paper's Tables 11, 17 and
-# 21): 1-indexed positions of the special blocks, by (layers, special blocks, placement). They
+# The paper's own index sets ("Hybrid Architectures for Language Models", Bae et al., 2025: its
+# inter- and intra-layer hybrids and their placement ablations, Tables 11, 17 and 21): 1-indexed positions of the special blocks, by (layers, special blocks, placement). They
 # follow no single rule (inter 1:5 "end" is {4, 11}, not the last block), so they are written out;
 # ``placement_positions`` takes them before any rule.
 PAPER_PLACEMENTS: dict[tuple[int, int, str], tuple[int, ...]] = {

@@ -1,4 +1,4 @@
-"""The AU-Net cost model (AU-Net brief §5, §6) against built models, hand counts and the brief's
+"""The AU-Net cost model of "From Bytes to Ideas: Language Modeling with Autoregressive U-Nets" (Videau et al., 2025) (its compute accounting and main runs) against built models, hand counts and the paper's
 figures, and ``strata info`` on AU-Net configs. Weights are only ever allocated on ``meta``."""
 
 import json
@@ -97,7 +97,7 @@ def load_config_with_stage_overrides(path: Path, overrides: list[str]) -> AUNetC
     return validate_config(data, str(path)).model
 
 
-# --- FLOPs per byte (brief §5), by hand ----------------------------------------------------------
+# --- FLOPs per byte (the AU-Net paper's accounting), by hand ----------------------------------------------------------
 
 HAND = {
     "kind": "aunet",
@@ -202,16 +202,16 @@ def test_text_rules_without_data_say_the_contraction_is_assumed():
     assert cost.contraction == [1.0, *ASSUMED_CONTRACTION] and cost.contraction_source.startswith("assumed")
 
 
-# --- the paper's presets (brief §6, §5) --------------------------------------------------------
+# --- the paper's presets (the AU-Net paper's main runs) --------------------------------------------------------
 
 
 @pytest.mark.parametrize("name, params", [("aunet2-1b", 1.3e9), ("aunet3-1b", 2.5e9), ("aunet4-1b", 4.2e9)])
-def test_paper_presets_have_the_briefs_sizes(name, params):
+def test_paper_presets_have_the_papers_sizes(name, params):
     assert abs(aunet_cost(config(PAPER / f"{name}.yaml")).params / params - 1) < 0.05
 
 
 def test_flops_per_byte_on_english_prose_against_the_paper():
-    """AU-Net brief §5: 1.8e9 / 2.3e9 / 2.8e9 FLOPs a byte for AU-Net-2 / 3 / 4 at 1B, with the
+    """The AU-Net paper: 1.8e9 / 2.3e9 / 2.8e9 FLOPs a byte for AU-Net-2 / 3 / 4 at 1B, with the
     contraction measured on DCLM. Measured here on State of the Union prose instead (no fitted
     constant): AU-Net-2 lands within 10 % (its one contraction, bytes per word, is much the same
     on any English prose), and the deeper models keep the paper's order."""
@@ -237,7 +237,7 @@ def test_paper_presets_follow_the_table(name, widths, layers):
     model = config(PAPER / f"{name}.yaml")
     assert [s.d_model for s in model.stages] == widths and [s.n_layers for s in model.stages] == layers
     assert [s.attention.head_dim for s in model.stages] == [64] + [128] * (len(widths) - 1)
-    # round-up-to-256(2·4d/3) at 1B (brief §2); the 7B model's Table 9 gives 4096 and 14336
+    # round-up-to-256(2·4d/3) at 1B (the AU-Net paper's architecture); the 7B model's Table 9 gives 4096 and 14336
     hidden = {512: 1536, 2048: 5632, 3072: 8192, 4608: 12288} if name != "aunet2-7b" else {1024: 4096, 4096: 14336}
     assert [s.ffn.d_ffn for s in model.stages] == [hidden[d] for d in widths]
     assert set(model.stages[0].layout) == {"W"} and model.stages[0].sliding_window.window == 512

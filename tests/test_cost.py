@@ -1,4 +1,5 @@
-"""The cost model against the paper's numbers (brief §2, §3, §7, appendix) and against built modules.
+"""The cost model against the numbers of "Hybrid Architectures for Language Models" (Bae et al.,
+2025): its cost formulas, Table 8, the 1B results and the appendix; and against built modules.
 
 Weights are only ever allocated on the ``meta`` device.
 """
@@ -64,7 +65,7 @@ def test_hymba_and_falcon_h1_like_presets_carry_the_papers_axes():
     assert model_cost(hymba, 8192, "bf16").cache_bytes / 2**20 == pytest.approx(180, rel=0.05)
 
 
-# --- parameters (brief §3, Table 8) -------------------------------------------------------------
+# --- parameters (the hybrid paper's Table 8) -------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -122,20 +123,20 @@ def test_mamba_mixer_is_about_2_5x_attention_mixer():
     assert rel(mamba / attention, 2.5) < 0.05
 
 
-# --- cache (brief §2, §7, appendix) -----------------------------------------------------------
+# --- cache (the hybrid paper's cost formulas, results and appendix) -----------------------------------------------------------
 
 
 def test_llama_1b_cache_is_256_mib_exactly():
     c = cost("llama-1b")
     assert c.cache_bytes == 256 * MIB
-    # brief §2: 4·N_layers·d_head·N_kv·L bytes in bf16
+    # the paper's cost formula: 4·N_layers·d_head·N_kv·L bytes in bf16
     assert c.cache_bytes == 4 * 16 * 64 * 8 * CONTEXT
 
 
 def test_mamba2_1b_cache_13_4_mib():
     c = cost("mamba2-1b")
     assert abs(c.cache_mib - 13.4) <= 0.1
-    # brief §2: 2·N_layers·(d_ssm·d_state + N_conv·(2·d_state + d_ssm)) bytes in bf16
+    # the paper's cost formula: 2·N_layers·(d_ssm·d_state + N_conv·(2·d_state + d_ssm)) bytes in bf16
     assert c.cache_bytes == 2 * 13 * (4096 * 128 + 4 * (2 * 128 + 4096))
 
 
@@ -202,7 +203,7 @@ def test_sliding_window_cache_stops_growing_beyond_window_plus_sinks():
     assert all(b.cache_bytes == per_token * 65536 for b in a_blocks)
 
 
-# --- FLOPs (brief §2, §7) ---------------------------------------------------------------------
+# --- FLOPs (the hybrid paper's cost formulas and results) ---------------------------------------------------------------------
 
 
 def test_llama_1b_budget_is_4_5e20_at_60b_tokens():
@@ -257,7 +258,7 @@ def test_swa_equals_full_attention_when_the_window_covers_the_sequence(length):
     full = attention_sequence_flops(attention, length)
     for window in (length, length + 1, 10 * length):
         assert attention_sequence_flops(attention, length, window) == full
-    # the brief's SWA formula with L_w = L is the full-attention formula
+    # the paper's SWA formula with L_w = L is the full-attention formula
     assert 12 * 2048 * length * ((length + 1) / 2 + 0) == pytest.approx(full)
     assert causal_pairs(length, length) == causal_pairs(length) == length * (length + 1) / 2
 

@@ -14,7 +14,7 @@ def positions(layout: str, symbol: str) -> list[int]:
     return [index for index, s in enumerate(layout, start=1) if s == symbol]
 
 
-# --- the paper's placements (brief §4, §5 and the appendix), 13 layers -----------------------
+# --- the paper's placements (the hybrid paper's inter- and intra-layer hybrids and its placement appendix), 13 layers -----------------------
 
 
 def test_inter_1_5_middle_is_the_papers_recipe():
@@ -24,7 +24,7 @@ def test_inter_1_5_middle_is_the_papers_recipe():
     assert make_layout(13) == "MMMAMMMAMMMMM"
 
 
-# The paper's index sets, copied from the hybrid brief (§4, §5, appendix "Placement") and the
+# The paper's index sets, copied from the hybrid paper (its hybrids and the appendix on placement) and the
 # paper's Tables 11, 17 and 21: (layers, ratio, placement, special, base, 1-indexed positions).
 PAPER_SETS = [
     # inter-layer, 13 blocks

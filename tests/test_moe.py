@@ -1,4 +1,4 @@
-"""The MoE of the hybrid brief §7 (1 shared + top-1 of 8 routed experts, sigmoid router,
+"""The MoE of "Hybrid Architectures for Language Models" (Bae et al., 2025), its MoE hybrids (1 shared + top-1 of 8 routed experts, sigmoid router,
 auxiliary-loss-free balancing) learns its router: routed outputs are weighted by the sigmoid score."""
 
 from pathlib import Path
@@ -63,7 +63,7 @@ def test_normalize_weights_option():
 
 
 def test_router_learns_and_experts_stay_balanced_over_50_steps(tmp_path):
-    """The brief's MoE (top-1 of 8, balancing rate 1e-3) trained 50 steps on Shakespeare: every
+    """The paper's MoE (top-1 of 8, balancing rate 1e-3) trained 50 steps on Shakespeare: every
     router has moved beyond what weight decay alone does (on the old normalised top-1 weights it got
     no gradient), and routing has not collapsed: on held-out text no expert takes more than half of
     the tokens (4 even shares). 50 steps move a balance bias by at most 0.05, so the load is about as

@@ -200,7 +200,7 @@ def test_grids_are_deterministic_and_cells_independent(filler):
 
 
 # ---------------------------------------------------------------------------------------------
-# The paper's protocol (hybrid brief §8), against its literal grid, prompt and scoring rule
+# The paper's protocol ("Hybrid Architectures for Language Models" (Bae et al., 2025), its evaluation protocol), against its literal grid, prompt and scoring rule
 
 # Filler "One. Two. Three." with the needle at depth 0.5 (after "Two.") and 1.0 (after "Three.").
 PAPER_PROMPTS = {

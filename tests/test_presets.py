@@ -1,8 +1,8 @@
 """The paper presets (configs/paper) against the papers' printed numbers, never against strata's own.
 
-Layouts are spelled out from the paper's index sets; sizes and caches are the hybrid brief's
+Layouts are spelled out from the paper's index sets; sizes and caches are the hybrid paper's
 Table 8, its main table (§7) and its appendix, plus the figures the fidelity audit (issue 20) took
-from the paper's Tables 10 and 15; the training recipe is brief §6.
+from the paper's Tables 10 and 15; the training recipe is the paper's training setup.
 """
 
 import json
@@ -41,7 +41,7 @@ def test_preset_layouts(name, layout):
 
 
 # (preset, non-embedding parameters in billions as printed, cache MiB at 8K in bf16 as printed).
-# None: the paper prints no figure for it. Llama caches off the main table follow the brief's
+# None: the paper prints no figure for it. Llama caches off the main table follow the paper's
 # formula 4·N_layers·d_head·N_kv·L bytes on Table 8's sizes.
 PAPER_SIZES = [
     ("llama-100m", 0.10, 64),  # 4·8·64·4·8192 B
@@ -112,7 +112,7 @@ def test_hybrid_presets_carry_the_papers_recipe(path):
 
 @pytest.mark.parametrize("name", ["aunet2-1b", "aunet3-1b", "aunet4-1b", "aunet2-7b"])
 def test_aunet_presets_carry_the_papers_recipe(name):
-    """AU-Net brief §5: AdamW (0.9, 0.95), weight decay 0.1, clip 0.2, cosine to 1 % of peak, ~10 %
+    """The AU-Net paper: AdamW (0.9, 0.95), weight decay 0.1, clip 0.2, cosine to 1 % of peak, ~10 %
     warmup, sequences of 8192 bytes."""
     train = load_config(PAPER / f"{name}.yaml").train
     assert (train.betas, train.weight_decay, train.clip) == ((0.9, 0.95), 0.1, 0.2)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from strata.data import corpus_path
+from strata.data import corpus_path, load_documents, split_documents
+from strata.train.trainer import gzip_bits_per_byte
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny"
@@ -66,19 +67,22 @@ def test_resume_after_kill_repeats_the_straight_run_exactly(tmp_path, shakespear
     assert resumed == expected  # bit-identical, step by step
 
 
-# Steps per family: the attention-only families are cheap per step but need 150 to clear the bar with
-# margin (2.99 bpb; swa is at 3.38 after 100); the Mamba-2 families cost twice as much per step and
-# reach 2.78-2.80 in 100. An untrained model scores about 8.
+# Steps per family: enough for each to beat gzip -9 on the same held-out bytes (3.09 bits per byte
+# on this split) with margin; an untrained model scores about 8.
 @pytest.mark.parametrize("family, steps", [("transformer", 150), ("swa", 150), ("mamba2", 100), ("inter", 100),
                                            ("intra", 100)])
 def test_each_tiny_family_learns_shakespeare(tmp_path, shakespeare, family, steps):
+    """The bar is a compressor on the run's own held-out text, not a constant: the model must
+    predict Shakespeare better than gzip does."""
     run = tmp_path / family
     strata("train", TINY / f"{family}.yaml", "--data", shakespeare, "--steps", steps, "--out", run, "--quiet",
            "model.context_length=128", "train.batch_size=8", f"train.eval_every={steps}", "train.lr=3e-3",
            "data.valid_fraction=0.02")
     final = validations(run)[-1]
-    assert final["step"] == steps
-    assert final["val_bpb"] < 3.5, f"{family}: validation bpb {final['val_bpb']:.3f}"
+    _, held_out = split_documents(load_documents([str(shakespeare)]), 0.02)
+    gzip = gzip_bits_per_byte(held_out)
+    assert final["step"] == steps and 3.0 < gzip < 3.2
+    assert final["val_bpb"] < gzip, f"{family}: validation bpb {final['val_bpb']:.3f}, gzip {gzip:.3f}"
 
 
 def test_bpe_and_byte_runs_score_the_same_held_out_bytes(tmp_path, shakespeare):

@@ -1,7 +1,8 @@
-"""Cost model of AU-Net (AU-Net brief §5): exact parameters, training FLOPs per byte, cache bytes.
+"""Cost model of AU-Net: exact parameters, training FLOPs per byte, cache bytes, with the compute
+accounting of "From Bytes to Ideas: Language Modeling with Autoregressive U-Nets" (Videau et al., 2025).
 
 Stage i runs on one position per k_i bytes, its contraction (k_1 = 1; k_i = bytes per stage-i
-position, measured on data with the config's own split rule). The brief's compute convention:
+position, measured on data with the config's own split rule). The paper's compute convention:
 
     FLOPs per byte = Σ_i F_i / k_i,    F_i = 6 · (parameters run per stage-i position)
                                               + Σ_blocks mixer sequence FLOPs(L_i) / L_i,  L_i = context / k_i
@@ -41,7 +42,7 @@ from strata.cost.model import (
 from strata.data.levels import splitter_for
 
 # Bytes per position of stages 2, 3, 4, ... assumed for the text rules when no data is given: those
-# under which the 1B presets cost what brief §5 says (AU-Net-2/3/4: 1.8e9, 2.3e9, 2.8e9 FLOPs per
+# under which the 1B presets cost what the AU-Net paper says (AU-Net-2/3/4: 1.8e9, 2.3e9, 2.8e9 FLOPs per
 # byte; the paper measured its contraction on DCLM). For comparison, the word rule with its default
 # groups measures 5.3 / 9.6 / 16 on sotu.txt (plain prose) and 4.1 / 6.6 / 9.4 on shakespeare.txt.
 ASSUMED_CONTRACTION = (5.0, 7.6, 12.0)
@@ -138,7 +139,7 @@ def default_contraction(config: AUNetConfig, context: int) -> tuple[list[float],
     if config.n_stages - 1 > len(ASSUMED_CONTRACTION):
         raise ValueError(f"no assumed contraction for {config.n_stages} stages; give one or measure it on data (--data)")
     assumed = [1.0, *ASSUMED_CONTRACTION[: config.n_stages - 1]]
-    return assumed, "assumed: reproduces brief §5's FLOPs/byte; measure yours with --data"
+    return assumed, "assumed: reproduces the AU-Net paper's FLOPs/byte; measure yours with --data"
 
 
 def _check_contraction(contraction: list[float], n_stages: int) -> None:

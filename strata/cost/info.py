@@ -65,7 +65,7 @@ def lm_info(config: ModelConfig, context: int | None, dtype: str) -> tuple[Model
 
 
 def aunet_info(config: Config, context: int | None, dtype: str, data: str | None) -> tuple[AUNetCost, Rows, Table]:
-    """An AU-Net's cost (AU-Net brief §5), its summary rows and its per-stage table. ``data`` (a
+    """An AU-Net's cost (the AU-Net paper's compute accounting), its summary rows and its per-stage table. ``data`` (a
     text file, folder, .jsonl or named corpus, read as training reads it) gives the contraction."""
     contraction, source = None, "given"
     if data is not None:

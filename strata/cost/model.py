@@ -1,6 +1,7 @@
 """Cost model: parameters, training FLOPs per token and inference cache bytes, from a config alone.
 
-Formulas follow brief §2 (per block, one sequence of length L):
+Formulas follow the cost formulas of "Hybrid Architectures for Language Models" (Bae et al.,
+2025), per block, one sequence of length L:
     attention   6·(H·d_qk + H·d_v)·pairs, pairs = L(L+1)/2      (= 12·d_model·L(L+1)/2 when H·d = d_model)
     sliding     the same over pairs = L_w(L_w+1)/2 + L_w(L − L_w), L_w = window + sinks
     Mamba-2     3·L·(9·d_ssm·d_state + 2·d_ssm)
@@ -155,7 +156,7 @@ def mamba_sequence_flops(d_ssm: int, d_state: int, length: int) -> float:
 
 
 def mixer_sequence_flops(symbol: str, config: StackConfig, length: int) -> float:
-    """The training FLOPs of one sequence beyond 6·params·L (brief §2)."""
+    """The training FLOPs of one sequence beyond 6·params·L (the hybrid paper's cost formulas)."""
     if symbol == "A":
         return attention_sequence_flops(config.attention, length)
     if symbol == "W":

@@ -1,7 +1,8 @@
 """Character-level tasks in the style of CUTE (Edman et al. 2024, "CUTE: Measuring LLMs'
 Understanding of Their Tokens"): can a model spell a word, read a spelling back, and find and edit
 the letters of a word? A byte model sees every letter; a BPE model has to have learnt what is
-inside its tokens (the AU-Net brief, §7, compares the two on these tasks).
+inside its tokens ("From Bytes to Ideas: Language Modeling with Autoregressive U-Nets", Videau et
+al., 2025, compares the two on CUTE).
 
 Words come from a corpus the caller passes (``corpus_words``): maximal runs of 3-10 ASCII letters,
 lowercased and deduplicated. A run touching a digit, underscore, apostrophe, hyphen or non-ASCII

@@ -18,7 +18,8 @@ log-likelihood by the length of the choice, so long choices are not penalised fo
   (``" "``) put before it to score it; a task written for it with ``doc_to_choice: choices`` and the
   default ``target_delimiter`` scores what strata scores and gets the same ``acc_norm``.
 - ``acc_bytes``: by its length in UTF-8 bytes, again without the space: the hybrid paper's
-  normalisation (brief §8), and the harness's ``acc_bytes``. The two differ on non-ASCII choices
+  normalisation ("Hybrid Architectures for Language Models", Bae et al., 2025, its evaluation
+  protocol), and the harness's ``acc_bytes``. The two differ on non-ASCII choices
   (``"é"`` is one character, two bytes).
 
 Ties go to the first choice (``argmax`` order). With a byte model of constant logits every byte

@@ -1,6 +1,7 @@
 """Needle in a haystack and passkey retrieval: can the model fetch one fact from anywhere in a long context?
 
-**Needle** (hybrid brief §8). The haystack is held-out corpus text given by the caller; the needle
+**Needle** ("Hybrid Architectures for Language Models", Bae et al., 2025, its evaluation
+protocol). The haystack is held-out corpus text given by the caller; the needle
 ``The special magic {city} number is: {7 digits}.`` goes in at a depth, and the prompt ends with
 the question. **Passkey** (the classic of landmark attention): the instruction ``There is an
 important info hidden ...``, then ``The grass is green. The sky is blue. ...`` repeated, the key
