@@ -14,12 +14,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as module_hooks
+from torch.nn.modules import module as _module
+
+# torch's registries of global module hooks, mutated in place when a hook is registered.
+_GLOBAL_HOOKS = (_module._global_forward_hooks, _module._global_forward_pre_hooks)
 
 
 def project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if (not torch.is_grad_enabled() and type(linear) is nn.Linear and not linear._forward_hooks
-            and not linear._forward_pre_hooks and not module_hooks._global_forward_hooks
-            and not module_hooks._global_forward_pre_hooks):
+    if (type(linear) is nn.Linear and not torch.is_grad_enabled() and not linear._forward_hooks
+            and not linear._forward_pre_hooks and not any(_GLOBAL_HOOKS)):
         return F.linear(x, linear.weight, linear.bias)
     return linear(x)
