@@ -58,26 +58,39 @@ class RopeScaling(Strict):
 
 
 class RopeConfig(Strict):
+    """Rotary embeddings on the first ``fraction`` of each head's channels (the rest pass
+    unrotated: Bamba rotates half)."""
+
     theta: float = Field(500_000.0, gt=0)
     scaling: RopeScaling | None = None
+    fraction: float = Field(1.0, gt=0, le=1)
 
 
 class AttentionConfig(Strict):
-    """GQA causal self-attention. ``head_dim`` defaults to ``d_model / n_heads``, ``v_head_dim`` to ``head_dim``."""
+    """GQA causal self-attention. ``head_dim`` defaults to ``d_model / n_heads``, ``v_head_dim`` to ``head_dim``.
+
+    ``rope: null`` gives no positional encoding at all (NoPE, as Nemotron-H's attention);
+    ``softmax_scale`` replaces 1/sqrt(head_dim) (Granite's ``attention_multiplier``; Falcon-H1's
+    ``key_multiplier`` times 1/sqrt(head_dim)); ``bias`` gives Q, K, V and the output projection biases.
+    """
 
     n_heads: int = Field(gt=0)
     n_kv_heads: int = Field(gt=0)
     head_dim: int | None = Field(None, gt=0)
     v_head_dim: int | None = Field(None, gt=0)
-    rope: RopeConfig = RopeConfig()
+    rope: RopeConfig | None = RopeConfig()
+    softmax_scale: float | None = Field(None, gt=0)
+    bias: bool = False
 
     @model_validator(mode="after")
     def _gqa(self):
         if self.n_heads % self.n_kv_heads:
             raise _KeyedError("n_heads", f"{self.n_heads} is not a multiple of n_kv_heads ({self.n_kv_heads})")
-        if self.head_dim is not None and self.head_dim % 2:
-            raise _KeyedError("head_dim", f"{self.head_dim} is odd; rotary embeddings need an even head_dim")
         return self
+
+    def rotary_dim(self, head_dim: int) -> int:
+        """Channels of each Q/K head that RoPE rotates (0 without RoPE)."""
+        return 0 if self.rope is None else int(head_dim * self.rope.fraction)
 
     @property
     def value_head_dim(self) -> int:
@@ -93,7 +106,14 @@ class SlidingWindowConfig(Strict):
 
 
 class Mamba2Config(Strict):
-    """The Mamba-2 (SSD) mixer. ``d_ssm`` defaults to ``expand * d_model``."""
+    """The Mamba-2 (SSD) mixer. ``d_ssm`` defaults to ``expand * d_model``.
+
+    ``norm``: how the output gate z meets the grouped RMSNorm: ``gate_then_norm`` RMSNorm(y·silu(z))
+    (Mamba-2's own), ``norm_then_gate`` RMSNorm(y)·silu(z), ``gate_only`` y·silu(z) with no norm
+    (Falcon-H1's options). ``bias``: in- and out-projection biases; ``conv_bias`` the conv's.
+    ``projection_multipliers``: constants multiplying the in-projection's z, x, B, C and dt
+    outputs (Falcon-H1's μP ``ssm_multipliers``).
+    """
 
     d_ssm: int | None = Field(None, gt=0)
     expand: int = Field(2, gt=0)
@@ -106,6 +126,10 @@ class Mamba2Config(Strict):
     dt_min: float = Field(1e-3, gt=0)
     dt_max: float = Field(1e-1, gt=0)
     dt_init_floor: float = Field(1e-4, gt=0)
+    bias: bool = False
+    conv_bias: bool = True
+    norm: Literal["gate_then_norm", "norm_then_gate", "gate_only"] = "gate_then_norm"
+    projection_multipliers: tuple[float, float, float, float, float] | None = None
 
     @model_validator(mode="after")
     def _ranges(self):
@@ -148,6 +172,8 @@ class HybridConfig(Strict):
     fusion: Literal["add", "diff", "concat"] = "diff"
     share_value: bool = False
     out_proj: Literal["joint", "separate"] = "separate"
+    in_multipliers: tuple[float, float] = (1.0, 1.0)
+    out_multipliers: tuple[float, float] = (1.0, 1.0)
 
     @model_validator(mode="after")
     def _combination(self):
@@ -175,7 +201,11 @@ class HybridConfig(Strict):
 class MoEConfig(Strict):
     """Shared + top-k routed experts, sigmoid router, bias-based (aux-loss-free) balancing.
 
-    A routed expert's output is weighted by its sigmoid score. ``normalize_weights`` divides the
+    ``router: softmax`` is Granite's (and Mixtral's) instead: the weights are the softmax of the
+    chosen experts' router logits, with no balancing bias. ``d_shared``: the shared experts' width
+    (the routed experts' by default).
+
+    A sigmoid-routed expert's output is weighted by its sigmoid score. ``normalize_weights`` divides the
     chosen scores by their sum; it applies only for ``top_k > 1`` (the default there): at top-1 the
     normalised weight is identically 1, so the router would get no gradient and weight decay would
     shrink it to zero.
@@ -185,8 +215,10 @@ class MoEConfig(Strict):
     top_k: int = Field(1, gt=0)
     n_shared: int = Field(1, ge=0)
     d_expert: int | None = Field(None, gt=0)
+    d_shared: int | None = Field(None, gt=0)
     bias_update_rate: float = Field(1e-3, ge=0)
     normalize_weights: bool | None = None
+    router: Literal["sigmoid", "softmax"] = "sigmoid"
 
     @model_validator(mode="after")
     def _top_k(self):
@@ -198,17 +230,28 @@ class MoEConfig(Strict):
                 "true at top_k 1 makes every routed weight 1 and leaves the router without gradient; "
                 "normalise only with top_k > 1",
             )
+        if self.router == "softmax":
+            if self.normalize_weights:
+                raise _KeyedError("normalize_weights", "the softmax router's weights already sum to one")
+            self.normalize_weights = False
         if self.normalize_weights is None:
             self.normalize_weights = self.top_k > 1
         return self
 
 
 class FFNConfig(Strict):
-    """The feed-forward half of every block: SwiGLU, MoE of SwiGLU experts, or none."""
+    """The feed-forward half of every block: SwiGLU, squared-ReLU MLP (``relu2``, Nemotron-H's
+    ``up`` then ``down``), MoE of SwiGLU experts, or none.
 
-    kind: Literal["swiglu", "moe", "none"] = "swiglu"
+    ``bias``: biases on the SwiGLU or relu2 projections. ``multipliers``: constants on the SwiGLU
+    gate's pre-activation and on its output (Falcon-H1's μP ``mlp_multipliers``).
+    """
+
+    kind: Literal["swiglu", "relu2", "moe", "none"] = "swiglu"
     d_ffn: int = Field(0, ge=0)
     moe: MoEConfig | None = None
+    bias: bool = False
+    multipliers: tuple[float, float] = (1.0, 1.0)
 
     @model_validator(mode="after")
     def _sizes(self):
@@ -216,7 +259,16 @@ class FFNConfig(Strict):
             raise ValueError(f"d_ffn must be positive for kind={self.kind}")
         if self.kind == "moe" and self.moe is None:
             self.moe = MoEConfig()
+        if self.kind != "swiglu" and self.multipliers != (1.0, 1.0):
+            raise _KeyedError("multipliers", f"scale the SwiGLU's gate and output; kind is {self.kind}")
+        if self.kind not in ("swiglu", "relu2") and self.bias:
+            raise _KeyedError("bias", f"applies to swiglu and relu2 projections; kind is {self.kind}")
         return self
+
+    @property
+    def shared_width(self) -> int:
+        assert self.moe is not None
+        return self.moe.d_shared or self.expert_width
 
     @property
     def expert_width(self) -> int:
@@ -252,6 +304,8 @@ class LayoutSpec(Strict):
 class StackConfig(Strict):
     """A stack of residual blocks of one width: its layout and the sections its symbols need.
 
+    ``residual_multiplier`` scales what each sublayer adds to the residual stream (Granite's).
+
     A plain language model is one stack; each stage of an AU-Net is one (``StageConfig``).
     """
 
@@ -264,6 +318,7 @@ class StackConfig(Strict):
     mamba: Mamba2Config | None = None
     hybrid: HybridConfig | None = None
     ffn: FFNConfig = FFNConfig(kind="none")
+    residual_multiplier: float = Field(1.0, gt=0)
 
     @field_validator("layout", mode="before")
     @classmethod
@@ -288,6 +343,8 @@ class StackConfig(Strict):
                 raise _KeyedError(section, f"layout uses {symbol!r} blocks but the '{section}' section is missing")
         if "W" in symbols and self.sliding_window is None:
             self.sliding_window = SlidingWindowConfig()
+        if "F" in symbols and self.ffn.kind == "none":
+            raise _KeyedError("ffn.kind", "layout has F (feed-forward) blocks but ffn.kind is none")
         if self.attention is not None:
             if self.attention.head_dim is None:
                 if self.d_model % self.attention.n_heads:
@@ -298,6 +355,7 @@ class StackConfig(Strict):
                 self.attention.head_dim = self.d_model // self.attention.n_heads
             if self.attention.v_head_dim not in (None, self.attention.head_dim):
                 raise _KeyedError("attention.v_head_dim", "must equal head_dim for A/W blocks")
+            _check_rotary(self.attention, "attention")
         if self.mamba is not None:
             self._check_mamba(self.mamba, "mamba")
         if self.hybrid is not None:
@@ -313,6 +371,7 @@ class StackConfig(Strict):
                         f"{attention.n_heads} does not divide hybrid.mamba.d_ssm ({d_ssm}), the value width",
                     )
                 attention.v_head_dim = d_ssm // attention.n_heads
+            _check_rotary(attention, "hybrid.attention")
             v_width = attention.n_heads * attention.value_head_dim
             if self.hybrid.fusion in ("add", "diff") and self.hybrid.out_proj == "joint" and v_width != d_ssm:
                 raise _KeyedError(
@@ -335,13 +394,27 @@ class StackConfig(Strict):
             raise _KeyedError(f"{key}.n_groups", f"{mamba.n_groups} does not divide the {n_heads} SSM heads")
 
 
+def _check_rotary(attention: AttentionConfig, key: str) -> None:
+    if attention.rotary_dim(attention.head_dim) % 2:
+        fraction = attention.rope.fraction
+        blamed = f"{key}.head_dim" if fraction == 1 else f"{key}.rope.fraction"
+        raise _KeyedError(blamed, f"RoPE rotates {fraction:g} of head_dim {attention.head_dim}, an odd number of "
+                                  "channels; it needs an even number")
+
+
 class ModelConfig(StackConfig):
-    """A language model: embedding, one stack of blocks, final norm, output head."""
+    """A language model: embedding, one stack of blocks, final norm, output head.
+
+    ``embedding_multiplier`` and ``logits_multiplier`` are constants on the embedding's output and
+    on the logits (the μP multipliers of Falcon-H1 and Granite; Granite divides by ``logits_scaling``).
+    """
 
     kind: Literal["lm"] = "lm"
     vocab_size: int = Field(gt=0)
     context_length: int = Field(2048, gt=0)
     tie_embeddings: bool = True
+    embedding_multiplier: float = Field(1.0, gt=0)
+    logits_multiplier: float = Field(1.0, gt=0)
 
 
 class StageConfig(StackConfig):

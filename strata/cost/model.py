@@ -65,22 +65,20 @@ class ModelCost:
 
 
 def attention_params(d_model: int, attention: AttentionConfig, output_projection: bool = True) -> int:
-    q = d_model * attention.n_heads * attention.head_dim
-    k = d_model * attention.n_kv_heads * attention.head_dim
-    v = d_model * attention.n_kv_heads * attention.value_head_dim
-    o = attention.n_heads * attention.value_head_dim * d_model if output_projection else 0
-    return q + k + v + o
+    qkv_width = (attention.n_heads + attention.n_kv_heads) * attention.head_dim + attention.n_kv_heads * attention.value_head_dim
+    o = (attention.n_heads * attention.value_head_dim + attention.bias) * d_model if output_projection else 0
+    return (d_model + attention.bias) * qkv_width + o
 
 
 def mamba_params(d_model: int, mamba: Mamba2Config, external_x: bool = False, output_projection: bool = True) -> int:
     d_ssm = mamba.width(d_model)
     heads = d_ssm // mamba.head_dim
     bc = 2 * mamba.n_groups * mamba.d_state
-    in_proj = d_model * (d_ssm + (0 if external_x else d_ssm) + bc + heads)
-    conv = (d_ssm + bc) * (mamba.conv_kernel + 1)
+    in_proj = (d_model + mamba.bias) * (d_ssm + (0 if external_x else d_ssm) + bc + heads)
+    conv = (d_ssm + bc) * (mamba.conv_kernel + mamba.conv_bias)
     per_head = 3 * heads  # dt_bias, A_log, D
-    norm = d_ssm
-    out_proj = d_ssm * d_model if output_projection else 0
+    norm = 0 if mamba.norm == "gate_only" else d_ssm
+    out_proj = (d_ssm + mamba.bias) * d_model if output_projection else 0
     return in_proj + conv + per_head + norm + out_proj
 
 
@@ -116,11 +114,12 @@ def ffn_params(d_model: int, ffn: FFNConfig, active: bool = False) -> int:
     """FFN parameters; with ``active``, only those a token uses (router, shared and top-k experts)."""
     if ffn.kind == "none":
         return 0
-    if ffn.kind == "swiglu":
-        return 3 * d_model * ffn.d_ffn
+    if ffn.kind in ("swiglu", "relu2"):
+        matrices = 3 if ffn.kind == "swiglu" else 2
+        return matrices * d_model * ffn.d_ffn + ffn.bias * ((matrices - 1) * ffn.d_ffn + d_model)
     moe = ffn.moe
     experts = moe.top_k if active else moe.n_experts
-    return d_model * moe.n_experts + (experts + moe.n_shared) * 3 * d_model * ffn.expert_width
+    return d_model * moe.n_experts + 3 * d_model * (experts * ffn.expert_width + moe.n_shared * ffn.shared_width)
 
 
 def mixer_params(symbol: str, config: StackConfig) -> int:
@@ -132,8 +131,12 @@ def mixer_params(symbol: str, config: StackConfig) -> int:
 
 
 def block_params(symbol: str, config: StackConfig, active: bool = False) -> int:
-    norms = config.d_model * (2 if config.ffn.kind != "none" else 1)
-    return norms + mixer_params(symbol, config) + ffn_params(config.d_model, config.ffn, active)
+    """A block's norms, mixer and FFN: an ``F`` block is its FFN alone, and a layout with ``F``
+    blocks gives the other blocks no FFN."""
+    has_ffn = config.ffn.kind != "none" and (symbol == "F" or "F" not in config.layout)
+    mixer = 0 if symbol == "F" else config.d_model + mixer_params(symbol, config)
+    ffn = config.d_model + ffn_params(config.d_model, config.ffn, active) if has_ffn else 0
+    return mixer + ffn
 
 
 # --- FLOPs -----------------------------------------------------------------------------------
@@ -157,6 +160,8 @@ def mamba_sequence_flops(d_ssm: int, d_state: int, length: int) -> float:
 
 def mixer_sequence_flops(symbol: str, config: StackConfig, length: int) -> float:
     """The training FLOPs of one sequence beyond 6·params·L (the hybrid paper's cost formulas)."""
+    if symbol == "F":
+        return 0
     if symbol == "A":
         return attention_sequence_flops(config.attention, length)
     if symbol == "W":
@@ -185,6 +190,8 @@ def mamba_cache_elements(d_model: int, mamba: Mamba2Config) -> int:
 
 
 def mixer_cache_elements(symbol: str, config: StackConfig, length: int) -> int:
+    if symbol == "F":
+        return 0
     if symbol == "A":
         return attention_cache_elements(config.attention, length)
     if symbol == "W":

@@ -326,8 +326,11 @@ class HybridCache:
 def mixer_cache(mixer, state: SequenceState, capacity: int, dtype: torch.dtype):
     """The cache ``mixer`` fills and advances; an attention mixer's RoPE tables are readied for
     ``capacity`` positions."""
+    if mixer is None:  # a feed-forward (F) block: nothing to remember
+        return None
     if isinstance(mixer, Attention):
-        mixer.rotary.reserve(capacity, state.device)
+        if mixer.rotary is not None:
+            mixer.rotary.reserve(capacity, state.device)
         return KVCache(mixer, state, capacity, dtype) if mixer.window is None else WindowCache(mixer, state, dtype)
     if isinstance(mixer, Mamba2):
         return MambaCache(mixer, state, dtype)
@@ -368,7 +371,7 @@ class StackCache:
         with room for ``room`` more steps before it grows; this cache stays as it is."""
         fork = copy.copy(self)
         fork.sequence = self.sequence.forked(rows)
-        fork.layers = [layer.forked(rows, fork.sequence, room) for layer in self.layers]
+        fork.layers = [layer and layer.forked(rows, fork.sequence, room) for layer in self.layers]
         return fork
 
     def select(self, rows: torch.Tensor) -> None:
@@ -378,4 +381,4 @@ class StackCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
+        return sum(t.numel() * t.element_size() for layer in self.layers if layer is not None for t in layer.tensors())

@@ -39,22 +39,33 @@ def build_mixer(symbol: str, config: StackConfig, layer: int = 1) -> nn.Module:
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x)) when the model has an FFN."""
+    """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x)) when the model has an FFN.
+
+    An ``F`` block is the FFN half alone; a layout with ``F`` blocks gives the others no FFN
+    (Nemotron-H). ``residual_multiplier`` m makes each half add m·f(norm(x)) (Granite).
+    """
 
     def __init__(self, symbol: str, config: StackConfig, layer: int = 1):
         super().__init__()
         self.symbol = symbol
-        self.mixer_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.mixer = build_mixer(symbol, config, layer)
-        self.ffn = build_ffn(config.d_model, config.ffn)
+        mixes = symbol != "F"
+        self.mixer_norm = RMSNorm(config.d_model, config.norm_eps) if mixes else None
+        self.mixer = build_mixer(symbol, config, layer) if mixes else None
+        has_ffn = symbol == "F" or "F" not in config.layout
+        self.ffn = build_ffn(config.d_model, config.ffn) if has_ffn else None
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps) if self.ffn is not None else None
+        self.residual_multiplier = config.residual_multiplier
 
     def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
         # The norms are applied as functions, like the projections (see strata/nn/linear.py).
-        x = x + self.mixer(rms_norm(x, self.mixer_norm.weight, self.mixer_norm.eps), cache=cache)
+        if self.mixer is not None:
+            x = x + self._scaled(self.mixer(rms_norm(x, self.mixer_norm.weight, self.mixer_norm.eps), cache=cache))
         if self.ffn is not None:
-            x = x + self.ffn(rms_norm(x, self.ffn_norm.weight, self.ffn_norm.eps))
+            x = x + self._scaled(self.ffn(rms_norm(x, self.ffn_norm.weight, self.ffn_norm.eps)))
         return x
+
+    def _scaled(self, update: torch.Tensor) -> torch.Tensor:
+        return update * self.residual_multiplier if self.residual_multiplier != 1 else update
 
 
 def build_stack(config: StackConfig) -> nn.ModuleList:
@@ -123,9 +134,13 @@ class LanguageModel(nn.Module):
         """
         if lengths is not None and cache is None:
             raise ValueError("lengths= ends rows of a cached forward early; there is no cache")
-        x = run_stack(self.blocks, self.embed(tokens), cache, lengths)
+        x = self.embed(tokens)
+        if self.config.embedding_multiplier != 1:
+            x = x * self.config.embedding_multiplier
+        x = run_stack(self.blocks, x, cache, lengths)
         x = self.norm(x[logits_at] if logits_at is not None else x[:, -1:] if last_only else x)
-        return self.head(x) if self.head is not None else x @ self.embed.weight.t()
+        logits = self.head(x) if self.head is not None else x @ self.embed.weight.t()
+        return logits * self.config.logits_multiplier if self.config.logits_multiplier != 1 else logits
 
     def update_balance_biases(self) -> None:
         """Call after each optimiser step: aux-loss-free load balancing of every MoE layer."""

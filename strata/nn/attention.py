@@ -27,6 +27,9 @@ class Attention(nn.Module):
     three calls become one, which matters when decoding a token is a chain of small ops (training
     time measured the same).
 
+    RoPE rotates the first ``rope.fraction`` of each Q/K head's channels; with ``rope: null`` the
+    attention has no positional encoding (NoPE). ``softmax_scale`` replaces 1/sqrt(head_dim).
+
     ``attend`` returns the concatenated heads
     [B, T, n_heads * v_head_dim] before the output projection, so the hybrid mixer can fuse
     branches before (or after) projecting.
@@ -52,11 +55,15 @@ class Attention(nn.Module):
         self.v_head_dim = config.value_head_dim
         self.window = window
         self.sinks = sinks
+        self.softmax_scale = config.softmax_scale  # None: SDPA's 1/sqrt(head_dim)
         # Rows of Q, K and V in ``qkv_proj.weight``, in that order.
         self.qkv_widths = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.v_head_dim)
-        self.qkv_proj = nn.Linear(d_model, sum(self.qkv_widths), bias=False)
-        self.o_proj = nn.Linear(self.value_width, d_model, bias=False) if output_projection else None
-        self.rotary = RotaryEmbedding(self.head_dim, rope or config.rope)
+        self.qkv_proj = nn.Linear(d_model, sum(self.qkv_widths), bias=config.bias)
+        self.o_proj = nn.Linear(self.value_width, d_model, bias=config.bias) if output_projection else None
+        rope = rope or config.rope
+        # RoPE rotates the first rotary_dim channels of each head; None: no positional encoding.
+        self.rotary_dim = 0 if rope is None else int(self.head_dim * rope.fraction)
+        self.rotary = RotaryEmbedding(self.rotary_dim, rope) if rope is not None else None
 
     @property
     def value_width(self) -> int:
@@ -66,16 +73,10 @@ class Attention(nn.Module):
         """Heads [B, T, n_heads * v_head_dim]; with ``return_values`` also the new steps' V
         [B, n_kv_heads, T, v_head_dim]."""
         batch, length, _ = x.shape
-        if cache is None:
-            cos, sin = self.rotary(length, device=x.device)
-            cos, sin = cos[:, None], sin[:, None]  # broadcast over the heads of [B, T, heads, D]
-        else:
-            cos, sin = cache.sequence.rope(self.rotary)  # [B|1, T, 1, D]
         # (split_with_sizes: Tensor.split's Python wrapper costs as much as the split itself.)
         q_width, k_width, v_width = self.qkv_widths
         qk, v = project(self.qkv_proj, x).split_with_sizes([q_width + k_width, v_width], dim=-1)
-        qk = qk.view(batch, length, self.n_heads + self.n_kv_heads, self.head_dim)
-        qk = apply_rotary(qk, cos, sin).transpose(1, 2)  # [B, heads, T, D]
+        qk = self._rotated(qk.view(batch, length, self.n_heads + self.n_kv_heads, self.head_dim), cache).transpose(1, 2)
         q, k = qk.split_with_sizes([self.n_heads, self.n_kv_heads], dim=1)
         v = v.view(batch, length, self.n_kv_heads, self.v_head_dim).transpose(1, 2)
         gqa = self.n_heads != self.n_kv_heads
@@ -85,14 +86,30 @@ class Attention(nn.Module):
                 out = self._attend_one_step(q, keys, values, mask)
             else:
                 causal = mask is None
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=gqa,
+                                                     scale=self.softmax_scale)
         elif self.window is None or self.window + self.sinks >= length:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=self.softmax_scale)
         else:
             mask = window_mask(length, self.window, self.sinks, device=x.device)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=self.softmax_scale)
         out = out.transpose(1, 2).reshape(batch, length, self.value_width)
         return (out, v) if return_values else out
+
+    def _rotated(self, qk: torch.Tensor, cache) -> torch.Tensor:
+        """Q and K heads side by side [B, T, heads, D], rotated at their positions: the first
+        ``rotary_dim`` channels of each head (all of them, usually; none without RoPE)."""
+        if self.rotary is None:
+            return qk
+        if cache is None:
+            cos, sin = self.rotary(qk.shape[1], device=qk.device)
+            cos, sin = cos[:, None], sin[:, None]  # broadcast over the heads of [B, T, heads, D]
+        else:
+            cos, sin = cache.sequence.rope(self.rotary)  # [B|1, T, 1, D]
+        if self.rotary_dim == self.head_dim:
+            return apply_rotary(qk, cos, sin)
+        rotated, passed = qk.split_with_sizes([self.rotary_dim, self.head_dim - self.rotary_dim], dim=-1)
+        return torch.cat([apply_rotary(rotated, cos, sin), passed], dim=-1)
 
     def _attend_one_step(self, q, keys, values, mask) -> torch.Tensor:
         """Attention of one new query per head [B, heads, 1, D] over the cached steps.
@@ -105,9 +122,10 @@ class Attention(nn.Module):
         batch, groups = q.shape[0], self.n_heads // self.n_kv_heads
         grouped = q.reshape(batch, self.n_kv_heads, groups, self.head_dim)
         if self.v_head_dim == self.head_dim:
-            out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)
+            out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=self.softmax_scale)
         else:
-            scores = (grouped * self.head_dim**-0.5) @ keys.transpose(-1, -2)  # [B, kv, groups, S]
+            scale = self.softmax_scale or self.head_dim**-0.5
+            scores = (grouped * scale) @ keys.transpose(-1, -2)  # [B, kv, groups, S]
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
             out = torch.softmax(scores.float(), dim=-1).to(values.dtype) @ values  # fp32 like SDPA

@@ -145,15 +145,16 @@ class IntraLayerHybrid(nn.Module):
         HybridCache when decoding."""
         first, second = self.branch_modules()
         first_cache, second_cache = (None, None) if cache is None else cache.branches
+        x_a, x_b = (x * m if m != 1 else x for m in self.config.in_multipliers)
         if self.config.share_value:
             # The SSM branch reads the attention's values, one head of V per SSM head.
-            y_a, values = first.attend(x, return_values=True, cache=first_cache)  # values [B, kv, T, dv]
+            y_a, values = first.attend(x_a, return_values=True, cache=first_cache)  # values [B, kv, T, dv]
             groups = first.n_heads // first.n_kv_heads
             shared = values.repeat_interleave(groups, dim=1).transpose(1, 2).flatten(-2)
-            y_b = second.mix(x, shared, cache=second_cache)
+            y_b = second.mix(x_b, shared, cache=second_cache)
         else:
-            y_a, y_b = (run_branch(branch, x, branch_cache)
-                        for branch, branch_cache in ((first, first_cache), (second, second_cache)))
+            y_a, y_b = (run_branch(branch, branch_x, branch_cache)
+                        for branch, branch_x, branch_cache in ((first, x_a, first_cache), (second, x_b, second_cache)))
         norm_a, norm_b = (getattr(self, f"{name}_norm") for name in self.names)
         return self.scaled(x, norm_a(y_a), norm_b(y_b))
 
@@ -180,6 +181,9 @@ class IntraLayerHybrid(nn.Module):
         y_a, y_b = self.branches(x, cache)
         if self.config.out_proj == "separate":
             y_a, y_b = (project(getattr(self, f"{name}_out"), y) for name, y in zip(self.names, (y_a, y_b)))
+        # Constants on each branch's output (Falcon-H1's μP multipliers); linear, so they commute
+        # with a joint projection.
+        y_a, y_b = (y * m if m != 1 else y for y, m in zip((y_a, y_b), self.config.out_multipliers))
         fusion = self.config.fusion
         if fusion == "add":
             fused = y_b + y_a

@@ -19,7 +19,8 @@ class Mamba2(nn.Module):
     """Mamba-2 with the in-projection laid out as [z, x, B, C, dt] (as mamba_ssm and HF order it).
 
     ``mix`` returns the gated, normalised scan output [B, T, d_ssm] before the out-projection, so
-    the intra-layer hybrid can fuse it with the attention branch. With ``external_x`` the
+    the intra-layer hybrid can fuse it with the attention branch. ``config.norm`` says how the
+    gate z meets the grouped RMSNorm (``gate_only``: no norm, no norm weight). With ``external_x`` the
     projection makes no x: the caller passes it (the hybrid's value sharing).
 
     With a ``cache`` (a MambaCache) the input holds only the new steps: the conv continues from
@@ -48,14 +49,20 @@ class Mamba2(nn.Module):
         bc_width = 2 * config.n_groups * config.d_state
         # Widths of z, the conv input (x, B, C; without x when external) and dt in the projection.
         self.projection_widths = (self.d_ssm, x_width + bc_width, self.n_heads)
-        self.in_proj = nn.Linear(d_model, sum(self.projection_widths), bias=False)
+        self.in_proj = nn.Linear(d_model, sum(self.projection_widths), bias=config.bias)
         # An nn.Conv1d only to hold the weights under the names and shapes mamba_ssm and HF use.
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, config.conv_kernel, groups=self.conv_dim, bias=True)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, config.conv_kernel, groups=self.conv_dim,
+                                bias=config.conv_bias)
         self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
         self.A_log = nn.Parameter(torch.empty(self.n_heads))
         self.D = nn.Parameter(torch.empty(self.n_heads))
-        self.norm = GatedRMSNorm(self.d_ssm, config.n_groups, norm_eps)
-        self.out_proj = nn.Linear(self.d_ssm, d_model, bias=False) if output_projection else None
+        self.norm = (None if config.norm == "gate_only"
+                     else GatedRMSNorm(self.d_ssm, config.n_groups, norm_eps, gate_first=config.norm == "gate_then_norm"))
+        self.out_proj = nn.Linear(self.d_ssm, d_model, bias=config.bias) if output_projection else None
+        # Constants on the projection's z, x, B, C, dt outputs (Falcon-H1's μP multipliers).
+        multipliers = config.projection_multipliers
+        self.projection_multipliers = None if multipliers is None else (
+            multipliers, (self.d_ssm, x_width, bc_width // 2, bc_width // 2, self.n_heads))
         self.config = config
         self.reset_parameters()  # after every child: the order construction draws in (strata.models.init)
 
@@ -74,7 +81,12 @@ class Mamba2(nn.Module):
 
     def split_projection(self, u: torch.Tensor, x: torch.Tensor | None = None):
         """(z, xBC, dt) from the block input; ``x`` [B, T, d_ssm] is required iff external_x."""
-        z, xbc, dt = project(self.in_proj, u).split_with_sizes(self.projection_widths, dim=-1)
+        projected = project(self.in_proj, u)
+        if self.projection_multipliers is not None:
+            values, widths = self.projection_multipliers
+            scale = torch.tensor(values, dtype=projected.dtype, device=projected.device)
+            projected = projected * scale.repeat_interleave(torch.tensor(widths, device=projected.device))
+        z, xbc, dt = projected.split_with_sizes(self.projection_widths, dim=-1)
         if self.external_x:
             xbc = torch.cat([x, xbc], dim=-1)
         return z, xbc, dt
@@ -96,6 +108,8 @@ class Mamba2(nn.Module):
             y, _ = ssd_chunked(xs, dt, -torch.exp(self.A_log.float()), B, C, self.chunk_size, self.D)
         else:
             y = self._advance(cache, xbc, dt)
+        if self.norm is None:
+            return y.flatten(-2) * F.silu(z)
         return self.norm(y.flatten(-2), z)
 
     def step_weights(self) -> dict[str, torch.Tensor]:
@@ -131,7 +145,9 @@ class Mamba2(nn.Module):
             last = lengths[:, None] + torch.arange(kernel, device=lengths.device)  # [B, K]
             cache.conv.copy_(held.gather(1, last[..., None].expand(-1, -1, held.shape[2])))
         if steps == 1:
-            conv = (window * weights["conv_weight_by_tap"]).sum(1, keepdim=True) + self.conv1d.bias
+            conv = (window * weights["conv_weight_by_tap"]).sum(1, keepdim=True)
+            if self.conv1d.bias is not None:
+                conv = conv + self.conv1d.bias
         else:
             conv = causal_conv1d(window, weights["conv_weight"], self.conv1d.bias)[:, kernel - 1 :]
         xs, B, C = self.split_conv_output(F.silu(conv.to(xbc.dtype)))

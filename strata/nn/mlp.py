@@ -1,4 +1,4 @@
-"""Feed-forward layers: SwiGLU, and a mixture of SwiGLU experts with aux-loss-free balancing."""
+"""Feed-forward layers: SwiGLU, the squared-ReLU MLP, and a mixture of SwiGLU experts."""
 
 from __future__ import annotations
 
@@ -11,20 +11,38 @@ from strata.nn.linear import project
 
 
 class SwiGLU(nn.Module):
-    """``down(silu(gate(x)) * up(x))``.
+    """``down(silu(gate(x)) * up(x))``; with ``multipliers`` (g, d) (Falcon-H1's μP constants)
+    ``d · down(silu(g · gate(x)) * up(x))``.
 
     Gate and up stay separate matmuls: fusing them into one measured ~10 % slower on CPU
     (the wider GEMM and the strided halves cost more than the saved pass over x).
     """
 
-    def __init__(self, d_model: int, d_ffn: int):
+    def __init__(self, d_model: int, d_ffn: int, bias: bool = False, multipliers: tuple[float, float] = (1.0, 1.0)):
         super().__init__()
-        self.gate = nn.Linear(d_model, d_ffn, bias=False)
-        self.up = nn.Linear(d_model, d_ffn, bias=False)
-        self.down = nn.Linear(d_ffn, d_model, bias=False)
+        self.gate = nn.Linear(d_model, d_ffn, bias=bias)
+        self.up = nn.Linear(d_model, d_ffn, bias=bias)
+        self.down = nn.Linear(d_ffn, d_model, bias=bias)
+        self.gate_multiplier, self.down_multiplier = multipliers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return project(self.down, F.silu(project(self.gate, x)) * project(self.up, x))
+        gate = project(self.gate, x)
+        if self.gate_multiplier != 1:
+            gate = gate * self.gate_multiplier
+        out = project(self.down, F.silu(gate) * project(self.up, x))
+        return out * self.down_multiplier if self.down_multiplier != 1 else out
+
+
+class ReLU2MLP(nn.Module):
+    """``down(relu(up(x))²)``: the squared-ReLU MLP of Nemotron-H (no gate)."""
+
+    def __init__(self, d_model: int, d_ffn: int, bias: bool = False):
+        super().__init__()
+        self.up = nn.Linear(d_model, d_ffn, bias=bias)
+        self.down = nn.Linear(d_ffn, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return project(self.down, F.relu(project(self.up, x)).square())
 
 
 class MoE(nn.Module):
@@ -46,26 +64,34 @@ class MoE(nn.Module):
         self.normalize_weights = moe.normalize_weights
         self.n_experts = moe.n_experts
         self.bias_update_rate = moe.bias_update_rate
-        width = config.expert_width
+        self.router_kind = moe.router
         self.router = nn.Linear(d_model, moe.n_experts, bias=False)
-        self.experts = nn.ModuleList(SwiGLU(d_model, width) for _ in range(moe.n_experts))
-        self.shared = nn.ModuleList(SwiGLU(d_model, width) for _ in range(moe.n_shared))
-        self.register_buffer("balance_bias", torch.empty(moe.n_experts))
+        self.experts = nn.ModuleList(SwiGLU(d_model, config.expert_width) for _ in range(moe.n_experts))
+        self.shared = nn.ModuleList(SwiGLU(d_model, config.shared_width) for _ in range(moe.n_shared))
+        # Only the sigmoid router balances through a bias.
+        self.register_buffer("balance_bias", torch.empty(moe.n_experts) if moe.router == "sigmoid" else None)
         self.register_buffer("tokens_per_expert", torch.empty(moe.n_experts), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """The balancing state: no bias yet, no tokens counted (router and experts reset themselves)."""
-        nn.init.zeros_(self.balance_bias)
+        if self.balance_bias is not None:
+            nn.init.zeros_(self.balance_bias)
         nn.init.zeros_(self.tokens_per_expert)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        scores = torch.sigmoid(self.router(flat).float())
-        chosen = torch.topk(scores + self.balance_bias, self.top_k, dim=-1).indices
-        weights = scores.gather(-1, chosen)
-        if self.normalize_weights:
-            weights = weights / weights.sum(-1, keepdim=True)
+        logits = self.router(flat).float()
+        if self.router_kind == "softmax":
+            # Granite's router: softmax over the chosen experts' logits; no balancing bias.
+            top, chosen = torch.topk(logits, self.top_k, dim=-1)
+            weights = torch.softmax(top, dim=-1)
+        else:
+            scores = torch.sigmoid(logits)
+            chosen = torch.topk(scores + self.balance_bias, self.top_k, dim=-1).indices
+            weights = scores.gather(-1, chosen)
+            if self.normalize_weights:
+                weights = weights / weights.sum(-1, keepdim=True)
         weights = weights.to(x.dtype)
         if self.training:
             self.tokens_per_expert += torch.bincount(chosen.flatten(), minlength=self.n_experts).float()
@@ -84,7 +110,7 @@ class MoE(nn.Module):
     def update_balance_bias(self) -> None:
         """After an optimiser step: raise the bias of under-loaded experts, lower over-loaded ones."""
         load = self.tokens_per_expert
-        if load.sum() > 0:
+        if load.sum() > 0 and self.balance_bias is not None:
             self.balance_bias += self.bias_update_rate * torch.sign(load.mean() - load)
         load.zero_()
 
@@ -94,7 +120,9 @@ def build_ffn(d_model: int, config: FFNConfig) -> nn.Module | None:
         return None
     if config.kind == "moe":
         return MoE(d_model, config)
-    return SwiGLU(d_model, config.d_ffn)
+    if config.kind == "relu2":
+        return ReLU2MLP(d_model, config.d_ffn, config.bias)
+    return SwiGLU(d_model, config.d_ffn, config.bias, config.multipliers)
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:

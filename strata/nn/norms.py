@@ -68,12 +68,14 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(nn.Module):
-    """``RMSNorm(y * silu(z))`` computed per group of channels (Mamba-2's norm, gate before norm)."""
+    """``RMSNorm(y * silu(z))`` computed per group of channels (Mamba-2's norm, gate before norm);
+    with ``gate_first=False``, ``RMSNorm(y) * silu(z)`` (an option of Falcon-H1's)."""
 
-    def __init__(self, dim: int, n_groups: int = 1, eps: float = 1e-5):
+    def __init__(self, dim: int, n_groups: int = 1, eps: float = 1e-5, gate_first: bool = True):
         super().__init__()
         self.eps = eps
         self.n_groups = n_groups
+        self.gate_first = gate_first
         self.weight = nn.Parameter(torch.empty(dim))
         self.reset_parameters()
 
@@ -81,11 +83,15 @@ class GatedRMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        gated = y.float() * F.silu(z.float())
+        gate = F.silu(z.float())
+        normed = self._grouped_norm(y.float() * gate if self.gate_first else y.float())
+        return (normed if self.gate_first else normed * gate).to(y.dtype)
+
+    def _grouped_norm(self, x: torch.Tensor) -> torch.Tensor:
         if self.n_groups == 1:
-            return _rms_norm_fp32(gated, self.weight.float(), self.eps).to(y.dtype)
-        normed = _rms_norm_fp32(gated.unflatten(-1, (self.n_groups, -1)), self.weight.float().view(self.n_groups, -1), self.eps)
-        return normed.flatten(-2).to(y.dtype)
+            return _rms_norm_fp32(x, self.weight.float(), self.eps)
+        return _rms_norm_fp32(x.unflatten(-1, (self.n_groups, -1)), self.weight.float().view(self.n_groups, -1),
+                              self.eps).flatten(-2)
 
 
 class HeadGroupNorm(nn.Module):
