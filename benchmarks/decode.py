@@ -99,11 +99,11 @@ def hf_decode(model, prompts: torch.Tensor, new: int, compile: bool = False):  #
 def contenders(with_hf: bool) -> dict[str, torch.nn.Module]:
     models = {name: build_model(load_config(TINY / f"{name}.yaml")).eval() for name in FAMILIES}
     if with_hf:
-        from strata.interop.hf import to_hf_llama, to_hf_mamba2
+        from strata.interop.pretrained import to_hf_model
 
         models[NO_FFN] = build_model(load_config(TINY / "mamba2.yaml", ["model.ffn.kind=none"])).eval()
-        models["HF Llama"] = to_hf_llama(models["transformer"]).eval()
-        models["HF Mamba2"] = to_hf_mamba2(models[NO_FFN]).eval()
+        models["HF Llama"] = to_hf_model(models["transformer"]).eval()
+        models["HF Mamba2"] = to_hf_model(models[NO_FFN]).eval()
     return models
 
 

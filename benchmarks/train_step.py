@@ -50,12 +50,12 @@ def hf_logits(model, tokens):
 
 def peer_cases():
     """(name, strata model, HF model) with identical weights; import transformers lazily."""
-    from strata.interop.hf import to_hf_llama, to_hf_mamba2
+    from strata.interop.pretrained import to_hf_model
 
     transformer = build_model(load_config(ROOT / "configs/tiny/transformer.yaml"))
-    yield "transformer vs HF Llama", transformer, to_hf_llama(transformer)
+    yield "transformer vs HF Llama", transformer, to_hf_model(transformer)
     mamba = build_model(load_config(ROOT / "configs/tiny/mamba2.yaml", ["model.ffn.kind=none"]))
-    yield "mamba2 vs HF Mamba2", mamba, to_hf_mamba2(mamba)
+    yield "mamba2 vs HF Mamba2", mamba, to_hf_model(mamba)
 
 
 def scan_case(batch: int, seq: int, repeats: int) -> dict[str, float]:

@@ -6,7 +6,8 @@ The model exports are loaded on first use, so torch-free commands (``strata info
 from strata.config import Config, ConfigError, load_config
 from strata.layout import make_layout
 
-__all__ = ["AUNet", "Config", "ConfigError", "LanguageModel", "build_model", "generate", "load_config", "make_layout"]
+__all__ = ["AUNet", "Config", "ConfigError", "LanguageModel", "build_model", "from_pretrained", "generate", "load_config",
+           "make_layout"]
 __version__ = "0.1.0"
 
 
@@ -15,6 +16,10 @@ def __getattr__(name: str):
         import strata.models
 
         return getattr(strata.models, name)
+    if name == "from_pretrained":
+        from strata.train.runs import from_pretrained
+
+        return from_pretrained
     if name == "generate":
         from strata.inference.generate import generate
 

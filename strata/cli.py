@@ -19,7 +19,16 @@ def run_info(args: argparse.Namespace) -> int:
 
     from strata.cost.info import aunet_info, lm_info
 
-    config = load_config(args.config, args.overrides)
+    if Path(args.config).is_dir():  # a run, checkpoint or Hugging Face model directory
+        from strata.train.runs import pretrained_config
+
+        config = pretrained_config(args.config)
+        if args.overrides:
+            from strata.config import config_to_dict
+
+            config = load_config(args.config, args.overrides, data=config_to_dict(config))
+    else:
+        config = load_config(args.config, args.overrides)
     if isinstance(config.model, AUNetConfig):
         cost, rows, details = aunet_info(config, args.context, args.dtype, args.data)
     elif args.data is not None:
@@ -40,6 +49,10 @@ def run_info(args: argparse.Namespace) -> int:
     console.print(summary)
     console.print(details)
     return 0
+
+
+# --dtype choices: floating weights of a loaded model.
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def whole_number(low: int):
@@ -98,6 +111,10 @@ def run_train(args: argparse.Namespace) -> int:
     elif args.config:
         config = load_config(args.config, overrides)
         run_dir = Path(args.out or Path("runs") / Path(args.config).stem)
+        if args.init_from:
+            from strata.train.runs import fine_tuning_config
+
+            config = fine_tuning_config(config, args.init_from)
     else:
         raise ConfigError("give a CONFIG to train, or --resume RUN_DIR")
     result = train(config, run_dir, resume=bool(args.resume), quiet=args.quiet)
@@ -119,7 +136,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.compare:
         return _compare(args)
     from strata.evals.suite import EvalRequest, run_suite
-    from strata.train.runs import open_run
+    from strata.train.runs import from_pretrained
 
     if args.run is None:
         raise ValueError("give RUN_OR_CKPT to evaluate, or --compare RUN RUN ...")
@@ -134,7 +151,9 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError("give something to evaluate: --data PATH (bits per byte), --tasks TASK (multiple choice), "
                          "--long PATH (loss by position), --languages DIR, --needle PATH, --passkey or --characters PATH "
                          "(a PATH may be a name of strata data list)")
-    trained = open_run(args.run)
+    trained = from_pretrained(args.run, dtype=args.dtype)
+    if trained.tokenizer is None:
+        raise ValueError(f"{args.run}: has no tokenizer.json; evaluating text needs the model's tokenizer beside it")
     report = run_suite(trained, request)
     if args.json:
         # Held-out scores at the top level and each task under its file's name, as before.
@@ -168,7 +187,7 @@ def _compare(args: argparse.Namespace) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     from strata.inference.generate import cache_bytes, generate, prompt_context
     from strata.train.memory import available_memory, gib
-    from strata.train.runs import open_run
+    from strata.train.runs import from_pretrained
 
     if args.prompt_file is not None:
         try:
@@ -181,7 +200,9 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError("give --prompt TEXT, --prompt-file PATH or --interactive")
     else:
         prompt = None
-    trained = open_run(args.run)
+    trained = from_pretrained(args.run, dtype=args.dtype)
+    if trained.tokenizer is None:
+        raise ValueError(f"{args.run}: has no tokenizer.json; strata generate needs the model's tokenizer beside it")
     # Unencodable characters (a non-UTF-8 terminal) print as replacements instead of failing.
     sys.stdout.reconfigure(errors="replace")
     settings = {
@@ -257,6 +278,24 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_convert(args: argparse.Namespace) -> int:
+    """``strata convert SRC --to strata|hf --out DST``: a run, checkpoint or HF directory rewritten."""
+    from strata.train.runs import from_pretrained, save_as_run
+
+    trained = from_pretrained(args.source, dtype=args.dtype)
+    if args.to == "hf":
+        from strata.interop.pretrained import save_hf
+
+        out = save_hf(trained.model, trained.tokenizer, args.out)
+        if trained.tokenizer is not None and trained.tokenizer.kind == "bytes":
+            print("strata: note: a byte tokenizer has no tokenizer.json to export; the directory has none",
+                  file=sys.stderr)
+    else:
+        out = save_as_run(trained, args.out)
+    print(f"{args.source} ({trained.family}, layout {trained.config.model.layout}) -> {out}")
+    return 0
+
+
 def run_sweep(args: argparse.Namespace) -> int:
     from strata.experiments.sweep import run_sweep as sweep
 
@@ -325,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="strata", description="Hybrid attention + Mamba-2 language models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    info = commands.add_parser("info", help="parameters, FLOPs and cache size of a config")
-    info.add_argument("config", help="YAML config file")
+    info = commands.add_parser("info", help="parameters, FLOPs and cache size of a config or model directory")
+    info.add_argument("config", help="YAML config file, or a run, checkpoint or Hugging Face model directory")
     info.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. model.d_model=512")
     info.add_argument("--context", type=positive_int, default=None, help="sequence length (default: model.context_length)")
     info.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="cache element type")
@@ -341,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=positive_int, help="optimiser steps (train.steps)")
     train.add_argument("--out", help="run directory (default runs/<config name>)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its newest checkpoint")
+    train.add_argument("--init-from", metavar="DIR",
+                       help="fine-tune: start from this run, checkpoint or Hugging Face model directory (its model "
+                            "section and tokenizer replace CONFIG's; data and train settings stay CONFIG's)")
     train.add_argument("--quiet", action="store_true", help="no progress output")
     train.set_defaults(handler=run_train)
 
@@ -388,10 +430,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--context", type=positive_int, default=8192,
                           help="with --compare: context for the cache column (default 8192)")
     evaluate.add_argument("--json", action="store_true")
+    evaluate.add_argument("--dtype", choices=DTYPES, default=None,
+                          help="weights' dtype (default: a run's own; a Hugging Face checkpoint float32 on a CPU)")
     evaluate.set_defaults(handler=run_eval)
 
     generate = commands.add_parser("generate", help="continue a prompt with a trained model, streaming the text")
-    generate.add_argument("run", metavar="RUN_OR_CKPT")
+    generate.add_argument("run", metavar="RUN_OR_CKPT", help="a run, checkpoint or Hugging Face model directory")
+    generate.add_argument("--dtype", choices=DTYPES, default=None,
+                          help="weights' dtype (default: a run's own; a Hugging Face checkpoint float32 on a CPU)")
     source = generate.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="prompt text (may be empty)")
     source.add_argument("--prompt-file", metavar="PATH", help="read the prompt's bytes from a file (any bytes)")
@@ -411,6 +457,15 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--compile", action="store_true",
                           help="torch.compile the decoding step: 1.6-1.8x faster on a CPU, after 20-40 s of compiling (seconds once cached)")
     generate.set_defaults(handler=run_generate)
+
+    convert = commands.add_parser("convert", help="rewrite a run or model directory as a strata run or a Hugging Face directory")
+    convert.add_argument("source", metavar="SRC", help="a run, checkpoint, Hugging Face or mamba_ssm model directory")
+    convert.add_argument("--to", choices=["strata", "hf"], required=True,
+                         help="strata: a run directory; hf: a directory AutoModelForCausalLM loads (the family that "
+                              "expresses the layout: Llama, Mamba2, Bamba, GraniteMoeHybrid, NemotronH or FalconH1)")
+    convert.add_argument("--out", required=True, metavar="DST", help="a new directory")
+    convert.add_argument("--dtype", choices=DTYPES, default=None, help="weights' dtype (default as loaded)")
+    convert.set_defaults(handler=run_convert)
 
     data = commands.add_parser("data", help="named corpora, folders and tasks").add_subparsers(dest="data_command",
                                                                                                required=True)

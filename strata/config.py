@@ -570,7 +570,9 @@ class TrainConfig(Strict):
     global batch, split evenly among the processes. ``activation_checkpointing`` recomputes each
     block's activations in the backward pass; ``compile`` compiles each block; both apply to the
     training forward only. ``dist_timeout``: seconds a collective waits for the other processes
-    before the run fails (a dead or stuck rank).
+    before the run fails (a dead or stuck rank). ``init_from``: a strata run or checkpoint, or a
+    Hugging Face model directory, whose weights (and tokenizer) a new run starts from (fine-tuning;
+    ``strata train CONFIG --init-from DIR`` sets it with the model section to match).
     """
 
     steps: int = Field(1000, gt=0)
@@ -601,6 +603,7 @@ class TrainConfig(Strict):
     dist_timeout: float = Field(600.0, gt=0)
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    init_from: str | None = None
 
     @model_validator(mode="after")
     def _schedule(self):

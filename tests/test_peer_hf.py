@@ -6,7 +6,7 @@ Three levels, all in fp32 at 1e-5:
   * the ``Mamba2`` mixer vs HF's ``Mamba2Mixer`` on its pure-PyTorch path (forward in eval and train
     mode, n_groups 1 and 2, lengths not divisible by the chunk, different chunk sizes on each side,
     and gradients of the input and every parameter);
-  * whole models exported with ``to_hf_llama`` / ``to_hf_mamba2``: equal logits, tied and untied.
+  * whole models exported with ``to_hf_model`` (as Llama and Mamba2): equal logits, tied and untied.
 """
 
 from pathlib import Path
@@ -16,19 +16,15 @@ import torch
 
 pytest.importorskip("transformers")
 
+from transformers import LlamaConfig, Mamba2Config  # noqa: E402
 from transformers.masking_utils import create_causal_mask  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding  # noqa: E402
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer  # noqa: E402
 
 import strata  # noqa: E402
 from strata.config import validate_config  # noqa: E402
-from strata.interop.hf import (  # noqa: E402
-    hf_llama_config,
-    hf_mamba2_config,
-    llama_layer_state_dict,
-    to_hf_llama,
-    to_hf_mamba2,
-)
+from strata.interop import llama, mamba2  # noqa: E402
+from strata.interop.pretrained import to_hf_model  # noqa: E402
 from strata.models.lm import Block  # noqa: E402
 from strata.nn.mamba2 import Mamba2  # noqa: E402
 from strata.nn.rope import rope_frequencies  # noqa: E402
@@ -61,6 +57,24 @@ def attention_config(*overrides, n_heads=4, n_kv_heads=2):
     ).model
 
 
+def hf_llama_config(config):
+    return LlamaConfig(**llama.config_to_hf(config))
+
+
+def hf_mamba2_config(config):
+    return Mamba2Config(**mamba2.config_to_hf(config))
+
+
+def llama_layer_state_dict(block, config):
+    """One strata ``A`` block's weights under ``LlamaDecoderLayer`` names: the block as the only
+    layer of a one-layer model, through the Llama family's export."""
+    state = {f"blocks.0.{name}": tensor for name, tensor in block.state_dict().items()}
+    state |= dict.fromkeys(("embed.weight", "norm.weight", "head.weight"))  # not part of a layer
+    exported = llama.weights_to_hf(config.model_copy(update={"layout": "A"}), state)
+    return {name.removeprefix("model.layers.0."): tensor for name, tensor in exported.items()
+            if name.startswith("model.layers.0.")}
+
+
 def random_block(config, seed=0):
     """A strata ``A`` block with weights large enough that attention is far from uniform and the
     norm weights are not all ones (so a mis-copied norm would show)."""
@@ -79,7 +93,7 @@ def llama_layer_from(block, config, implementation):
     hf_config = hf_llama_config(config)
     hf_config._attn_implementation = implementation
     layer = LlamaDecoderLayer(hf_config, layer_idx=0)
-    state = llama_layer_state_dict(block)
+    state = llama_layer_state_dict(block, config)
     layer.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
     return layer.eval(), hf_config
 
@@ -275,14 +289,15 @@ def random_tokens(vocab, batch, length, seed=0):
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("scaled", [False, True], ids=["rope", "llama3-rope"])
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
-def test_to_hf_llama_same_logits(tie, scaled, implementation):
+def test_llama_export_same_logits(tie, scaled, implementation):
     overrides = [f"model.tie_embeddings={str(tie).lower()}", "model.init_std=0.05"]
     if scaled:
         overrides.append(LLAMA3.replace("original_context: 64", "original_context: 32"))
     config = strata.load_config(CONFIGS / "transformer.yaml", overrides=overrides).model
     torch.manual_seed(0)
     model = strata.build_model(config).eval()
-    hf_model = to_hf_llama(model).eval()
+    hf_model = to_hf_model(model)
+    assert type(hf_model).__name__ == "LlamaForCausalLM"
     assert hf_model.config._attn_implementation == "sdpa"
     if implementation != "sdpa":
         hf_model.set_attn_implementation(implementation)
@@ -296,7 +311,7 @@ def test_to_hf_llama_same_logits(tie, scaled, implementation):
 
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
-def test_to_hf_mamba2_same_logits(tie):
+def test_mamba2_export_same_logits(tie):
     config = strata.load_config(
         CONFIGS / "mamba2.yaml",
         overrides=[
@@ -309,7 +324,8 @@ def test_to_hf_mamba2_same_logits(tie):
     ).model
     torch.manual_seed(0)
     model = strata.build_model(config).eval()
-    hf_model = to_hf_mamba2(model).eval()
+    hf_model = to_hf_model(model)
+    assert type(hf_model).__name__ == "Mamba2ForCausalLM"
     assert (hf_model.lm_head.weight.data_ptr() == hf_model.backbone.embeddings.weight.data_ptr()) == tie
     tokens = random_tokens(config.vocab_size, 2, 45, seed=1)
     with torch.no_grad():

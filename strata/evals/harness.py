@@ -50,7 +50,7 @@ from strata.data.levels import model_levels
 from strata.data.tokenizer import Tokenizer
 from strata.evals.prefix_tree import score_continuations
 from strata.inference.generate import generate
-from strata.train.runs import open_run
+from strata.train.runs import from_pretrained
 
 # Sampling settings of a request's gen_kwargs that strata.generate takes under the same name.
 SAMPLING_SETTINGS = ("top_k", "top_p", "repetition_penalty", "seed")
@@ -62,7 +62,8 @@ class StrataLM(LM):
     def __init__(self, checkpoint: str | Path | None = None, device: str | None = None, batch_size: int | str = 8,
                  max_batch_size: int | None = None, max_gen_toks: int = 256, *, model: torch.nn.Module | None = None,
                  tokenizer: Tokenizer | None = None):
-        """``checkpoint``: a run directory (its newest checkpoint) or a checkpoint directory, loaded on
+        """``checkpoint``: a run directory (its newest checkpoint), a checkpoint directory or a Hugging
+        Face model directory (``strata.from_pretrained``), loaded on
         ``device`` (by default, or when CUDA is asked for on a machine without it: CUDA if there is
         one, else the CPU). From Python, ``model`` and its ``tokenizer`` instead, used on the device
         they are on and put in eval mode. ``batch_size``: contexts (loglikelihood), windows
@@ -73,7 +74,9 @@ class StrataLM(LM):
         if checkpoint is not None and model is not None:
             raise ValueError("give the strata model checkpoint= or model=, not both")
         if checkpoint is not None:
-            trained = open_run(checkpoint, device=_device(device))
+            trained = from_pretrained(checkpoint, device=_device(device))
+            if trained.tokenizer is None:
+                raise ValueError(f"{checkpoint}: has no tokenizer.json; lm_eval needs the model's tokenizer beside it")
             model, tokenizer = trained.model, trained.tokenizer
             self.checkpoint: Path | None = trained.checkpoint
             self.max_length = trained.config.train.seq_len or trained.config.model.context_length

@@ -58,6 +58,7 @@ from strata.train.distributed_checkpoint import load_sharded, load_whole, save_s
 from strata.train.memory import check_training_memory
 from strata.train.metrics import MetricsLog, Progress
 from strata.train.optim import build_optimizer
+from strata.train.runs import from_pretrained, pretrained_tokenizer
 from strata.train.step import OptimizerStep, TrainingError
 
 
@@ -130,8 +131,10 @@ class Trainer:
         self.train_documents, self.valid_documents = split_documents(documents, config.data.valid_fraction)
         self.tokenizer = self._tokenizer(config, resume)
         # A preset's vocab_size is part of its design (embedding and head sizes, FLOPs): a tokenizer
-        # that disagrees stops the run rather than silently resizing the model.
-        check_vocab_size(config.model.vocab_size, config.data, self.tokenizer.vocab_size)
+        # that disagrees stops the run rather than silently resizing the model. A pretrained
+        # model's embedding may be padded beyond its tokenizer's ids.
+        if not (train.init_from and config.model.vocab_size >= self.tokenizer.vocab_size):
+            check_vocab_size(config.model.vocab_size, config.data, self.tokenizer.vocab_size)
         self.config = config
         self.seq_len = train.seq_len or config.model.context_length
 
@@ -141,6 +144,8 @@ class Trainer:
         torch.manual_seed(train.seed)  # the same on every rank: every rank builds the same model
         # Under FSDP on meta: parallelize gives each rank storage for its shards only and fills them.
         self.model = build_model(config, device="meta" if self.world.parallel == "fsdp" else self.device)
+        if train.init_from and not resume:
+            self._initialise_from(train.init_from)
         # self.model stays the plain module (state, validation, sampling); the step trains through
         # what parallelize returns.
         forward = parallelize(self.model, self.world, train, self.autocast)
@@ -169,11 +174,22 @@ class Trainer:
                 f"{self.run_dir}: already holds checkpoints; continue it with --resume {self.run_dir} or choose another --out"
             )
 
+    def _initialise_from(self, source: str) -> None:
+        """The weights of ``train.init_from`` in place of the random ones (fine-tuning)."""
+        if self.world.parallel == "fsdp":
+            raise TrainingError("train.init_from: starting FSDP from pretrained weights is not supported yet; "
+                                "use parallel: ddp (or one process)")
+        pretrained = from_pretrained(source, dtype=torch.float32)
+        load_model_weights(self.model, pretrained.model.state_dict(), pretrained.checkpoint)
+
     def _tokenizer(self, config: Config, resume: bool):
-        """The run's own tokenizer on resume, else a new one. Under torchrun rank 0 builds it and
-        the others read it back, rather than each training a BPE and trusting it to match."""
+        """The run's own tokenizer on resume; the pretrained model's for a run that starts from one
+        (``train.init_from``); else a new one. Under torchrun rank 0 builds it and the others read
+        it back, rather than each training a BPE and trusting it to match."""
         if resume and (self.run_dir / "tokenizer.json").exists():
             return load_tokenizer(self.run_dir)
+        if config.train.init_from:
+            return pretrained_tokenizer(config.train.init_from)
         if not self.world.distributed:
             return build_tokenizer(config.data, self.train_documents)
         if self.world.is_main:
