@@ -13,8 +13,10 @@ from strata.interop.family import (
     attention_to_hf,
     attention_to_strata,
     head_dim_of,
+    model_section,
     inverted,
-    mamba_names,
+    mamba_pairs,
+    model_pairs,
     prefixed,
     refuse_unless_default,
     renamed,
@@ -50,12 +52,7 @@ def config_to_strata(hf) -> dict:
     head_dim = head_dim_of(hf)
     fraction = (hf.rope_parameters or {}).get("partial_rotary_factor", BAMBA_ROPE_FRACTION)
     return {
-        "vocab_size": hf.vocab_size,
-        "d_model": hf.hidden_size,
-        "layout": "".join("A" if i in attention_layers else "M" for i in range(hf.num_hidden_layers)),
-        "norm_eps": hf.rms_norm_eps,
-        "context_length": hf.max_position_embeddings,
-        "tie_embeddings": bool(hf.tie_word_embeddings),
+        **model_section(hf, "".join("A" if i in attention_layers else "M" for i in range(hf.num_hidden_layers))),
         "attention": {
             "n_heads": hf.num_attention_heads,
             "n_kv_heads": hf.num_key_value_heads,
@@ -75,17 +72,12 @@ def _layer_pairs(config: ModelConfig, index: int, symbol: str) -> dict[str, str]
              ours + "ffn_norm.weight": theirs + "pre_ff_layernorm.weight"}
     pairs |= prefixed(swiglu_names(config.ffn.bias), ours + "ffn.", theirs + "feed_forward.")
     if symbol == "M":
-        mamba = config.mamba
-        names = mamba_names(mamba.bias, mamba.conv_bias, norm=True)
-        pairs |= {f"{ours}mixer.{name}": f"{theirs}mamba.{name}" for name in names}
+        pairs |= mamba_pairs(config.mamba, ours + "mixer.", theirs + "mamba.")
     return pairs
 
 
 def _model_pairs(config: ModelConfig) -> dict[str, str]:
-    pairs = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.final_layernorm.weight"}
-    if not config.tie_embeddings:
-        pairs["head.weight"] = "lm_head.weight"
-    return pairs
+    return model_pairs(config, "model.embed_tokens.weight", "model.final_layernorm.weight")
 
 
 def weights_to_strata(config: ModelConfig, hf):

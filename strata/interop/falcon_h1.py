@@ -27,8 +27,10 @@ from strata.interop.family import (
     attention_to_hf,
     attention_to_strata,
     head_dim_of,
+    model_section,
     inverted,
-    mamba_names,
+    mamba_pairs,
+    model_pairs,
     prefixed,
     renamed,
     require,
@@ -75,12 +77,7 @@ def config_to_strata(hf) -> dict:
     mamba |= {"norm": _mamba_norm(hf),
               "projection_multipliers": None if all(m == 1 for m in ssm_multipliers) else ssm_multipliers}
     return {
-        "vocab_size": hf.vocab_size,
-        "d_model": hf.hidden_size,
-        "layout": "H" * hf.num_hidden_layers,
-        "norm_eps": hf.rms_norm_eps,
-        "context_length": hf.max_position_embeddings,
-        "tie_embeddings": bool(hf.tie_word_embeddings),
+        **model_section(hf, "H" * hf.num_hidden_layers),
         "embedding_multiplier": _multiplier(hf, "embedding_multiplier"),
         "logits_multiplier": _multiplier(hf, "lm_head_multiplier"),
         "hybrid": {
@@ -115,8 +112,7 @@ def _layer_pairs(config: ModelConfig, index: int) -> dict[str, str]:
              ours + "ffn_norm.weight": theirs + "pre_ff_layernorm.weight"}
     pairs |= prefixed(swiglu_names(config.ffn.bias), ours + "ffn.", theirs + "feed_forward.")
     # The hybrid's Mamba branch has no out_proj of its own (the hybrid's ssm_out is it).
-    names = mamba_names(mamba.bias, mamba.conv_bias, norm=mamba.norm != "gate_only", output=False)
-    pairs |= {f"{ours}mixer.ssm.{name}": f"{theirs}mamba.{name}" for name in names}
+    pairs |= mamba_pairs(mamba, ours + "mixer.ssm.", theirs + "mamba.", norm=mamba.norm != "gate_only", output=False)
     if config.hybrid.out_proj == "separate":
         pairs |= {ours + "mixer.ssm_out.weight": theirs + "mamba.out_proj.weight",
                   ours + "mixer.attn_out.weight": theirs + "self_attn.o_proj.weight"}
@@ -130,10 +126,7 @@ def _output_names(index: int) -> tuple[str, str, str]:
 
 
 def _model_pairs(config: ModelConfig) -> dict[str, str]:
-    pairs = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.final_layernorm.weight"}
-    if not config.tie_embeddings:
-        pairs["head.weight"] = "lm_head.weight"
-    return pairs
+    return model_pairs(config, "model.embed_tokens.weight", "model.final_layernorm.weight")
 
 
 def weights_to_strata(config: ModelConfig, hf):

@@ -64,6 +64,18 @@ def refuse_unless_default(hf, key: str, default, what: str) -> None:
 # --- shared config pieces ------------------------------------------------------------------------
 
 
+def model_section(hf, layout: str, norm_eps: float | None = None, tie: bool | None = None) -> dict:
+    """The keys of strata's ``model`` section every family fills alike."""
+    return {
+        "vocab_size": hf.vocab_size,
+        "d_model": hf.hidden_size,
+        "layout": layout,
+        "norm_eps": hf.rms_norm_eps if norm_eps is None else norm_eps,
+        "context_length": hf.max_position_embeddings,
+        "tie_embeddings": bool(hf.tie_word_embeddings) if tie is None else tie,
+    }
+
+
 def rope_section(hf, head_dim: int, fraction: float = 1.0) -> dict:
     """strata's ``rope`` section from transformers 5's ``rope_parameters`` (default or llama3)."""
     params = dict(getattr(hf, "rope_parameters", None) or {})
@@ -140,16 +152,26 @@ def attention_to_hf(state: Mapping[str, torch.Tensor], prefix: str, hf_prefix: s
 MAMBA_PARAMETERS = ("in_proj.weight", "conv1d.weight", "dt_bias", "A_log", "D", "out_proj.weight")
 
 
-def mamba_names(bias: bool, conv_bias: bool, norm: bool, output: bool = True) -> list[str]:
-    """The Mamba-2 mixer's parameter names, which strata, HF and mamba_ssm share."""
+def mamba_pairs(mamba, ours: str, theirs: str, norm: bool = True, output: bool = True) -> dict[str, str]:
+    """strata name -> HF name of a Mamba-2 mixer's parameters (strata, HF and mamba_ssm name them
+    alike), from the mixer prefixes ``ours`` and ``theirs``; without ``output`` the out-projection
+    is left to the caller (the hybrid's branch has none of its own)."""
     names = [name for name in MAMBA_PARAMETERS if output or not name.startswith("out_proj")]
-    if bias:
+    if mamba.bias:
         names += ["in_proj.bias"] + (["out_proj.bias"] if output else [])
-    if conv_bias:
+    if mamba.conv_bias:
         names.append("conv1d.bias")
     if norm:
         names.append("norm.weight")
-    return names
+    return {ours + name: theirs + name for name in names}
+
+
+def model_pairs(config: ModelConfig, embedding: str, norm: str, head: str = "lm_head.weight") -> dict[str, str]:
+    """strata name -> HF name of the embedding, the final norm and (untied) the head."""
+    pairs = {"embed.weight": embedding, "norm.weight": norm}
+    if not config.tie_embeddings:
+        pairs["head.weight"] = head
+    return pairs
 
 
 def swiglu_names(bias: bool, gate: str = "gate_proj", up: str = "up_proj", down: str = "down_proj") -> dict[str, str]:

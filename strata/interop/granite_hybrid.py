@@ -35,8 +35,10 @@ from strata.interop.family import (
     attention_to_strata,
     default_softmax_scale,
     head_dim_of,
+    model_section,
     inverted,
-    mamba_names,
+    mamba_pairs,
+    model_pairs,
     refuse_unless_default,
     renamed,
     require,
@@ -89,12 +91,7 @@ def config_to_strata(hf) -> dict:
             f"{len(kinds)} entries for num_hidden_layers {hf.num_hidden_layers}")
     layout = "".join(_symbol(kind, index) for index, kind in enumerate(kinds))
     section = {
-        "vocab_size": hf.vocab_size,
-        "d_model": hf.hidden_size,
-        "layout": layout,
-        "norm_eps": hf.rms_norm_eps,
-        "context_length": hf.max_position_embeddings,
-        "tie_embeddings": bool(hf.tie_word_embeddings),
+        **model_section(hf, layout),
         "embedding_multiplier": float(hf.embedding_multiplier),
         "logits_multiplier": 1 / float(hf.logits_scaling),
         "residual_multiplier": float(hf.residual_multiplier),
@@ -143,17 +140,12 @@ def _layer_pairs(config: ModelConfig, index: int, symbol: str) -> dict[str, str]
     pairs = {ours + "mixer_norm.weight": theirs + "input_layernorm.weight",
              ours + "ffn_norm.weight": theirs + "post_attention_layernorm.weight"}
     if symbol == "M":
-        mamba = config.mamba
-        names = mamba_names(mamba.bias, mamba.conv_bias, norm=True)
-        pairs |= {f"{ours}mixer.{name}": f"{theirs}mamba.{name}" for name in names}
+        pairs |= mamba_pairs(config.mamba, ours + "mixer.", theirs + "mamba.")
     return pairs
 
 
 def _model_pairs(config: ModelConfig) -> dict[str, str]:
-    pairs = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
-    if not config.tie_embeddings:
-        pairs["head.weight"] = "lm_head.weight"
-    return pairs
+    return model_pairs(config, "model.embed_tokens.weight", "model.norm.weight")
 
 
 def weights_to_strata(config: ModelConfig, hf):

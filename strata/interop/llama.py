@@ -12,7 +12,9 @@ from strata.interop.family import (
     attention_to_hf,
     attention_to_strata,
     head_dim_of,
+    model_section,
     inverted,
+    model_pairs,
     prefixed,
     refuse_unless_default,
     renamed,
@@ -26,12 +28,7 @@ def config_to_strata(hf) -> dict:
     refuse_unless_default(hf, "hidden_act", "silu", "the FFN activation")
     head_dim = head_dim_of(hf)
     return {
-        "vocab_size": hf.vocab_size,
-        "d_model": hf.hidden_size,
-        "layout": "A" * hf.num_hidden_layers,
-        "norm_eps": hf.rms_norm_eps,
-        "context_length": hf.max_position_embeddings,
-        "tie_embeddings": bool(hf.tie_word_embeddings),
+        **model_section(hf, "A" * hf.num_hidden_layers),
         "attention": {
             "n_heads": hf.num_attention_heads,
             "n_kv_heads": hf.num_key_value_heads,
@@ -45,9 +42,7 @@ def config_to_strata(hf) -> dict:
 
 def _pairs(config: ModelConfig) -> dict[str, str]:
     """strata name -> Llama name, the attention's q/k/v aside."""
-    pairs = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
-    if not config.tie_embeddings:
-        pairs["head.weight"] = "lm_head.weight"
+    pairs = model_pairs(config, "model.embed_tokens.weight", "model.norm.weight")
     for index in range(config.n_layers):
         ours, theirs = f"blocks.{index}.", f"model.layers.{index}."
         pairs[ours + "mixer_norm.weight"] = theirs + "input_layernorm.weight"

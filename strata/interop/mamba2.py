@@ -11,7 +11,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from strata.config import ModelConfig
-from strata.interop.family import Family, inverted, mamba_names, refuse_unless_default, renamed, require
+from strata.interop.family import Family, inverted, mamba_pairs, model_pairs, refuse_unless_default, renamed, require
 
 
 def config_to_strata(hf) -> dict:
@@ -33,15 +33,11 @@ def config_to_strata(hf) -> dict:
 
 
 def _pairs(config: ModelConfig, prefix: str = "backbone.", embedding: str = "embeddings") -> dict[str, str]:
-    mamba = config.mamba
-    pairs = {"embed.weight": f"{prefix}{embedding}.weight", "norm.weight": f"{prefix}norm_f.weight"}
-    if not config.tie_embeddings:
-        pairs["head.weight"] = "lm_head.weight"
+    pairs = model_pairs(config, f"{prefix}{embedding}.weight", f"{prefix}norm_f.weight")
     for index in range(config.n_layers):
         ours, theirs = f"blocks.{index}.", f"{prefix}layers.{index}."
         pairs[ours + "mixer_norm.weight"] = theirs + "norm.weight"
-        pairs |= {f"{ours}mixer.{name}": f"{theirs}mixer.{name}"
-                  for name in mamba_names(mamba.bias, mamba.conv_bias, norm=True)}
+        pairs |= mamba_pairs(config.mamba, ours + "mixer.", theirs + "mixer.")
     return pairs
 
 

@@ -28,8 +28,9 @@ from strata.interop.family import (
     attention_to_hf,
     attention_to_strata,
     head_dim_of,
+    model_section,
     inverted,
-    mamba_names,
+    mamba_pairs,
     refuse_unless_default,
     renamed,
     require,
@@ -73,13 +74,8 @@ def config_to_strata(hf) -> dict:
     require(getattr(hf, "sliding_window", None) is None, "sliding_window",
             f"{hf.sliding_window}: Nemotron-H's windowed attention is not supported (strata's W blocks have RoPE and sinks)")
     section = {
-        "vocab_size": hf.vocab_size,
-        "d_model": hf.hidden_size,
-        "layout": layout,
-        "norm_eps": hf.layer_norm_epsilon,
-        "context_length": hf.max_position_embeddings,
         # transformers 5 never ties Nemotron-H's head; the weights decide (module docstring)
-        "tie_embeddings": False,
+        **model_section(hf, layout, norm_eps=hf.layer_norm_epsilon, tie=False),
         "ffn": {"kind": "none"},
     }
     if "A" in layout:
@@ -121,9 +117,7 @@ def _layer_pairs(config: ModelConfig, index: int, symbol: str, prefix: str) -> d
                         for part in ("up", "down") for kind in kinds}
     pairs = {ours + "mixer_norm.weight": theirs + "norm.weight"}
     if symbol == "M":
-        mamba = config.mamba
-        pairs |= {f"{ours}mixer.{name}": f"{theirs}mixer.{name}"
-                  for name in mamba_names(mamba.bias, mamba.conv_bias, norm=True)}
+        pairs |= mamba_pairs(config.mamba, ours + "mixer.", theirs + "mixer.")
     return pairs
 
 
