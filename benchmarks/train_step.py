@@ -1,6 +1,10 @@
 """Training-step throughput: strata vs HF transformers on identical shapes and weights, in one run.
 
     python benchmarks/train_step.py [--batch 8] [--seq 256] [--repeats 7] [--json results.jsonl]
+    python benchmarks/train_step.py --document-masking [--batch 4 --seq 512 --documents 4]
+
+``--document-masking`` instead times each layout-stack family with and without ``segment_ids``
+(``--documents`` equal documents a row), in alternation: the cost of keeping packed documents apart.
 
 A step is forward + cross-entropy + backward + AdamW. Each pair (strata, HF) is timed in
 alternation, repeat after repeat, and the median of each is compared, so machine noise hits both
@@ -12,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from results import append_json_lines
-from timing import time_alternating
+from timing import alternate, paired_ratio, time_alternating, timed
 
 from strata import build_model, load_config
 from strata.cost.model import model_cost
@@ -120,14 +125,51 @@ def family_throughput(batch: int, seq: int, repeats: int) -> dict[str, tuple[flo
     return {name: (batch * seq / s, flops[name]) for name, s in seconds.items()}
 
 
+def masking_overhead(batch: int, seq: int, documents: int, repeats: int) -> list[dict]:
+    """Per family: a training step with ``segment_ids`` (``documents`` documents a row) against the
+    same step without, timed in alternation; the overhead is their median per-round ratio − 1."""
+    ids = torch.arange(seq).div(-(-seq // documents), rounding_mode="floor").expand(batch, -1)
+    rows = []
+    for name, (path, overrides) in FAMILIES.items():
+        model = build_model(load_config(path, overrides))
+        tokens = torch.randint(0, model.config.vocab_size, (batch, seq + 1))
+        samples = alternate({
+            "plain": timed(training_step(model, tokens, strata_logits)),
+            "masked": timed(training_step(model, tokens, lambda m, t: m(t, segment_ids=ids))),
+        }, repeats)
+        ratio, low, high = paired_ratio(samples["masked"], samples["plain"])
+        rows.append({"case": f"document masking {name}", "plain_s": statistics.median(samples["plain"]),
+                     "masked_s": statistics.median(samples["masked"]), "overhead": ratio - 1,
+                     "overhead_low": low - 1, "overhead_high": high - 1})
+    return rows
+
+
+def report_masking(args) -> None:
+    rows = masking_overhead(args.batch, args.seq, args.documents, args.repeats)
+    print(f"{platform.processor() or platform.machine()} float32, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}; batch {args.batch} x {args.seq} tokens, {args.documents} documents a row, "
+          f"{args.repeats} alternating rounds; target: overhead <= 15 %")
+    print(f"{'family':34s} {'plain ms':>9s} {'masked ms':>10s} {'overhead':>9s} {'range':>16s}")
+    for row in rows:
+        print(f"{row['case']:34s} {row['plain_s'] * 1e3:9.1f} {row['masked_s'] * 1e3:10.1f} {row['overhead']:8.1%} "
+              f"{row['overhead_low']:7.1%}..{row['overhead_high']:.1%}")
+    append_json_lines(args.json, rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", type=Path, help="append one JSON object per result to this file")
+    parser.add_argument("--document-masking", action="store_true",
+                        help="time each family with segment_ids against without instead")
+    parser.add_argument("--documents", type=int, default=4, help="documents a row for --document-masking")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.document_masking:
+        report_masking(args)
+        return
     results = []
 
     for name, ours, theirs in peer_cases():

@@ -525,13 +525,17 @@ class DataConfig(Strict):
     """What to train on. ``sources`` are .txt files, folders of them, .jsonl files (one JSON object a
     line, text under ``text_field``) or named corpora (``shakespeare``), fetched on first use.
     ``tokenizer``: ``bytes``, ``bpe`` (trained on the training split, ``bpe_vocab_size`` ids) or
-    ``{kind: hf, path: FILE_OR_DIR}`` (strata/data/tokenizer.py)."""
+    ``{kind: hf, path: FILE_OR_DIR}`` (strata/data/tokenizer.py). ``document_masking``: training
+    rows pack documents (BOS before each) as the papers do, attending across the seams; true keeps
+    each document to itself (segment ids from the BOS positions; strata eval scores documents one
+    at a time, so it never crosses a seam either way)."""
 
     sources: list[str] = Field(default_factory=lambda: ["shakespeare"])
     text_field: str = "text"
     tokenizer: Literal["bytes", "bpe"] | HFTokenizerConfig = "bytes"
     bpe_vocab_size: int = Field(4096, ge=260)
     valid_fraction: float = Field(0.05, gt=0, lt=0.5)
+    document_masking: bool = False
 
     @field_validator("tokenizer", mode="before")
     @classmethod
@@ -624,6 +628,8 @@ class Config(Strict):
     def _bytes_for_aunet(self):
         if isinstance(self.model, AUNetConfig) and self.data.tokenizer != "bytes":
             raise _KeyedError("data.tokenizer", "AU-Net reads bytes and pools them itself; set data.tokenizer: bytes")
+        if isinstance(self.model, AUNetConfig) and self.data.document_masking:
+            raise _KeyedError("data.document_masking", "AU-Net does not take segment ids yet; train it on packed rows")
         return self
 
 

@@ -25,6 +25,12 @@ def pack(documents, tokenizer) -> np.ndarray:
     return np.concatenate(parts).astype(np.int32, copy=False) if parts else np.zeros(0, np.int32)
 
 
+def document_ids(tokens: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """[B, T] segment ids of packed rows (``pack``'s BOS before every document): each BOS starts a
+    new id, so a window that begins mid-document gives its first part id 0."""
+    return torch.cumsum(tokens == bos_id, dim=1)
+
+
 @dataclass
 class Batch:
     """Windows of ``seq_len + 1`` ids and, for models that pool by split levels (AU-Net), the

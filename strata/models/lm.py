@@ -56,10 +56,12 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps) if self.ffn is not None else None
         self.residual_multiplier = config.residual_multiplier
 
-    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         # The norms are applied as functions, like the projections (see strata/nn/linear.py).
         if self.mixer is not None:
-            x = x + self._scaled(self.mixer(rms_norm(x, self.mixer_norm.weight, self.mixer_norm.eps), cache=cache))
+            normed = rms_norm(x, self.mixer_norm.weight, self.mixer_norm.eps)
+            mixed = self.mixer(normed, cache=cache) if segment_ids is None else self.mixer(normed, segment_ids=segment_ids)
+            x = x + self._scaled(mixed)
         if self.ffn is not None:
             x = x + self._scaled(self.ffn(rms_norm(x, self.ffn_norm.weight, self.ffn_norm.eps)))
         return x
@@ -73,14 +75,18 @@ def build_stack(config: StackConfig) -> nn.ModuleList:
     return nn.ModuleList(Block(symbol, config, layer) for layer, symbol in enumerate(config.layout, start=1))
 
 
-def run_stack(blocks: nn.ModuleList, x: torch.Tensor, cache=None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+def run_stack(blocks: nn.ModuleList, x: torch.Tensor, cache=None, lengths: torch.Tensor | None = None,
+              segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Run ``x`` through ``blocks``; with a ``StackCache`` (``strata.inference``) the steps of ``x``
     follow those the cache holds, and the cache advances past them (past the first ``lengths[b]``
-    of row b when given: the rest is padding the cache forgets)."""
+    of row b when given: the rest is padding the cache forgets). ``segment_ids`` [B, T]: packed
+    documents, which never see each other."""
     if cache is None:
         for block in blocks:
-            x = block(x)
+            x = block(x) if segment_ids is None else block(x, segment_ids=segment_ids)
         return x
+    if segment_ids is not None:
+        raise ValueError("segment_ids apply to a whole-sequence forward, not to a cached one")
     if lengths is not None and not cache.holds_trailing_padding:
         # Refused before any layer runs, so no state has advanced.
         raise ValueError("sliding-window attention cannot hold trailing padding: a ring buffer cannot skip the holes")
@@ -124,9 +130,11 @@ class LanguageModel(nn.Module):
         scaled_init(self, self.config.init_std, len(self.blocks))
 
     def forward(self, tokens: torch.Tensor, cache=None, last_only: bool = False, *,
-                lengths: torch.Tensor | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+                lengths: torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, vocab] ([B, 1, vocab] with ``last_only``; [N, vocab] at
-        the N True places of a boolean [B, T] ``logits_at``, in row-major order).
+        the N True places of a boolean [B, T] ``logits_at``, in row-major order). ``segment_ids``
+        [B, T] (int): packed documents; positions of different ids never influence each other.
 
         With a ``StackCache`` (``strata.inference``) the tokens are the next steps after those
         the cache holds, and the cache advances past them; ``lengths`` [B] ends rows early: the
@@ -137,7 +145,7 @@ class LanguageModel(nn.Module):
         x = self.embed(tokens)
         if self.config.embedding_multiplier != 1:
             x = x * self.config.embedding_multiplier
-        x = run_stack(self.blocks, x, cache, lengths)
+        x = run_stack(self.blocks, x, cache, lengths, segment_ids)
         x = self.norm(x[logits_at] if logits_at is not None else x[:, -1:] if last_only else x)
         logits = self.head(x) if self.head is not None else x @ self.embed.weight.t()
         return logits * self.config.logits_multiplier if self.config.logits_multiplier != 1 else logits

@@ -18,6 +18,26 @@ def window_mask(length: int, window: int, sinks: int, device=None) -> torch.Tens
     return (j <= i) & ((i - j < window) | (j < sinks))
 
 
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] position of each step within its segment (0 at each segment's first step)."""
+    positions = torch.arange(segment_ids.shape[1], device=segment_ids.device)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return positions - torch.where(starts, positions, 0).cummax(dim=1).values
+
+
+def segment_mask(segment_ids: torch.Tensor, window: int | None = None, sinks: int = 0) -> torch.Tensor:
+    """Boolean [B, 1, T, T] mask of packed documents: query i sees key j of its own segment when
+    j <= i (and, with a window, i - j < window or j is among the first ``sinks`` of its segment)."""
+    positions = torch.arange(segment_ids.shape[1], device=segment_ids.device)
+    i, j = positions[:, None], positions[None, :]
+    allowed = (j <= i) & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    if window is not None:
+        sink = (segment_positions(segment_ids) < sinks)[:, None, :]
+        allowed &= (i - j < window) | sink
+    return allowed[:, None]
+
+
 class Attention(nn.Module):
     """GQA attention. Q/K heads are ``head_dim`` wide, V heads ``v_head_dim`` (the intra-layer
     hybrid widens V); with ``window`` set, each query sees the last ``window`` keys and the first
@@ -69,18 +89,25 @@ class Attention(nn.Module):
     def value_width(self) -> int:
         return self.n_heads * self.v_head_dim
 
-    def attend(self, x: torch.Tensor, return_values: bool = False, cache=None):
+    def attend(self, x: torch.Tensor, return_values: bool = False, cache=None, segment_ids: torch.Tensor | None = None):
         """Heads [B, T, n_heads * v_head_dim]; with ``return_values`` also the new steps' V
-        [B, n_kv_heads, T, v_head_dim]."""
+        [B, n_kv_heads, T, v_head_dim]. ``segment_ids`` [B, T]: packed documents, each attending
+        within itself only, its RoPE positions counted from its own start (as when run alone)."""
         batch, length, _ = x.shape
         # (split_with_sizes: Tensor.split's Python wrapper costs as much as the split itself.)
         q_width, k_width, v_width = self.qkv_widths
         qk, v = project(self.qkv_proj, x).split_with_sizes([q_width + k_width, v_width], dim=-1)
-        qk = self._rotated(qk.view(batch, length, self.n_heads + self.n_kv_heads, self.head_dim), cache).transpose(1, 2)
+        qk = qk.view(batch, length, self.n_heads + self.n_kv_heads, self.head_dim)
+        qk = self._rotated(qk, cache, segment_ids).transpose(1, 2)
         q, k = qk.split_with_sizes([self.n_heads, self.n_kv_heads], dim=1)
         v = v.view(batch, length, self.n_kv_heads, self.v_head_dim).transpose(1, 2)
         gqa = self.n_heads != self.n_kv_heads
-        if cache is not None:
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids apply to a whole-sequence forward, not to a cached one")
+            mask = segment_mask(segment_ids, self.window, self.sinks)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=self.softmax_scale)
+        elif cache is not None:
             keys, values, mask = cache.update(k, v)
             if length == 1:
                 out = self._attend_one_step(q, keys, values, mask)
@@ -96,12 +123,15 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(batch, length, self.value_width)
         return (out, v) if return_values else out
 
-    def _rotated(self, qk: torch.Tensor, cache) -> torch.Tensor:
-        """Q and K heads side by side [B, T, heads, D], rotated at their positions: the first
-        ``rotary_dim`` channels of each head (all of them, usually; none without RoPE)."""
+    def _rotated(self, qk: torch.Tensor, cache, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Q and K heads side by side [B, T, heads, D], rotated at their positions (within their
+        segment, with ``segment_ids``): the first ``rotary_dim`` channels of each head (all of
+        them, usually; none without RoPE)."""
         if self.rotary is None:
             return qk
-        if cache is None:
+        if segment_ids is not None:
+            cos, sin = (table[:, :, None] for table in self.rotary.at(segment_positions(segment_ids), qk.shape[1]))
+        elif cache is None:
             cos, sin = self.rotary(qk.shape[1], device=qk.device)
             cos, sin = cos[:, None], sin[:, None]  # broadcast over the heads of [B, T, heads, D]
         else:
@@ -131,5 +161,5 @@ class Attention(nn.Module):
             out = torch.softmax(scores.float(), dim=-1).to(values.dtype) @ values  # fp32 like SDPA
         return out.view(batch, self.n_heads, 1, self.v_head_dim)
 
-    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
-        return project(self.o_proj, self.attend(x, cache=cache))
+    def forward(self, x: torch.Tensor, cache=None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return project(self.o_proj, self.attend(x, cache=cache, segment_ids=segment_ids))

@@ -39,9 +39,25 @@ class _CausalConv1d(torch.autograd.Function):
         return d_padded[:, width - 1 :], d_weight, d_bias
 
 
-def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [B, T, C], weight [C, K], bias [C] -> [B, T, C]; output t sees inputs t−K+1 .. t."""
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, T, C], weight [C, K], bias [C] -> [B, T, C]; output t sees inputs t−K+1 .. t, those
+    of its own segment only when ``segment_ids`` [B, T] is given."""
+    if segment_ids is not None:
+        return _segmented_causal_conv1d(x, weight, bias, segment_ids)
     return _CausalConv1d.apply(x, weight, bias)
+
+
+def _segmented_causal_conv1d(x, weight, bias, segment_ids):
+    """The same sum of shifted products, each input zeroed where it lies in another segment than
+    the output it would reach (packed documents); through autograd."""
+    length, width = x.shape[1], weight.shape[1]
+    y = x * weight[:, -1] + (bias if bias is not None else 0)
+    for back in range(1, min(width, length)):
+        same = (segment_ids[:, back:] == segment_ids[:, :-back])[..., None]
+        shifted = F.pad(x[:, :-back] * same * weight[:, width - 1 - back], (0, 0, back, 0))
+        y = y + shifted
+    return y
 
 
 def causal_conv1d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

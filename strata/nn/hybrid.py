@@ -140,20 +140,20 @@ class IntraLayerHybrid(nn.Module):
     def diff_lambda(self) -> torch.Tensor:
         return diff_lambda(self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2, self.lambda_init)
 
-    def branches(self, x: torch.Tensor, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def branches(self, x: torch.Tensor, cache=None, segment_ids: torch.Tensor | None = None):
         """The two normalised, scaled branch outputs (a, b), each [B, T, width]; ``cache`` is a
-        HybridCache when decoding."""
+        HybridCache when decoding; ``segment_ids`` [B, T] packed documents."""
         first, second = self.branch_modules()
         first_cache, second_cache = (None, None) if cache is None else cache.branches
         x_a, x_b = (x * m if m != 1 else x for m in self.config.in_multipliers)
         if self.config.share_value:
             # The SSM branch reads the attention's values, one head of V per SSM head.
-            y_a, values = first.attend(x_a, return_values=True, cache=first_cache)  # values [B, kv, T, dv]
-            groups = first.n_heads // first.n_kv_heads
+            y_a, values = first.attend(x_a, return_values=True, cache=first_cache, segment_ids=segment_ids)
+            groups = first.n_heads // first.n_kv_heads  # values [B, kv, T, dv]
             shared = values.repeat_interleave(groups, dim=1).transpose(1, 2).flatten(-2)
-            y_b = second.mix(x_b, shared, cache=second_cache)
+            y_b = second.mix(x_b, shared, cache=second_cache, segment_ids=segment_ids)
         else:
-            y_a, y_b = (run_branch(branch, branch_x, branch_cache)
+            y_a, y_b = (run_branch(branch, branch_x, branch_cache, segment_ids)
                         for branch, branch_x, branch_cache in ((first, x_a, first_cache), (second, x_b, second_cache)))
         norm_a, norm_b = (getattr(self, f"{name}_norm") for name in self.names)
         return self.scaled(x, norm_a(y_a), norm_b(y_b))
@@ -177,8 +177,8 @@ class IntraLayerHybrid(nn.Module):
             return y_a * (1 - self.alpha), y_b * self.alpha
         return y_a, y_b
 
-    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
-        y_a, y_b = self.branches(x, cache)
+    def forward(self, x: torch.Tensor, cache=None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        y_a, y_b = self.branches(x, cache, segment_ids)
         if self.config.out_proj == "separate":
             y_a, y_b = (project(getattr(self, f"{name}_out"), y) for name, y in zip(self.names, (y_a, y_b)))
         # Constants on each branch's output (Falcon-H1's μP multipliers); linear, so they commute
@@ -194,9 +194,11 @@ class IntraLayerHybrid(nn.Module):
         return fused if self.config.out_proj == "separate" else project(self.out_proj, fused)
 
 
-def run_branch(branch: nn.Module, x: torch.Tensor, cache=None) -> torch.Tensor:
+def run_branch(branch: nn.Module, x: torch.Tensor, cache=None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """A branch's heads before any projection."""
-    return branch.attend(x, cache=cache) if isinstance(branch, Attention) else branch.mix(x, cache=cache)
+    if isinstance(branch, Attention):
+        return branch.attend(x, cache=cache, segment_ids=segment_ids)
+    return branch.mix(x, cache=cache, segment_ids=segment_ids)
 
 
 def per_head(y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

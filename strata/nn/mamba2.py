@@ -100,12 +100,18 @@ class Mamba2(nn.Module):
             C.unflatten(-1, (self.n_groups, self.d_state)),
         )
 
-    def mix(self, u: torch.Tensor, x: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+    def mix(self, u: torch.Tensor, x: torch.Tensor | None = None, cache=None,
+            segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``segment_ids`` [B, T]: packed documents; the conv and the scan start afresh at each."""
         z, xbc, dt = self.split_projection(u, x)
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids apply to a whole-sequence forward, not to a cached one")
         if cache is None:
-            xs, B, C = self.split_conv_output(F.silu(causal_conv1d(xbc, self.conv1d.weight[:, 0], self.conv1d.bias)))
+            conv = causal_conv1d(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, segment_ids)
+            xs, B, C = self.split_conv_output(F.silu(conv))
             dt = F.softplus(dt.float() + self.dt_bias.float())
-            y, _ = ssd_chunked(xs, dt, -torch.exp(self.A_log.float()), B, C, self.chunk_size, self.D)
+            resets = None if segment_ids is None else F.pad(segment_ids[:, 1:] != segment_ids[:, :-1], (1, 0))
+            y, _ = ssd_chunked(xs, dt, -torch.exp(self.A_log.float()), B, C, self.chunk_size, self.D, resets=resets)
         else:
             y = self._advance(cache, xbc, dt)
         if self.norm is None:
@@ -159,5 +165,5 @@ class Mamba2(nn.Module):
         cache.ssm.copy_(state)
         return y
 
-    def forward(self, u: torch.Tensor, cache=None) -> torch.Tensor:
-        return project(self.out_proj, self.mix(u, cache=cache))
+    def forward(self, u: torch.Tensor, cache=None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return project(self.out_proj, self.mix(u, cache=cache, segment_ids=segment_ids))

@@ -12,12 +12,22 @@ only the [p, n] state travels. Its backward is written by hand (``_ChunkedScan``
 the forward would save and re-expand many [Q, Q] intermediates and split its batched matmuls into
 thousands of small ones on CPU. ``ssd_recurrent`` is the reference the tests hold it to.
 Everything is computed in fp32 and cast back to the input dtype.
+
+Packed documents: ``resets`` [b, t] marks the steps that start a new segment, whose state must not
+see the steps before them (S_t = dt_t x_t ⊗ B_t). The chunked scan gives such a step the
+log-decay −RESET_LOG_DECAY: its decay is exactly 0 in floating point, while every cumulative sum
+stays finite, so the differences the scan takes within a segment stay exact (in float64) and
+those across a boundary are 0 after the exponential. The gradient reaching a reset step's
+own decay is then 0, as it is in the recurrence, which never uses it.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+# exp(−1e4) is 0 in float32 and float64, and sums of many such steps stay far from float64's range.
+RESET_LOG_DECAY = 1e4
 
 
 def decay_matrix(cumulative: torch.Tensor) -> torch.Tensor:
@@ -183,14 +193,19 @@ def ssd_chunked(
     chunk_size: int,
     D: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
+    resets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked SSD scan for training and prefill; returns (y [b, t, h, p], final state [b, h, p, n])."""
+    """Chunked SSD scan for training and prefill; returns (y [b, t, h, p], final state [b, h, p, n]).
+    ``resets`` [b, t] (bool): steps that start a new segment (see the module docstring)."""
     batch, _, heads, head_dim = x.shape
     x32, dt32 = x.float(), dt.float()
     if initial_state is None:
         initial_state = torch.zeros(batch, heads, head_dim, B.shape[-1], device=x.device)
+    log_decay = dt32 * A.float()
+    if resets is not None:
+        log_decay = log_decay - RESET_LOG_DECAY * resets[..., None].float()
     y, final_state = _ChunkedScan.apply(
-        x32 * dt32[..., None], dt32 * A.float(), B.float(), C.float(), initial_state.float(), chunk_size
+        x32 * dt32[..., None], log_decay, B.float(), C.float(), initial_state.float(), chunk_size
     )
     if D is not None:
         y = y + x32 * D.float()[:, None]
@@ -229,8 +244,10 @@ def ssd_recurrent(
     C: torch.Tensor,
     D: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
+    resets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference: the exact recurrence, one step at a time. Same signature as ``ssd_chunked``."""
+    """The reference: the exact recurrence, one step at a time, its state zeroed before each step
+    that ``resets`` marks. Same signature as ``ssd_chunked``."""
     batch, length, heads, head_dim = x.shape
     state = (
         initial_state.float()
@@ -239,6 +256,8 @@ def ssd_recurrent(
     )
     outputs = []
     for t in range(length):
+        if resets is not None:
+            state = torch.where(resets[:, t, None, None, None], torch.zeros_like(state), state)
         y, state = ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
         outputs.append(y)
     return torch.stack(outputs, dim=1), state

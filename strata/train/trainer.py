@@ -32,6 +32,7 @@ from strata.data import (
     TokenLoader,
     build_tokenizer,
     check_vocab_size,
+    document_ids,
     load_documents,
     load_tokenizer,
     model_levels,
@@ -264,7 +265,10 @@ class Trainer:
     def _train_step(self) -> dict:
         def next_micro_batch():
             batch = self.loader.next_batch(self.world.rank, self.world.size).to(self.device)
-            return batch.inputs(), batch.targets
+            inputs = batch.inputs()
+            if self.config.data.document_masking:
+                inputs["segment_ids"] = document_ids(inputs["tokens"], self.tokenizer.bos_id)
+            return inputs, batch.targets
 
         outcome = self.optimizer_step(next_micro_batch, self.step)
         self.step += 1
