@@ -574,7 +574,10 @@ class TrainConfig(Strict):
     global batch, split evenly among the processes. ``activation_checkpointing`` recomputes each
     block's activations in the backward pass; ``compile`` compiles each block; both apply to the
     training forward only. ``dist_timeout``: seconds a collective waits for the other processes
-    before the run fails (a dead or stuck rank). ``init_from``: a strata run or checkpoint, or a
+    before the run fails (a dead or stuck rank). ``carry_state``: truncated backpropagation through
+    time: each row reads its own stretch of the stream window after window, and the model's state
+    (Mamba-2's conv and SSM state, attention's keys and values: at most ``carry_context`` tokens of
+    them, by default ``seq_len``) flows from one window to the next, detached. ``init_from``: a strata run or checkpoint, or a
     Hugging Face model directory, whose weights (and tokenizer) a new run starts from (fine-tuning;
     ``strata train CONFIG --init-from DIR`` sets it with the model section to match).
     """
@@ -608,6 +611,8 @@ class TrainConfig(Strict):
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     init_from: str | None = None
+    carry_state: bool = False
+    carry_context: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _schedule(self):
@@ -630,6 +635,11 @@ class Config(Strict):
             raise _KeyedError("data.tokenizer", "AU-Net reads bytes and pools them itself; set data.tokenizer: bytes")
         if isinstance(self.model, AUNetConfig) and self.data.document_masking:
             raise _KeyedError("data.document_masking", "AU-Net does not take segment ids yet; train it on packed rows")
+        if isinstance(self.model, AUNetConfig) and self.train.carry_state:
+            raise _KeyedError("train.carry_state", "AU-Net cannot carry a state between windows yet")
+        if self.train.carry_state and self.data.document_masking:
+            raise _KeyedError("train.carry_state", "a carried state flows across documents; it cannot be combined "
+                                                   "with data.document_masking yet")
         return self
 
 

@@ -139,3 +139,90 @@ def test_training_with_document_masking_runs_and_the_aunet_refuses_it(tmp_path):
     assert (tmp_path / "run" / "checkpoints").is_dir()
     with pytest.raises(ConfigError, match="data.document_masking"):
         strata.load_config(TINY / "aunet2.yaml", overrides=["data.document_masking=true"])
+
+
+# --- carried state ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES + ["hybrid-family"])
+def test_a_carried_state_continues_the_sequence(family):
+    """model(x1, state=s) then model(x2, state=s) equals model(x1 ++ x2): logits and gradients
+    (through the state into the first call's weights and activations). The cut falls inside a
+    sliding window and a Mamba chunk; the second part is longer than the window."""
+    config = strata.load_config(TINY / f"{family}.yaml", overrides=["model.init_std=0.1"]).model
+    torch.manual_seed(0)
+    model = strata.build_model(config)
+    tokens = torch.randint(0, config.vocab_size, (2, 150), generator=torch.Generator().manual_seed(1))
+    probe = torch.randn(2, 150, config.vocab_size, generator=torch.Generator().manual_seed(2))
+    parameters = list(model.parameters())
+
+    whole = model(tokens)
+    whole_grads = torch.autograd.grad((whole * probe).sum(), parameters, allow_unused=True)
+    state = model.carried_state()
+    parts = [model(part, state=state) for part in tokens.split([45, 1, 104], dim=1)]
+    assert state.length == 150
+    carried_grads = torch.autograd.grad(sum((logits * p).sum() for logits, p in zip(parts, probe.split([45, 1, 104], 1))),
+                                        parameters, allow_unused=True)
+    torch.testing.assert_close(torch.cat(parts, 1), whole, atol=1e-5, rtol=1e-5)
+    for (name, _), ours, reference in zip(model.named_parameters(), carried_grads, whole_grads):
+        if reference is not None:
+            assert_close_to_scale(ours, reference, name)
+
+
+def test_a_detached_state_keeps_values_and_drops_history():
+    config = strata.load_config(TINY / "inter.yaml").model
+    model = strata.build_model(config)
+    tokens = torch.randint(0, config.vocab_size, (1, 40))
+    state = model.carried_state()
+    model(tokens[:, :20], state=state)
+    state.detach()
+    second = model(tokens[:, 20:], state=state)
+    torch.testing.assert_close(second, model(tokens)[:, 20:], atol=1e-5, rtol=1e-5)
+    second.sum().backward()  # reaches no graph of the first call (it would fail if it tried twice)
+
+
+def test_max_context_bounds_the_keys_attention_carries():
+    """With max_context 10 the second call sees the first call's last 10 tokens, as if the stream
+    had started there (RoPE is relative). One block: deeper blocks' keys depend on all that came
+    before through the blocks below."""
+    config = strata.load_config(TINY / "transformer.yaml", overrides=["model.init_std=0.1", "model.layout=A"]).model
+    model = strata.build_model(config)
+    tokens = torch.randint(0, config.vocab_size, (2, 35))
+    state = model.carried_state(max_context=10)
+    with torch.no_grad():
+        model(tokens[:, :30], state=state)
+        assert all(layer.keys.shape[2] == 10 for layer in state.layers)
+        torch.testing.assert_close(model(tokens[:, 30:], state=state), model(tokens[:, 20:])[:, 10:], atol=1e-5, rtol=1e-5)
+
+
+# --- truncated backpropagation through time --------------------------------------------------------
+
+
+def test_a_carried_state_run_resumes_exactly(tmp_path):
+    """train.carry_state: a run killed after its step-6 checkpoint (here: stopped there) and resumed
+    gives the straight run's losses bit for bit: the carried state is part of the checkpoint."""
+    from cli_runner import strata as run_strata
+    from test_train import losses
+
+    common = [TINY / "inter.yaml", "--data", "shakespeare", "--quiet", "model.context_length=32",
+              "train.batch_size=2", "train.eval_bytes=2048", "data.valid_fraction=0.01", "train.schedule=constant",
+              "train.eval_every=1000", "train.carry_state=true", "train.carry_context=16"]
+    run_strata("train", *common, "--steps", 12, "--out", tmp_path / "straight")
+    run_strata("train", *common, "--steps", 6, "--out", tmp_path / "stopped")
+    assert (tmp_path / "stopped" / "checkpoints" / "step-000006" / "carried.safetensors").is_file()
+    run_strata("train", "--resume", tmp_path / "stopped", "--quiet", "train.steps=12")
+    assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")
+
+
+def test_the_stream_loader_gives_each_row_consecutive_windows():
+    import numpy as np
+
+    from strata.data import StreamLoader
+
+    loader = StreamLoader(np.arange(101), seq_len=10, batch_size=2)  # lanes of 50 tokens: 5 windows each
+    first, second = loader.next_batch().tokens, loader.next_batch().tokens
+    assert first[:, 0].tolist() == [0, 50] and second[:, 0].tolist() == [10, 60]
+    assert torch.equal(first[:, -1], second[:, 0])  # a window's last token is the next one's first input
+    for _ in range(3):
+        loader.next_batch()
+    assert loader.starts_lanes and loader.epoch == 1

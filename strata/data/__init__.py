@@ -12,7 +12,7 @@ from strata.data.catalog import catalog_rows, data_path, known_names, resolve
 from strata.data.documents import Document, load_documents, split_documents
 from strata.data.errors import DataError
 from strata.data.levels import model_inputs, model_levels
-from strata.data.loader import Batch, TokenLoader, document_ids, pack
+from strata.data.loader import Batch, StreamLoader, TokenLoader, document_ids, pack
 from strata.data.registry import DATA_SETS, corpus_path, dataset_path
 from strata.data.tasks import TASKS, UDHR_SAMPLE, build_task, task_path
 from strata.data.tokenizer import (
@@ -37,6 +37,7 @@ __all__ = [
     "DataError",
     "Document",
     "HFTokenizer",
+    "StreamLoader",
     "TokenLoader",
     "Tokenizer",
     "build_task",

@@ -129,3 +129,51 @@ class TokenLoader:
         if not 0 <= position < self.n_windows:
             raise DataError(f"data loader state has position {position} outside 0..{self.n_windows - 1}")
         self.epoch, self.position = int(state["epoch"]), position
+
+
+class StreamLoader:
+    """Consecutive windows for truncated backpropagation through time (``train.carry_state``).
+
+    The stream is cut into ``batch_size`` lanes, one a row; each batch is the next window of
+    ``seq_len + 1`` tokens of every lane (sharing one token with the lane's previous window, as
+    ``TokenLoader``'s windows do), so a carried state flows from a row's window to its next. After
+    the last whole window of the lanes they start again from their beginnings (a new epoch), and
+    ``starts_lanes`` tells the trainer to start the carried state afresh.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int):
+        self.tokens = np.asarray(tokens)
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.lane_length = (len(self.tokens) - 1) // batch_size
+        self.n_windows = self.lane_length // seq_len
+        if self.n_windows < 1:
+            raise DataError(f"training data is {len(self.tokens)} tokens: {batch_size} lanes (train.batch_size) of "
+                            f"{self.lane_length} tokens hold no window of seq_len + 1 = {seq_len + 1}; add text or "
+                            "lower train.seq_len or train.batch_size")
+        self.epoch, self.position = 0, 0
+
+    @property
+    def starts_lanes(self) -> bool:
+        """Whether the next batch is every lane's first window."""
+        return self.position == 0
+
+    def next_batch(self, rank: int = 0, world_size: int = 1) -> Batch:
+        share = self.batch_size // world_size
+        lanes = np.arange(rank * share, (rank + 1) * share)
+        starts = lanes * self.lane_length + self.position * self.seq_len
+        index = starts[:, None] + np.arange(self.seq_len + 1)
+        self.position += 1
+        if self.position == self.n_windows:
+            self.epoch, self.position = self.epoch + 1, 0
+        return Batch(torch.from_numpy(self.tokens[index].astype(np.int64)))
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seq_len": self.seq_len, "n_windows": self.n_windows,
+                "lanes": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, have in (("seq_len", self.seq_len), ("n_windows", self.n_windows), ("lanes", self.batch_size)):
+            if state.get(key) != have:
+                raise DataError(f"data loader state is for {key}={state.get(key)} but this run has {key}={have}; "
+                                "the training data or settings changed since the checkpoint")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

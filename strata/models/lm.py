@@ -9,6 +9,7 @@ from torch import nn
 
 from strata.config import ModelConfig, RopeConfig, StackConfig
 from strata.models.init import whole_parameters
+from strata.models.state import CarriedState
 from strata.nn.attention import Attention
 from strata.nn.hybrid import OUTPUT_PROJECTIONS as HYBRID_OUTPUT_PROJECTIONS, IntraLayerHybrid
 from strata.nn.mamba2 import Mamba2
@@ -131,7 +132,7 @@ class LanguageModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache=None, last_only: bool = False, *,
                 lengths: torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                segment_ids: torch.Tensor | None = None, state=None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, vocab] ([B, 1, vocab] with ``last_only``; [N, vocab] at
         the N True places of a boolean [B, T] ``logits_at``, in row-major order). ``segment_ids``
         [B, T] (int): packed documents; positions of different ids never influence each other.
@@ -139,7 +140,15 @@ class LanguageModel(nn.Module):
         With a ``StackCache`` (``strata.inference``) the tokens are the next steps after those
         the cache holds, and the cache advances past them; ``lengths`` [B] ends rows early: the
         steps of row b from ``lengths[b]`` on are padding the cache forgets.
+
+        With a ``state`` (``self.carried_state()``, ``strata.models.state``) the tokens continue
+        those of the earlier forwards given it, through autograd: ``model(x1, state=s)`` then
+        ``model(x2, state=s)`` computes ``model(x1 ++ x2)``.
         """
+        if state is not None:
+            if cache is not None:
+                raise ValueError("give a generation cache or a carried state, not both")
+            cache = state
         if lengths is not None and cache is None:
             raise ValueError("lengths= ends rows of a cached forward early; there is no cache")
         x = self.embed(tokens)
@@ -149,6 +158,11 @@ class LanguageModel(nn.Module):
         x = self.norm(x[logits_at] if logits_at is not None else x[:, -1:] if last_only else x)
         logits = self.head(x) if self.head is not None else x @ self.embed.weight.t()
         return logits * self.config.logits_multiplier if self.config.logits_multiplier != 1 else logits
+
+    def carried_state(self, max_context: int | None = None) -> CarriedState:
+        """An empty carried state for ``forward(..., state=)``; attention keeps at most
+        ``max_context`` keys of the past (all by default)."""
+        return CarriedState(self.blocks, max_context)
 
     def update_balance_biases(self) -> None:
         """Call after each optimiser step: aux-loss-free load balancing of every MoE layer."""

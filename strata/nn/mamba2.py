@@ -112,6 +112,8 @@ class Mamba2(nn.Module):
             dt = F.softplus(dt.float() + self.dt_bias.float())
             resets = None if segment_ids is None else F.pad(segment_ids[:, 1:] != segment_ids[:, :-1], (1, 0))
             y, _ = ssd_chunked(xs, dt, -torch.exp(self.A_log.float()), B, C, self.chunk_size, self.D, resets=resets)
+        elif getattr(cache, "carried", False):
+            y = self._carry(cache, xbc, dt)
         else:
             y = self._advance(cache, xbc, dt)
         if self.norm is None:
@@ -128,6 +130,21 @@ class Mamba2(nn.Module):
             "conv_weight": self.conv1d.weight[:, 0],  # [C, K]
             "conv_weight_by_tap": self.conv1d.weight[:, 0].t().contiguous(),  # [K, C]
         }
+
+    def _carry(self, state, xbc: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+        """Conv and scan of the new steps continued from a carried state (``strata.models.state``),
+        through autograd: the state's new tensors replace its old ones, nothing in place."""
+        kernel = self.conv1d.weight.shape[-1]
+        if state.conv is None:  # a fresh stream: zeros, as the conv's own left padding
+            state.conv = xbc.new_zeros(xbc.shape[0], kernel - 1, xbc.shape[2])
+        window = torch.cat([state.conv, xbc], dim=1)
+        conv = causal_conv1d(window, self.conv1d.weight[:, 0], self.conv1d.bias)[:, kernel - 1 :]
+        state.conv = window[:, window.shape[1] - (kernel - 1) :]
+        xs, B, C = self.split_conv_output(F.silu(conv))
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        y, state.ssm = ssd_chunked(xs, dt, -torch.exp(self.A_log.float()), B, C, self.chunk_size, self.D,
+                                   initial_state=state.ssm)
+        return y
 
     def _advance(self, cache, xbc: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
         """Conv and scan of the new steps continued from ``cache``, which is updated in place."""

@@ -51,6 +51,10 @@ class Checkpoint:
     optimizer: dict | None
     rng: dict | None
     sharded: Path | None = None
+    carried: dict[str, torch.Tensor] | None = None  # a carried training state (train.carry_state)
+
+
+CARRIED = "carried.safetensors"
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -73,10 +77,15 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict,
     keep_last: int,
+    carried: dict[str, torch.Tensor] | None = None,
 ) -> Path:
+    """``carried``: the tensors of a carried training state, saved beside the weights."""
     temporary = start_checkpoint(run_dir, step)
     with _writing(temporary, step, "optimizer.pt") as path:
         _torch_save(optimizer.state_dict(), path)
+    if carried is not None:
+        with _writing(temporary, step, CARRIED) as path:
+            save_file({name: tensor.contiguous().cpu() for name, tensor in carried.items()}, str(path))
     return finish_checkpoint(temporary, step, model.state_dict(), state, keep_last)
 
 
@@ -130,13 +139,15 @@ def load_checkpoint(path: Path, with_training_state: bool = True) -> Checkpoint:
     try:
         state = json.loads(reading.read_text())
         step = int(state["step"])
-        model = optimizer = rng = None
+        model = optimizer = rng = carried = None
         if not (with_training_state and sharded):
             reading = path / "model.safetensors"
             model = load_file(str(reading))
         if with_training_state:
             reading = path / "rng.pt"
             rng = torch.load(reading, map_location="cpu", weights_only=True)
+            reading = path / CARRIED
+            carried = load_file(str(reading)) if reading.exists() else None
             if sharded is None:
                 reading = path / "optimizer.pt"
                 optimizer = torch.load(reading, map_location="cpu", weights_only=True)
@@ -149,7 +160,8 @@ def load_checkpoint(path: Path, with_training_state: bool = True) -> Checkpoint:
             KeyError, TypeError) as error:
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else "no detail"
         raise CheckpointError(f"{reading}: unreadable ({type(error).__name__}: {reason})") from None
-    return Checkpoint(path, step, state, model, optimizer, rng, sharded if with_training_state else None)
+    return Checkpoint(path, step, state, model, optimizer, rng, sharded if with_training_state else None,
+                      carried if with_training_state else None)
 
 
 def latest_checkpoint(run_dir: Path, with_training_state: bool = True) -> Checkpoint | None:

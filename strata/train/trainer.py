@@ -29,6 +29,7 @@ from strata.config import Config, config_to_dict
 from strata.cost import training_flops
 from strata.data import (
     Document,
+    StreamLoader,
     TokenLoader,
     build_tokenizer,
     check_vocab_size,
@@ -154,7 +155,13 @@ class Trainer:
 
         stream = pack(self.train_documents, self.tokenizer)
         levels = model_levels(config.model, stream)
-        self.loader = TokenLoader(stream, self.seq_len, train.batch_size, train.seed, levels)
+        if train.carry_state:
+            if self.world.distributed:
+                raise TrainingError("train.carry_state: carrying a state between windows runs in one process for now")
+            self.loader = StreamLoader(stream, self.seq_len, train.batch_size)
+        else:
+            self.loader = TokenLoader(stream, self.seq_len, train.batch_size, train.seed, levels)
+        self.carried = None  # the carried state of train.carry_state, from one window to the next
         self.tokens_per_step = train.batch_size * self.seq_len * train.grad_accum
         flops_per_token, self.flops_per_token = training_flops(config.model, self.seq_len, levels)
         self.total_steps = plan_steps(config, self.tokens_per_step, flops_per_token)
@@ -213,6 +220,9 @@ class Trainer:
         restore_rng(checkpoint.rng)
         state = checkpoint.state
         self.loader.load_state_dict(state["loader"])
+        if checkpoint.carried is not None:
+            self.carried = self.model.carried_state(self.config.train.carry_context or self.seq_len)
+            self.carried.load_state_dict(checkpoint.carried, self.device)
         self.step, self.tokens = checkpoint.step, state["tokens"]
         self.optimizer_step.bad_in_a_row, self.elapsed = state["bad_in_a_row"], state["elapsed"]
 
@@ -264,16 +274,26 @@ class Trainer:
 
     def _train_step(self) -> dict:
         def next_micro_batch():
+            starts_lanes = getattr(self.loader, "starts_lanes", False)
             batch = self.loader.next_batch(self.world.rank, self.world.size).to(self.device)
             inputs = batch.inputs()
             if self.config.data.document_masking:
                 inputs["segment_ids"] = document_ids(inputs["tokens"], self.tokenizer.bos_id)
+            if self.config.train.carry_state:
+                inputs["state"] = self._carried_state(starts_lanes)
             return inputs, batch.targets
 
         outcome = self.optimizer_step(next_micro_batch, self.step)
         self.step += 1
         self.tokens += self.tokens_per_step
         return {"step": self.step, **outcome.record(), "tokens": self.tokens}
+
+    def _carried_state(self, fresh: bool):
+        """The state the next window continues from: the previous window's, detached (truncated
+        backpropagation), or a new one where the lanes start again."""
+        if fresh or self.carried is None:
+            self.carried = self.model.carried_state(self.config.train.carry_context or self.seq_len)
+        return self.carried.detach()
 
     def _validate(self, documents: list[Document]) -> dict:
         result = bits_per_byte(self.model, self.tokenizer, documents, self.seq_len, self.config.train.batch_size, self.device)
@@ -296,7 +316,8 @@ class Trainer:
         if self.world.distributed:
             save_sharded(self.run_dir, self.step, self.model, self.optimizer, state, keep_last, self.world)
         else:
-            save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, keep_last)
+            carried = self.carried.state_dict() if self.carried is not None else None
+            save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, keep_last, carried)
 
     def _sample(self, max_new: int = 200) -> str:
         first_line = self.valid_documents[0].text.split(b"\n", 1)[0][:48] or b"\n"
