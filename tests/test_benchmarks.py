@@ -17,6 +17,8 @@ TINY_RUNS = {
     "aunet": ["--batch", "1", "--seq", "64", "--context", "64", "--new", "4", "--repeats", "1"],
     "multiple_choice": ["--items", "5", "--repeats", "1"],
     "train_step": ["--batch", "1", "--seq", "32", "--repeats", "1"],
+    "hf_models": ["--families", "bamba", "falconh1", "llama", "mamba2", "granite", "nemotronh", "--d-model", "32",
+                  "--layers", "2", "--batch", "1", "--seq", "16", "--contexts", "32", "--new", "4", "--repeats", "1"],
 }
 # The measured figures of a row (a row holds one of the groups); the rest echoes the settings.
 MEASURED = {
@@ -24,6 +26,8 @@ MEASURED = {
     "aunet": [("training_ratio", "decoding_ratio")],
     "multiple_choice": [("cached_s", "full_s", "speedup")],
     "train_step": [("strata_s", "hf_s", "speedup"), ("tokens_per_s", "flops_per_s", "mfu")],
+    "hf_models": [("strata_s", "hf_s", "speedup"),
+                  ("strata_tokens_per_s", "hf_tokens_per_s", "speedup", "strata_prefill_tokens_per_s", "hf_prefill_tokens_per_s")],
 }
 
 
@@ -58,6 +62,19 @@ def test_benchmark_writes_real_measurements(tmp_path, name):
         assert all(x > 0 for key in group for x in numbers(row[key])), row
     if name == "decode":
         assert {row["model"] for row in rows} >= {"transformer", "mamba2", "inter", "intra", "HF Llama", "HF Mamba2"}
+    if name == "hf_models":
+        assert [row["family"] for row in rows if row["what"] == "train"] == TINY_RUNS[name][1:7]
+        assert [row["family"] for row in rows if row["what"] == "decode"] == ["bamba", "falconh1"]
+
+
+def test_the_document_masking_benchmark_times_every_family_both_ways(tmp_path):
+    rows_file = tmp_path / "rows.jsonl"
+    run_benchmark("train_step", "--document-masking", "--batch", "1", "--seq", "32", "--repeats", "1",
+                  "--json", str(rows_file))
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert {row["case"] for row in rows} >= {"document masking transformer", "document masking mamba2",
+                                             "document masking inter", "document masking swa"}
+    assert all(row["plain_s"] > 0 and row["masked_s"] > 0 and math.isfinite(row["overhead"]) for row in rows)
 
 
 def test_mqar_benchmark_writes_its_report(tmp_path):
