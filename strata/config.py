@@ -633,8 +633,6 @@ class Config(Strict):
     def _bytes_for_aunet(self):
         if isinstance(self.model, AUNetConfig) and self.data.tokenizer != "bytes":
             raise _KeyedError("data.tokenizer", "AU-Net reads bytes and pools them itself; set data.tokenizer: bytes")
-        if isinstance(self.model, AUNetConfig) and self.data.document_masking:
-            raise _KeyedError("data.document_masking", "AU-Net does not take segment ids yet; train it on packed rows")
         if isinstance(self.model, AUNetConfig) and self.train.carry_state:
             raise _KeyedError("train.carry_state", "AU-Net cannot carry a state between windows yet")
         if self.train.carry_state and self.data.document_masking:

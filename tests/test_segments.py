@@ -129,16 +129,21 @@ def test_document_ids_start_at_each_bos():
     assert document_ids(tokens, bos_id=1).tolist() == [[0, 0, 1, 1, 1, 2, 2], [1, 1, 1, 1, 2, 2, 2]]
 
 
-def test_training_with_document_masking_runs_and_the_aunet_refuses_it(tmp_path):
+def test_training_with_document_masking_runs(tmp_path):
     from cli_runner import strata as run_strata
+
+    for family in ("inter", "aunet2"):
+        run_strata("train", TINY / f"{family}.yaml", "--data", "shakespeare", "--steps", 2, "--out", tmp_path / family,
+                   "--quiet", "model.context_length=64", "train.batch_size=2", "train.eval_bytes=2048",
+                   "data.valid_fraction=0.01", "data.document_masking=true")
+        assert (tmp_path / family / "checkpoints").is_dir()
+
+
+def test_an_aunet_cannot_carry_a_state_yet():
     from strata.config import ConfigError
 
-    run_strata("train", TINY / "inter.yaml", "--data", "shakespeare", "--steps", 2, "--out", tmp_path / "run", "--quiet",
-               "model.context_length=64", "train.batch_size=2", "train.eval_bytes=2048", "data.valid_fraction=0.01",
-               "data.document_masking=true")
-    assert (tmp_path / "run" / "checkpoints").is_dir()
-    with pytest.raises(ConfigError, match="data.document_masking"):
-        strata.load_config(TINY / "aunet2.yaml", overrides=["data.document_masking=true"])
+    with pytest.raises(ConfigError, match="train.carry_state"):
+        strata.load_config(TINY / "aunet2.yaml", overrides=["train.carry_state=true"])
 
 
 # --- carried state ---------------------------------------------------------------------------------
@@ -226,3 +231,34 @@ def test_the_stream_loader_gives_each_row_consecutive_windows():
     for _ in range(3):
         loader.next_batch()
     assert loader.starts_lanes and loader.epoch == 1
+
+
+@pytest.mark.parametrize("family", ["aunet2", "aunet3"])
+def test_packed_documents_equal_the_documents_alone_in_an_aunet(family):
+    """Three texts, each BOS + bytes with the levels the split rule gives it alone: packed with
+    segment_ids they give the logits and gradients of the three run alone (every document's first
+    byte is a split at every stage, so nothing pooled or upsampled crosses a seam)."""
+    from strata.data import ByteTokenizer
+
+    config = strata.load_config(TINY / f"{family}.yaml", overrides=["model.init_std=0.1"]).model
+    torch.manual_seed(0)
+    model = strata.build_model(config)
+    tokenizer = ByteTokenizer()
+    texts = [b"To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer",
+             b"Now is the winter of our discontent",
+             b"Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him."]
+    docs = [torch.tensor([[tokenizer.bos_id, *tokenizer.encode(text).tolist()]]) for text in texts]
+    levels = [model.split_levels(doc) for doc in docs]
+    lengths = [doc.shape[1] for doc in docs]
+    probe = torch.randn(1, sum(lengths), config.vocab_size, generator=torch.Generator().manual_seed(2))
+    parameters = list(model.parameters())
+
+    packed = model(torch.cat(docs, 1), levels=torch.cat(levels, 1), segment_ids=segment_ids(lengths))
+    packed_grads = torch.autograd.grad((packed * probe).sum(), parameters, allow_unused=True)
+    alone = [model(doc, levels=level) for doc, level in zip(docs, levels)]
+    alone_grads = torch.autograd.grad(sum((logits * p).sum() for logits, p in zip(alone, probe.split(lengths, 1))),
+                                      parameters, allow_unused=True)
+    torch.testing.assert_close(packed, torch.cat(alone, 1), atol=1e-5, rtol=1e-5)
+    for (name, _), ours, reference in zip(model.named_parameters(), packed_grads, alone_grads):
+        if reference is not None:
+            assert_close_to_scale(ours, reference, name)

@@ -200,32 +200,48 @@ class AUNet(nn.Module):
         return len(self.trunk) + 2 * sum(len(encoder) for encoder in self.encoders)
 
     def forward(self, tokens: torch.Tensor, cache=None, last_only: bool = False, *, levels: torch.Tensor | None = None,
-                lengths: torch.Tensor | None = None, logits_at: torch.Tensor | None = None):
+                lengths: torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None):
         """tokens [B, T] -> logits [B, T, vocab] ([B, 1, vocab] with ``last_only``; [N, vocab] at
         the N True places of a boolean [B, T] ``logits_at``). ``levels`` [B, T]: the split levels
         of the tokens, by default ``split_levels(tokens)``. With a cache (``strata.inference``)
         the tokens are the steps after those it holds, and it finds their levels as they come.
         ``lengths`` (ending rows early, see ``LanguageModel.forward``) is refused: the byte
-        stage's sliding windows cannot skip holes."""
+        stage's sliding windows cannot skip holes. ``segment_ids`` [B, T]: packed documents; each
+        document's first byte is a split at every stage, so no pooled vector and no upsampled
+        segment spans two documents, and every stage keeps its documents apart."""
         if lengths is not None:
             raise ValueError("an AU-Net cache cannot hold trailing padding (lengths=): its byte stage uses sliding windows")
         if cache is not None and levels is not None:
             raise ValueError("a cached AU-Net forward finds the levels of its steps itself; do not pass levels=")
         if levels is not None and levels.shape != tokens.shape:
             raise ValueError(f"levels {tuple(levels.shape)} must have the shape of tokens {tuple(tokens.shape)}")
+        if segment_ids is not None:
+            self._check_segments(cache)
         rows = None if cache is None else cache.feed(tokens)  # before the byte stage advances: it knows their padding
-        x = run_stack(self.encoders[0], self.embed(tokens), None if cache is None else cache.byte_encoder)
+        x = run_stack(self.encoders[0], self.embed(tokens), None if cache is None else cache.byte_encoder,
+                      segment_ids=segment_ids)
         if cache is None:
             levels = self.split_levels(tokens) if levels is None else levels.to(device=x.device, dtype=torch.long)
-            up = self.descend(1, x, levels)
+            if segment_ids is not None:  # every document opens a segment at every stage
+                starts = F.pad(segment_ids[:, 1:] != segment_ids[:, :-1], (1, 0))
+                levels = torch.where(starts.to(levels.device), self.n_stages - 1, levels)
+            up = self.descend(1, x, levels, segment_ids=segment_ids)
         else:  # row by row: rows reach different depths
             up = torch.zeros_like(x)
             for row, begin, row_levels, stages in rows:
                 up[row, begin:] = self.descend(1, x[row : row + 1, begin:], row_levels, stages)[0]
-        y = run_stack(self.decoders[0], x + up, None if cache is None else cache.byte_decoder)
+        y = run_stack(self.decoders[0], x + up, None if cache is None else cache.byte_decoder, segment_ids=segment_ids)
         return self.logits(y[logits_at] if logits_at is not None else y[:, -1:] if last_only else y)
 
-    def descend(self, depth: int, hidden: torch.Tensor, levels: torch.Tensor, stages=None) -> torch.Tensor:
+    def _check_segments(self, cache) -> None:
+        if cache is not None:
+            raise ValueError("segment_ids apply to a whole-sequence forward, not to a cached one")
+        if any(stage.max_length is not None for stage in self.config.stages):
+            raise ValueError("segment_ids with a stage's max_length: a split dropped past it would join two documents")
+
+    def descend(self, depth: int, hidden: torch.Tensor, levels: torch.Tensor, stages=None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The walk below stage ``depth - 1``, whose output ``hidden`` [B, T, d] sits at positions
         with ``levels`` [B, T] (-1 on padding): pool the splits of stage ``depth``, run its encoder,
         the walk below it and its decoder (or the trunk), and return what it sends back up to every
@@ -234,7 +250,8 @@ class AUNet(nn.Module):
         ``stages`` (decoding, one row): ``stages[k - 1]`` is the row's ``StageCache`` of
         ``config.stages[k]`` (``strata.inference.aunet_cache``), whose block caches advance and
         whose ``carried`` segment, left open by the last call, the positions before the first split
-        go on in. A static ``max_length`` applies to the full forward only."""
+        go on in. A static ``max_length`` applies to the full forward only. ``segment_ids``
+        [B, T]: the documents of the positions (their first positions are splits)."""
         stage = None if stages is None else stages[depth - 1]
         carried = None if stage is None else stage.carried
         if carried is None:  # a sequence's first position opens a segment at every stage
@@ -245,12 +262,15 @@ class AUNet(nn.Module):
         coarse = None if carried is None else carried[0]
         if path.width:
             x = self.pools[depth - 1](path.select(hidden))
+            # Padding positions (past a row's splits) read position 0's document: they come after
+            # every real position, so causality keeps them from reaching any.
+            ids = None if segment_ids is None else path.select(segment_ids)
             if depth == self.n_stages - 1:
-                y = run_stack(self.trunk, x, None if stage is None else stage.trunk)
+                y = run_stack(self.trunk, x, None if stage is None else stage.trunk, segment_ids=ids)
             else:
-                x = run_stack(self.encoders[depth], x, None if stage is None else stage.encoder)
-                deeper = self.descend(depth + 1, x, torch.where(path.real, path.select(levels), -1), stages)
-                y = run_stack(self.decoders[depth], x + deeper, None if stage is None else stage.decoder)
+                x = run_stack(self.encoders[depth], x, None if stage is None else stage.encoder, segment_ids=ids)
+                deeper = self.descend(depth + 1, x, torch.where(path.real, path.select(levels), -1), stages, ids)
+                y = run_stack(self.decoders[depth], x + deeper, None if stage is None else stage.decoder, segment_ids=ids)
             coarse = y if coarse is None else torch.cat([coarse, y], 1)
         if stage is not None:
             stage.carried = (coarse[:, -1:], path.offset[:, -1])
