@@ -41,6 +41,7 @@ from strata.config import AUNetConfig
 from strata.data.levels import splitter_for, stream_levels
 from strata.models.init import whole_parameters
 from strata.models.lm import build_stack, run_stack, scaled_init
+from strata.models.state import AUNetCarriedState
 from strata.nn.mlp import update_balance_biases
 from strata.nn.norms import RMSNorm, rms_norm
 
@@ -201,7 +202,7 @@ class AUNet(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache=None, last_only: bool = False, *, levels: torch.Tensor | None = None,
                 lengths: torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None):
+                segment_ids: torch.Tensor | None = None, state=None):
         """tokens [B, T] -> logits [B, T, vocab] ([B, 1, vocab] with ``last_only``; [N, vocab] at
         the N True places of a boolean [B, T] ``logits_at``). ``levels`` [B, T]: the split levels
         of the tokens, by default ``split_levels(tokens)``. With a cache (``strata.inference``)
@@ -209,7 +210,13 @@ class AUNet(nn.Module):
         ``lengths`` (ending rows early, see ``LanguageModel.forward``) is refused: the byte
         stage's sliding windows cannot skip holes. ``segment_ids`` [B, T]: packed documents; each
         document's first byte is a split at every stage, so no pooled vector and no upsampled
-        segment spans two documents, and every stage keeps its documents apart."""
+        segment spans two documents, and every stage keeps its documents apart. With a ``state``
+        (``self.carried_state()``) the tokens continue those of the earlier forwards given it,
+        through autograd, as ``LanguageModel.forward`` describes."""
+        if state is not None:
+            if cache is not None:
+                raise ValueError("give a generation cache or a carried state, not both")
+            cache = state
         if lengths is not None:
             raise ValueError("an AU-Net cache cannot hold trailing padding (lengths=): its byte stage uses sliding windows")
         if cache is not None and levels is not None:
@@ -275,6 +282,10 @@ class AUNet(nn.Module):
         if stage is not None:
             stage.carried = (coarse[:, -1:], path.offset[:, -1])
         return self.ups[depth - 1](coarse, path.segment.to(hidden.device), path.offset.to(hidden.device))
+
+    def carried_state(self, max_context: int | None = None) -> AUNetCarriedState:
+        """An empty carried state for ``forward(..., state=)`` (``strata.models.state``)."""
+        return AUNetCarriedState(self, max_context)
 
     def split_levels(self, tokens: torch.Tensor) -> torch.Tensor:
         """The split level of every id of ``tokens`` [B, T], each row read as the start of a stream

@@ -7,6 +7,10 @@ conv window and the SSM state; the intra-layer hybrid: both branches'). Nothing 
 place, so a backward pass through the second call reaches the first. ``detach()`` cuts the graph
 (truncated backpropagation through time keeps the values and drops the history).
 
+An AU-Net's (``AUNetCarriedState``) speaks the protocol of its decoding cache
+(``strata.inference.aunet_cache``) with carried states for its stacks: per row, the split rule's
+incremental state and, per deeper stage, its stacks' states and the segment its last output opened.
+
 It speaks the cache protocol the mixers already follow (``strata.inference.cache``): attention
 asks ``sequence.rope`` for its positions and ``update(k, v)`` for the keys, values and mask to
 attend over; Mamba-2 sees ``carried`` and continues its conv and scan from the held tensors.
@@ -16,8 +20,12 @@ and its window in any case): the carried KV of truncated backpropagation.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+from strata.data.levels import TokenLevels
 
 from strata.nn.attention import Attention
 from strata.nn.hybrid import IntraLayerHybrid
@@ -176,3 +184,67 @@ class CarriedState:
             for name in part.TENSORS:
                 value = tensors.get(prefix + name)
                 setattr(part, name, None if value is None else value.to(device))
+
+
+@dataclass
+class CarriedStage:
+    """One row's stage below an AU-Net's byte stage: its stacks' carried states (``encoder`` and
+    ``decoder``, or ``trunk``) and ``carried``, the segment its latest output opened (that output
+    and the finer stage's offset in it; None before its first split)."""
+
+    encoder: CarriedState | None = None
+    decoder: CarriedState | None = None
+    trunk: CarriedState | None = None
+    carried: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def detach(self) -> None:
+        for stack in (self.encoder, self.decoder, self.trunk):
+            if stack is not None:
+                stack.detach()
+        if self.carried is not None:
+            self.carried = (self.carried[0].detach(), self.carried[1])
+
+
+class AUNetCarriedState:
+    """An AU-Net's carried state (see the module docstring); rows are set up by the first forward."""
+
+    holds_trailing_padding = False
+
+    def __init__(self, model: nn.Module, max_context: int | None = None):
+        self.model, self.max_context = model, max_context
+        self.byte_encoder = CarriedState(model.encoders[0], max_context)
+        self.byte_decoder = CarriedState(model.decoders[0], max_context)
+        self.levels: list[TokenLevels] = []
+        self.deep: list[list[CarriedStage]] = []
+
+    @property
+    def sequence(self) -> CarriedPositions:
+        return self.byte_encoder.sequence
+
+    @property
+    def length(self) -> int:
+        return self.byte_encoder.length
+
+    def _stage(self, depth: int) -> CarriedStage:
+        model, limit = self.model, self.max_context
+        if depth == model.n_stages - 1:
+            return CarriedStage(trunk=CarriedState(model.trunk, limit))
+        return CarriedStage(encoder=CarriedState(model.encoders[depth], limit),
+                            decoder=CarriedState(model.decoders[depth], limit))
+
+    def feed(self, tokens: torch.Tensor):
+        """(row, 0, split levels [1, T] on the CPU, the row's deeper stages) for every row of
+        ``tokens`` [B, T], the steps after those already seen (``AUNetCache.feed``'s protocol)."""
+        if not self.levels:
+            self.levels = [TokenLevels(self.model.splitter) for _ in range(tokens.shape[0])]
+            self.deep = [[self._stage(depth) for depth in range(1, self.model.n_stages)] for _ in range(tokens.shape[0])]
+        return [(row, 0, torch.from_numpy(self.levels[row].feed(tokens[row].tolist())[None]), self.deep[row])
+                for row in range(tokens.shape[0])]
+
+    def detach(self) -> AUNetCarriedState:
+        self.byte_encoder.detach()
+        self.byte_decoder.detach()
+        for row in self.deep:
+            for stage in row:
+                stage.detach()
+        return self
