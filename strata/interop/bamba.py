@@ -11,6 +11,7 @@ from strata.config import ModelConfig
 from strata.interop.family import (
     Family,
     attention_to_hf,
+    attention_section,
     attention_to_strata,
     head_dim_of,
     model_section,
@@ -53,13 +54,7 @@ def config_to_strata(hf) -> dict:
     fraction = (hf.rope_parameters or {}).get("partial_rotary_factor", BAMBA_ROPE_FRACTION)
     return {
         **model_section(hf, "".join("A" if i in attention_layers else "M" for i in range(hf.num_hidden_layers))),
-        "attention": {
-            "n_heads": hf.num_attention_heads,
-            "n_kv_heads": hf.num_key_value_heads,
-            "head_dim": head_dim,
-            "bias": bool(hf.attention_bias),
-            "rope": rope_section(hf, head_dim, fraction),
-        },
+        "attention": attention_section(hf, rope_section(hf, head_dim, fraction)),
         "mamba": mamba_section(hf, hf.mamba_expand * hf.hidden_size),
         "ffn": {"kind": "swiglu", "d_ffn": hf.intermediate_size, "bias": bool(hf.mlp_bias)},
     }

@@ -25,6 +25,7 @@ from strata.interop.bamba import mamba_section
 from strata.interop.family import (
     Family,
     attention_to_hf,
+    attention_section,
     attention_to_strata,
     head_dim_of,
     model_section,
@@ -81,14 +82,8 @@ def config_to_strata(hf) -> dict:
         "embedding_multiplier": _multiplier(hf, "embedding_multiplier"),
         "logits_multiplier": _multiplier(hf, "lm_head_multiplier"),
         "hybrid": {
-            "attention": {
-                "n_heads": hf.num_attention_heads,
-                "n_kv_heads": hf.num_key_value_heads,
-                "head_dim": head_dim,
-                "v_head_dim": head_dim,
-                "rope": rope_section(hf, head_dim),
-                "softmax_scale": softmax_scale,
-            },
+            "attention": attention_section(hf, rope_section(hf, head_dim), bias=False, v_head_dim=head_dim,
+                                           softmax_scale=softmax_scale),
             "mamba": mamba,
             "branches": "attn_ssm",
             "norm": "none",

@@ -76,6 +76,14 @@ def model_section(hf, layout: str, norm_eps: float | None = None, tie: bool | No
     }
 
 
+def attention_section(hf, rope: dict | None, **settings) -> dict:
+    """strata's ``attention`` section from the keys every family names alike (``settings`` adds or
+    overrides keys: a softmax scale, value width, bias)."""
+    section = {"n_heads": hf.num_attention_heads, "n_kv_heads": hf.num_key_value_heads, "head_dim": head_dim_of(hf),
+               "bias": bool(getattr(hf, "attention_bias", False)), "rope": rope}
+    return section | settings
+
+
 def rope_section(hf, head_dim: int, fraction: float = 1.0) -> dict:
     """strata's ``rope`` section from transformers 5's ``rope_parameters`` (default or llama3)."""
     params = dict(getattr(hf, "rope_parameters", None) or {})

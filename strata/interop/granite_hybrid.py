@@ -32,6 +32,7 @@ from strata.interop.bamba import mamba_section
 from strata.interop.family import (
     Family,
     attention_to_hf,
+    attention_section,
     attention_to_strata,
     default_softmax_scale,
     head_dim_of,
@@ -99,14 +100,7 @@ def config_to_strata(hf) -> dict:
     }
     if "A" in layout:
         head_dim = head_dim_of(hf)
-        section["attention"] = {
-            "n_heads": hf.num_attention_heads,
-            "n_kv_heads": hf.num_key_value_heads,
-            "head_dim": head_dim,
-            "bias": bool(hf.attention_bias),
-            "rope": _rope(hf, head_dim),
-            "softmax_scale": float(hf.attention_multiplier),
-        }
+        section["attention"] = attention_section(hf, _rope(hf, head_dim), softmax_scale=float(hf.attention_multiplier))
     if "M" in layout:
         section["mamba"] = mamba_section(hf, hf.mamba_expand * hf.hidden_size)
     return section

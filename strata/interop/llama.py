@@ -10,6 +10,7 @@ from strata.config import ModelConfig
 from strata.interop.family import (
     Family,
     attention_to_hf,
+    attention_section,
     attention_to_strata,
     head_dim_of,
     model_section,
@@ -29,13 +30,7 @@ def config_to_strata(hf) -> dict:
     head_dim = head_dim_of(hf)
     return {
         **model_section(hf, "A" * hf.num_hidden_layers),
-        "attention": {
-            "n_heads": hf.num_attention_heads,
-            "n_kv_heads": hf.num_key_value_heads,
-            "head_dim": head_dim,
-            "bias": bool(hf.attention_bias),
-            "rope": rope_section(hf, head_dim),
-        },
+        "attention": attention_section(hf, rope_section(hf, head_dim)),
         "ffn": {"kind": "swiglu", "d_ffn": hf.intermediate_size, "bias": bool(hf.mlp_bias)},
     }
 

@@ -26,8 +26,8 @@ from strata.config import ModelConfig
 from strata.interop.family import (
     Family,
     attention_to_hf,
+    attention_section,
     attention_to_strata,
-    head_dim_of,
     model_section,
     inverted,
     mamba_pairs,
@@ -79,13 +79,7 @@ def config_to_strata(hf) -> dict:
         "ffn": {"kind": "none"},
     }
     if "A" in layout:
-        section["attention"] = {
-            "n_heads": hf.num_attention_heads,
-            "n_kv_heads": hf.num_key_value_heads,
-            "head_dim": head_dim_of(hf),
-            "bias": bool(hf.attention_bias),
-            "rope": None,
-        }
+        section["attention"] = attention_section(hf, None)
     if "M" in layout:
         limit = tuple(hf.time_step_limit) if hf.time_step_limit is not None else NO_STEP_LIMIT
         require(limit == NO_STEP_LIMIT, "time_step_limit",
