@@ -633,9 +633,6 @@ class Config(Strict):
     def _bytes_for_aunet(self):
         if isinstance(self.model, AUNetConfig) and self.data.tokenizer != "bytes":
             raise _KeyedError("data.tokenizer", "AU-Net reads bytes and pools them itself; set data.tokenizer: bytes")
-        if isinstance(self.model, AUNetConfig) and self.train.carry_state:
-            raise _KeyedError("train.carry_state", "does not train an AU-Net yet: its split rule's state would "
-                                                   "have to be checkpointed for an exact resume")
         if self.train.carry_state and self.data.document_masking:
             raise _KeyedError("train.carry_state", "a carried state flows across documents; it cannot be combined "
                                                    "with data.document_masking yet")

@@ -139,13 +139,6 @@ def test_training_with_document_masking_runs(tmp_path):
         assert (tmp_path / family / "checkpoints").is_dir()
 
 
-def test_an_aunet_cannot_carry_a_state_yet():
-    from strata.config import ConfigError
-
-    with pytest.raises(ConfigError, match="train.carry_state"):
-        strata.load_config(TINY / "aunet2.yaml", overrides=["train.carry_state=true"])
-
-
 # --- carried state ---------------------------------------------------------------------------------
 
 
@@ -208,13 +201,15 @@ def test_max_context_bounds_the_keys_attention_carries():
 # --- truncated backpropagation through time --------------------------------------------------------
 
 
-def test_a_carried_state_run_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("family", ["inter", "aunet2"])
+def test_a_carried_state_run_resumes_exactly(tmp_path, family):
     """train.carry_state: a run killed after its step-6 checkpoint (here: stopped there) and resumed
-    gives the straight run's losses bit for bit: the carried state is part of the checkpoint."""
+    gives the straight run's losses bit for bit: the carried state (for an AU-Net also the split
+    rule's, replayed) is part of the checkpoint."""
     from cli_runner import strata as run_strata
     from test_train import losses
 
-    common = [TINY / "inter.yaml", "--data", "shakespeare", "--quiet", "model.context_length=32",
+    common = [TINY / f"{family}.yaml", "--data", "shakespeare", "--quiet", "model.context_length=32",
               "train.batch_size=2", "train.eval_bytes=2048", "data.valid_fraction=0.01", "train.schedule=constant",
               "train.eval_every=1000", "train.carry_state=true", "train.carry_context=16"]
     run_strata("train", *common, "--steps", 12, "--out", tmp_path / "straight")

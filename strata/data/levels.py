@@ -59,6 +59,8 @@ class TokenLevels:
     def __init__(self, splitter: Splitter):
         self.splitter = splitter
         self.stream: LevelStream = splitter.stream()
+        # The bytes fed since the stream last started: feeding them to a new one restores its state.
+        self.since_start: list[int] = []
 
     def feed(self, ids) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -67,8 +69,9 @@ class TokenLevels:
         for special in [*np.flatnonzero(ids >= BYTE_IDS), len(ids)]:
             if special > start:
                 levels[start:special] = self.stream.feed(ids[start:special].astype(np.uint8).tobytes())
+                self.since_start.extend(ids[start:special].tolist())
             if special < len(ids):
                 levels[special] = self.splitter.stages - 1 if ids[special] == ByteTokenizer.bos_id else 0
-                self.stream = self.splitter.stream()
+                self.stream, self.since_start = self.splitter.stream(), []
             start = special + 1
         return levels

@@ -248,3 +248,40 @@ class AUNetCarriedState:
             for stage in row:
                 stage.detach()
         return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every held tensor, and per row the bytes the split rule has read since its stream last
+        started (replayed on load, they give the rule its state back)."""
+        out = {f"byte_encoder.{k}": v for k, v in self.byte_encoder.state_dict().items()}
+        out |= {f"byte_decoder.{k}": v for k, v in self.byte_decoder.state_dict().items()}
+        for row, (levels, stages) in enumerate(zip(self.levels, self.deep)):
+            out[f"levels.{row}"] = torch.tensor(levels.since_start, dtype=torch.long)
+            for depth, stage in enumerate(stages):
+                prefix = f"deep.{row}.{depth}."
+                for name in ("encoder", "decoder", "trunk"):
+                    stack = getattr(stage, name)
+                    if stack is not None:
+                        out |= {f"{prefix}{name}.{k}": v for k, v in stack.state_dict().items()}
+                if stage.carried is not None:
+                    out[prefix + "carried.vector"], out[prefix + "carried.offset"] = (t.detach() for t in stage.carried)
+        return out
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], device=None) -> None:
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+        self.byte_encoder.load_state_dict(part("byte_encoder."), device)
+        self.byte_decoder.load_state_dict(part("byte_decoder."), device)
+        rows = sum(1 for key in tensors if key.startswith("levels."))
+        self.levels = [TokenLevels(self.model.splitter) for _ in range(rows)]
+        self.deep = [[self._stage(depth) for depth in range(1, self.model.n_stages)] for _ in range(rows)]
+        for row, (levels, stages) in enumerate(zip(self.levels, self.deep)):
+            levels.feed(tensors[f"levels.{row}"].tolist())
+            for depth, stage in enumerate(stages):
+                prefix = f"deep.{row}.{depth}."
+                for name in ("encoder", "decoder", "trunk"):
+                    stack = getattr(stage, name)
+                    if stack is not None:
+                        stack.load_state_dict(part(f"{prefix}{name}."), device)
+                if prefix + "carried.vector" in tensors:
+                    stage.carried = (tensors[prefix + "carried.vector"].to(device), tensors[prefix + "carried.offset"])
