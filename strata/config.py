@@ -69,9 +69,11 @@ class RopeConfig(Strict):
 class AttentionConfig(Strict):
     """GQA causal self-attention. ``head_dim`` defaults to ``d_model / n_heads``, ``v_head_dim`` to ``head_dim``.
 
-    ``rope: null`` gives no positional encoding at all (NoPE, as Nemotron-H's attention);
-    ``softmax_scale`` replaces 1/sqrt(head_dim) (Granite's ``attention_multiplier``; Falcon-H1's
-    ``key_multiplier`` times 1/sqrt(head_dim)); ``bias`` gives Q, K, V and the output projection biases.
+    ``rope: null`` (or ``none``) gives no positional encoding at all (NoPE, as Nemotron-H's
+    attention); ``softmax_scale`` replaces 1/sqrt(head_dim) (Granite's ``attention_multiplier``;
+    Falcon-H1's ``key_multiplier`` times 1/sqrt(head_dim)); ``bias`` gives Q, K, V and the output
+    projection biases; ``output_gate`` multiplies every head's output, channel by channel, by a
+    sigmoid gate projected from the block's input (Qwen3-Next's gated attention).
     """
 
     n_heads: int = Field(gt=0)
@@ -81,6 +83,12 @@ class AttentionConfig(Strict):
     rope: RopeConfig | None = RopeConfig()
     softmax_scale: float | None = Field(None, gt=0)
     bias: bool = False
+    output_gate: bool = False
+
+    @field_validator("rope", mode="before")
+    @classmethod
+    def _none(cls, value):
+        return None if value == "none" else value
 
     @model_validator(mode="after")
     def _gqa(self):

@@ -66,6 +66,7 @@ class ModelCost:
 
 def attention_params(d_model: int, attention: AttentionConfig, output_projection: bool = True) -> int:
     qkv_width = (attention.n_heads + attention.n_kv_heads) * attention.head_dim + attention.n_kv_heads * attention.value_head_dim
+    qkv_width += attention.n_heads * attention.value_head_dim if attention.output_gate else 0
     o = (attention.n_heads * attention.value_head_dim + attention.bias) * d_model if output_projection else 0
     return (d_model + attention.bias) * qkv_width + o
 

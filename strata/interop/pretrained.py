@@ -148,6 +148,9 @@ def hf_family(config: ModelConfig) -> Family:
     """The first HF family that expresses the model ``config`` exactly; PretrainedError says why none does."""
     if not isinstance(config, ModelConfig):
         raise PretrainedError("an AU-Net has no Hugging Face counterpart to export to")
+    sections = (config.attention, config.hybrid.attention if config.hybrid is not None else None)
+    if any(section is not None and section.output_gate for section in sections):
+        raise PretrainedError("attention.output_gate: none of the families strata exports has gated attention")
     reasons = []
     for family in FAMILIES:
         reason = family.exportable(config)

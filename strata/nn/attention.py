@@ -49,6 +49,8 @@ class Attention(nn.Module):
 
     RoPE rotates the first ``rope.fraction`` of each Q/K head's channels; with ``rope: null`` the
     attention has no positional encoding (NoPE). ``softmax_scale`` replaces 1/sqrt(head_dim).
+    With ``output_gate`` the projection also makes a gate per output channel, and the heads'
+    output is multiplied by its sigmoid (Qwen3-Next's gated attention).
 
     ``attend`` returns the concatenated heads
     [B, T, n_heads * v_head_dim] before the output projection, so the hybrid mixer can fuse
@@ -76,9 +78,10 @@ class Attention(nn.Module):
         self.window = window
         self.sinks = sinks
         self.softmax_scale = config.softmax_scale  # None: SDPA's 1/sqrt(head_dim)
-        # Rows of Q, K and V in ``qkv_proj.weight``, in that order.
+        # Rows of Q, K and V in ``qkv_proj.weight``, in that order (then the output gate's, if any).
         self.qkv_widths = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.v_head_dim)
-        self.qkv_proj = nn.Linear(d_model, sum(self.qkv_widths), bias=config.bias)
+        self.gate_width = self.n_heads * self.v_head_dim if config.output_gate else 0
+        self.qkv_proj = nn.Linear(d_model, sum(self.qkv_widths) + self.gate_width, bias=config.bias)
         self.o_proj = nn.Linear(self.value_width, d_model, bias=config.bias) if output_projection else None
         rope = rope or config.rope
         # RoPE rotates the first rotary_dim channels of each head; None: no positional encoding.
@@ -96,7 +99,10 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         # (split_with_sizes: Tensor.split's Python wrapper costs as much as the split itself.)
         q_width, k_width, v_width = self.qkv_widths
-        qk, v = project(self.qkv_proj, x).split_with_sizes([q_width + k_width, v_width], dim=-1)
+        if self.gate_width:
+            qk, v, gate = project(self.qkv_proj, x).split_with_sizes([q_width + k_width, v_width, self.gate_width], dim=-1)
+        else:
+            qk, v = project(self.qkv_proj, x).split_with_sizes([q_width + k_width, v_width], dim=-1)
         qk = qk.view(batch, length, self.n_heads + self.n_kv_heads, self.head_dim)
         qk = self._rotated(qk, cache, segment_ids).transpose(1, 2)
         q, k = qk.split_with_sizes([self.n_heads, self.n_kv_heads], dim=1)
@@ -121,6 +127,8 @@ class Attention(nn.Module):
             mask = window_mask(length, self.window, self.sinks, device=x.device)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=self.softmax_scale)
         out = out.transpose(1, 2).reshape(batch, length, self.value_width)
+        if self.gate_width:
+            out = out * torch.sigmoid(gate)
         return (out, v) if return_values else out
 
     def _rotated(self, qk: torch.Tensor, cache, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
