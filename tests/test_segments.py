@@ -235,9 +235,9 @@ def test_the_stream_loader_gives_each_row_consecutive_windows():
 
 @pytest.mark.parametrize("family", ["aunet2", "aunet3"])
 def test_packed_documents_equal_the_documents_alone_in_an_aunet(family):
-    """Three texts, each BOS + bytes with the levels the split rule gives it alone: packed with
-    segment_ids they give the logits and gradients of the three run alone (every document's first
-    byte is a split at every stage, so nothing pooled or upsampled crosses a seam)."""
+    """Three texts with the levels the split rule gives each alone: packed with segment_ids they
+    give the logits and gradients of the three run alone. No BOS leads them, so only segment_ids
+    make each document's first byte a split at every stage (as a sequence's first byte is)."""
     from strata.data import ByteTokenizer
 
     config = strata.load_config(TINY / f"{family}.yaml", overrides=["model.init_std=0.1"]).model
@@ -247,7 +247,7 @@ def test_packed_documents_equal_the_documents_alone_in_an_aunet(family):
     texts = [b"To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer",
              b"Now is the winter of our discontent",
              b"Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him."]
-    docs = [torch.tensor([[tokenizer.bos_id, *tokenizer.encode(text).tolist()]]) for text in texts]
+    docs = [torch.tensor([tokenizer.encode(text).tolist()]) for text in texts]
     levels = [model.split_levels(doc) for doc in docs]
     lengths = [doc.shape[1] for doc in docs]
     probe = torch.randn(1, sum(lengths), config.vocab_size, generator=torch.Generator().manual_seed(2))
@@ -262,3 +262,18 @@ def test_packed_documents_equal_the_documents_alone_in_an_aunet(family):
     for (name, _), ours, reference in zip(model.named_parameters(), packed_grads, alone_grads):
         if reference is not None:
             assert_close_to_scale(ours, reference, name)
+
+
+def test_segment_ids_pass_through_activation_checkpointing():
+    """train.activation_checkpointing (and compile) replace each block's training forward; packed
+    documents must reach the mixers through it."""
+    from strata.train.distributed import _wrap_training_forward
+
+    config = strata.load_config(TINY / "inter.yaml").model
+    model = strata.build_model(config)
+    tokens = torch.randint(0, config.vocab_size, (1, sum(LENGTHS)))
+    ids = segment_ids(LENGTHS)
+    expected = model(tokens, segment_ids=ids)
+    for block in model.blocks:
+        _wrap_training_forward(block, recompute=True, compile=False)
+    torch.testing.assert_close(model(tokens, segment_ids=ids), expected)

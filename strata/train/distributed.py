@@ -201,14 +201,14 @@ def _wrap_training_forward(block: nn.Module, recompute: bool, compile: bool) -> 
     if compile:
         compiled = torch.compile(train_forward)
 
-        def train_forward(x: torch.Tensor) -> torch.Tensor:
+        def train_forward(x: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
             with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
-                return compiled(x)
+                return compiled(x, segment_ids=segment_ids)
 
-    def forward(x: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(x: torch.Tensor, cache=None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         if cache is None and torch.is_grad_enabled():
-            return train_forward(x)
-        return plain(x, cache=cache)
+            return train_forward(x, segment_ids=segment_ids)
+        return plain(x, cache=cache, segment_ids=segment_ids)
 
     block.forward = forward
 
