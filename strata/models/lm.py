@@ -61,8 +61,7 @@ class Block(nn.Module):
         # The norms are applied as functions, like the projections (see strata/nn/linear.py).
         if self.mixer is not None:
             normed = rms_norm(x, self.mixer_norm.weight, self.mixer_norm.eps)
-            mixed = self.mixer(normed, cache=cache) if segment_ids is None else self.mixer(normed, segment_ids=segment_ids)
-            x = x + self._scaled(mixed)
+            x = x + self._scaled(self.mixer(normed, cache=cache, segment_ids=segment_ids))
         if self.ffn is not None:
             x = x + self._scaled(self.ffn(rms_norm(x, self.ffn_norm.weight, self.ffn_norm.eps)))
         return x
@@ -84,7 +83,7 @@ def run_stack(blocks: nn.ModuleList, x: torch.Tensor, cache=None, lengths: torch
     documents, which never see each other."""
     if cache is None:
         for block in blocks:
-            x = block(x) if segment_ids is None else block(x, segment_ids=segment_ids)
+            x = block(x, segment_ids=segment_ids)
         return x
     if segment_ids is not None:
         raise ValueError("segment_ids apply to a whole-sequence forward, not to a cached one")
