@@ -462,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("source", metavar="SRC", help="a run, checkpoint, Hugging Face or mamba_ssm model directory")
     convert.add_argument("--to", choices=["strata", "hf"], required=True,
                          help="strata: a run directory; hf: a directory AutoModelForCausalLM loads (the family that "
-                              "expresses the layout: Llama, Mamba2, Bamba, GraniteMoeHybrid, NemotronH or FalconH1)")
+                              "expresses the layout: Llama, Mamba2, Bamba, GraniteMoeHybrid, NemotronH, FalconH1, "
+                              "Qwen3Next or OlmoHybrid)")
     convert.add_argument("--out", required=True, metavar="DST", help="a new directory")
     convert.add_argument("--dtype", choices=DTYPES, default=None, help="weights' dtype (default as loaded)")
     convert.set_defaults(handler=run_convert)

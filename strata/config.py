@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from strata.layout import PLACEMENTS, check_layout, make_layout
+from strata.layout import BLOCK_SYMBOLS, PLACEMENTS, check_layout, make_layout
 
 
 class ConfigError(ValueError):
@@ -74,6 +74,12 @@ class AttentionConfig(Strict):
     Falcon-H1's ``key_multiplier`` times 1/sqrt(head_dim)); ``bias`` gives Q, K, V and the output
     projection biases; ``output_gate`` multiplies every head's output, channel by channel, by a
     sigmoid gate projected from the block's input (Qwen3-Next's gated attention).
+
+    ``qk_norm`` RMSNorms the projected queries and keys before RoPE, with the stack's ``norm_eps``:
+    ``head`` over each head's ``head_dim`` channels, one weight of that width shared by all Q heads
+    and one by all K heads (Qwen3's and Qwen3-Next's ``q_norm``/``k_norm``); ``full`` over the whole
+    projected width, weights of n_heads·head_dim and n_kv_heads·head_dim (OLMo 2/3's and OLMo
+    Hybrid's). It bounds the logits q·k, which otherwise grow with the weights.
     """
 
     n_heads: int = Field(gt=0)
@@ -84,6 +90,7 @@ class AttentionConfig(Strict):
     softmax_scale: float | None = Field(None, gt=0)
     bias: bool = False
     output_gate: bool = False
+    qk_norm: Literal["none", "head", "full"] = "none"
 
     @field_validator("rope", mode="before")
     @classmethod
@@ -155,6 +162,58 @@ class Mamba2Config(Strict):
         return self.width(d_model) // self.head_dim
 
 
+class GatedDeltaNetConfig(Strict):
+    """The Gated DeltaNet mixer (``G`` blocks), as Qwen3-Next defines it: short causal convs on q,
+    k and v, L2-normalised q and k, the gated delta rule with per-head decay α and step size β,
+    an output gate through a per-head RMSNorm, and an out-projection.
+
+    ``n_heads`` q/k heads of ``head_dim`` channels; ``n_v_heads`` value heads of ``v_head_dim``
+    (defaults: as many and as wide); a q/k head serves n_v_heads / n_heads consecutive value heads.
+    The state is n_v_heads × head_dim × v_head_dim, whatever the context.
+    α_t = exp(−exp(A_log)·softplus(a_t + dt_bias)), A drawn from ``a_init_range`` and the step
+    softplus(dt_bias) log-uniform in [dt_min, dt_max]; β_t = sigmoid(b_t), times 2 with
+    ``allow_neg_eigval`` (OLMo Hybrid's: β in (0, 2), so I − β k kᵀ may have a negative eigenvalue).
+    ``norm_eps``: the output norm's epsilon (the stack's ``norm_eps`` by default).
+    """
+
+    n_heads: int = Field(gt=0)
+    n_v_heads: int | None = Field(None, gt=0)
+    head_dim: int = Field(64, gt=0)
+    v_head_dim: int | None = Field(None, gt=0)
+    conv_kernel: int = Field(4, gt=0)
+    conv_bias: bool = False
+    chunk_size: int = Field(64, gt=0)
+    a_init_range: tuple[float, float] = (1.0, 16.0)
+    dt_min: float = Field(1e-3, gt=0)
+    dt_max: float = Field(1e-1, gt=0)
+    dt_init_floor: float = Field(1e-4, gt=0)
+    allow_neg_eigval: bool = False
+    norm_eps: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _shape(self):
+        low, high = self.a_init_range
+        if not 0 < low <= high:
+            raise _KeyedError("a_init_range", f"must satisfy 0 < low <= high, got {self.a_init_range}")
+        if self.dt_min > self.dt_max:
+            raise _KeyedError("dt_min", f"({self.dt_min}) must not exceed dt_max ({self.dt_max})")
+        if self.n_v_heads is None:
+            self.n_v_heads = self.n_heads
+        if self.v_head_dim is None:
+            self.v_head_dim = self.head_dim
+        if self.n_v_heads % self.n_heads:
+            raise _KeyedError("n_v_heads", f"{self.n_v_heads} is not a multiple of n_heads ({self.n_heads})")
+        return self
+
+    @property
+    def key_width(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def value_width(self) -> int:
+        return self.n_v_heads * self.v_head_dim
+
+
 class HybridConfig(Strict):
     """The intra-layer hybrid mixer of "Hybrid Architectures for Language Models" (Bae et al., 2025):
     an attention branch and a Mamba-2 branch side by side.
@@ -163,18 +222,22 @@ class HybridConfig(Strict):
     default, full-width values (``v_head_dim = mamba.d_ssm / attention.n_heads``) so both branches
     produce ``d_ssm`` channels. The defaults are the paper's final recipe.
 
-    ``branches`` swaps the mixers for the paper's Table 6 baselines: ``attn_attn`` (two attention
-    branches, the Differential Transformer) or ``ssm_ssm`` (two Mamba-2 branches, Differential
-    Mamba). A branch takes the shape of its kind's section; both sections stay required, so that
-    one override turns a design into another (with ``attn_attn`` the values keep the width
-    ``mamba.d_ssm``; with ``ssm_ssm`` the attention section builds nothing). ``scale: lambda`` is
-    Diff-T's re-parameterised λ on the subtracted branch, ``scale: alpha`` the learned mix
-    α·Mamba + (1 − α)·attention of the paper's Appendix Q (``strata.nn.hybrid``).
+    ``branches`` swaps the mixers: ``attn_gdn`` puts Gated DeltaNet heads (``gdn``) beside the
+    attention in place of Mamba-2's (the values then default to ``gdn.value_width``); the paper's
+    Table 6 baselines are ``attn_attn`` (two attention branches, the Differential Transformer) and
+    ``ssm_ssm`` (two Mamba-2 branches, Differential Mamba). A branch takes the shape of its kind's
+    section, and the sections its branches use are required; the others may be present and build
+    nothing, so that with all of them in a file one override turns a design into another
+    (``attn_attn`` sizes its values by ``mamba.d_ssm`` when that section is present, as it always
+    did, else by ``attention.v_head_dim``). ``scale: lambda`` is Diff-T's re-parameterised λ on the
+    subtracted branch, ``scale: alpha`` the learned mix α·b + (1 − α)·attention of the paper's
+    Appendix Q (``strata.nn.hybrid``).
     """
 
-    attention: AttentionConfig
-    mamba: Mamba2Config
-    branches: Literal["attn_ssm", "attn_attn", "ssm_ssm"] = "attn_ssm"
+    attention: AttentionConfig | None = None
+    mamba: Mamba2Config | None = None
+    gdn: GatedDeltaNetConfig | None = None
+    branches: Literal["attn_ssm", "attn_attn", "ssm_ssm", "attn_gdn"] = "attn_ssm"
     norm: Literal["none", "group"] = "group"
     scale: Literal["none", "vector", "scalar", "gate", "lambda", "alpha"] = "none"
     fusion: Literal["add", "diff", "concat"] = "diff"
@@ -190,8 +253,11 @@ class HybridConfig(Strict):
                 "fusion=concat with out_proj=separate is the same function as fusion=add with "
                 "out_proj=separate; choose one of those"
             )
-        if self.mamba.d_ssm is None:
-            raise ValueError("mamba.d_ssm must be given for the hybrid's Mamba branch")
+        for kind in sorted(set(self.branch_kinds)):
+            if getattr(self, kind) is None:
+                raise _KeyedError(kind, f"required: branches={self.branches} builds a branch from this section")
+        if self.mamba is not None and self.mamba.d_ssm is None:
+            raise _KeyedError("mamba.d_ssm", "must be given for the hybrid's Mamba branch")
         if self.share_value and self.branches != "attn_ssm":
             raise _KeyedError("share_value", f"feeds the attention's values to the Mamba branch; it needs branches=attn_ssm, not {self.branches}")
         if self.scale == "lambda" and self.fusion != "diff":
@@ -202,16 +268,42 @@ class HybridConfig(Strict):
 
     @property
     def branch_kinds(self) -> tuple[str, str]:
-        """The section ("attention" or "mamba") each branch is built from, a then b."""
-        return tuple("attention" if part == "attn" else "mamba" for part in self.branches.split("_"))
+        """The section ("attention", "mamba" or "gdn") each branch is built from, a then b."""
+        return tuple(BRANCH_SECTIONS[part] for part in self.branches.split("_"))
+
+    def branch_width(self, kind: str) -> int:
+        """The channels a branch of ``kind`` outputs (its values, once the stack resolved them)."""
+        if kind == "attention":
+            return self.attention.n_heads * self.attention.value_head_dim
+        return self.mamba.d_ssm if kind == "mamba" else self.gdn.value_width
+
+    @property
+    def default_value_width(self) -> int | None:
+        """The attention branch's value width unless ``attention.v_head_dim`` is given: the linear
+        branch's, so that both produce as many channels (``mamba.d_ssm``, or ``gdn.value_width``
+        beside Gated DeltaNet); None when that section is missing (``attn_attn`` without ``mamba``)."""
+        if self.branches == "attn_gdn":
+            return self.gdn.value_width
+        return self.mamba.d_ssm if self.mamba is not None else None
+
+
+# The section each part of ``HybridConfig.branches`` ("attn_ssm": attn, then ssm) is built from.
+BRANCH_SECTIONS = {"attn": "attention", "ssm": "mamba", "gdn": "gdn"}
+# How errors name a branch's output width, by its section.
+BRANCH_WIDTHS = {"attention": "attention values", "mamba": "mamba d_ssm", "gdn": "gdn value width"}
 
 
 class MoEConfig(Strict):
     """Shared + top-k routed experts, sigmoid router, bias-based (aux-loss-free) balancing.
 
     ``router: softmax`` is Granite's (and Mixtral's) instead: the weights are the softmax of the
-    chosen experts' router logits, with no balancing bias. ``d_shared``: the shared experts' width
-    (the routed experts' by default).
+    chosen experts' router logits, with no balancing bias. ``softmax_over: all`` weights the chosen
+    experts by their probabilities under the softmax over all experts, which then sum to less than
+    one (Qwen3-Next's and Qwen2-MoE's ``norm_topk_prob: false``; the default ``chosen`` equals
+    their ``norm_topk_prob: true``, those probabilities renormalised over the chosen). ``d_shared``:
+    the shared experts' width (the routed experts' by default). ``shared_gate``: the shared
+    experts' summed output is multiplied, token by token, by sigmoid(w·x) of a learned vector w
+    (Qwen3-Next's ``shared_expert_gate``).
 
     A sigmoid-routed expert's output is weighted by its sigmoid score. ``normalize_weights`` divides the
     chosen scores by their sum; it applies only for ``top_k > 1`` (the default there): at top-1 the
@@ -227,11 +319,17 @@ class MoEConfig(Strict):
     bias_update_rate: float = Field(1e-3, ge=0)
     normalize_weights: bool | None = None
     router: Literal["sigmoid", "softmax"] = "sigmoid"
+    softmax_over: Literal["chosen", "all"] = "chosen"
+    shared_gate: bool = False
 
     @model_validator(mode="after")
     def _top_k(self):
         if self.top_k > self.n_experts:
             raise ValueError(f"top_k ({self.top_k}) exceeds n_experts ({self.n_experts})")
+        if self.softmax_over == "all" and self.router != "softmax":
+            raise _KeyedError("softmax_over", f"all weighs experts by a softmax; it needs router softmax, not {self.router}")
+        if self.shared_gate and self.n_shared == 0:
+            raise _KeyedError("shared_gate", "gates the shared experts' output; it needs n_shared > 0")
         if self.normalize_weights and self.top_k == 1:
             raise _KeyedError(
                 "normalize_weights",
@@ -240,7 +338,8 @@ class MoEConfig(Strict):
             )
         if self.router == "softmax":
             if self.normalize_weights:
-                raise _KeyedError("normalize_weights", "the softmax router's weights already sum to one")
+                raise _KeyedError("normalize_weights", "applies to the sigmoid router; the softmax router's weights "
+                                                       "sum to one with softmax_over: chosen (its default)")
             self.normalize_weights = False
         if self.normalize_weights is None:
             self.normalize_weights = self.top_k > 1
@@ -314,6 +413,10 @@ class StackConfig(Strict):
 
     ``residual_multiplier`` scales what each sublayer adds to the residual stream (Granite's).
 
+    ``post_norm``: the layout symbols whose blocks normalise each sublayer's output instead of its
+    input, x + norm(f(x)) for x + f(norm(x)) (OLMo 2's and OLMo Hybrid's attention blocks; the
+    residual stream itself is never normalised). The norms keep their names and sizes.
+
     A plain language model is one stack; each stage of an AU-Net is one (``StageConfig``).
     """
 
@@ -324,9 +427,21 @@ class StackConfig(Strict):
     attention: AttentionConfig | None = None
     sliding_window: SlidingWindowConfig | None = None
     mamba: Mamba2Config | None = None
+    gdn: GatedDeltaNetConfig | None = None
     hybrid: HybridConfig | None = None
     ffn: FFNConfig = FFNConfig(kind="none")
     residual_multiplier: float = Field(1.0, gt=0)
+    post_norm: str = ""
+
+    @field_validator("post_norm")
+    @classmethod
+    def _post_norm_symbols(cls, value: str) -> str:
+        unknown = sorted(set(value) - set(BLOCK_SYMBOLS))
+        if unknown:
+            raise ValueError(f"{''.join(unknown)!r} is not a block symbol; known: {''.join(BLOCK_SYMBOLS)}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"{value!r} names a symbol twice")
+        return value
 
     @field_validator("layout", mode="before")
     @classmethod
@@ -345,7 +460,7 @@ class StackConfig(Strict):
     @model_validator(mode="after")
     def _consistent(self):
         symbols = set(self.layout)
-        needs = {"A": "attention", "W": "attention", "M": "mamba", "H": "hybrid"}
+        needs = {"A": "attention", "W": "attention", "M": "mamba", "G": "gdn", "H": "hybrid"}
         for symbol, section in needs.items():
             if symbol in symbols and getattr(self, section) is None:
                 raise _KeyedError(section, f"layout uses {symbol!r} blocks but the '{section}' section is missing")
@@ -366,29 +481,39 @@ class StackConfig(Strict):
             _check_rotary(self.attention, "attention")
         if self.mamba is not None:
             self._check_mamba(self.mamba, "mamba")
-        if self.hybrid is not None:
+        if self.hybrid is not None and self.hybrid.mamba is not None:
             self._check_mamba(self.hybrid.mamba, "hybrid.mamba")
+        if self.hybrid is not None and self.hybrid.attention is not None:
             attention = self.hybrid.attention
-            d_ssm = self.hybrid.mamba.d_ssm
             if attention.head_dim is None:
                 raise _KeyedError("hybrid.attention.head_dim", "required: the Q/K head width of the attention branch")
             if attention.v_head_dim is None:
-                if d_ssm % attention.n_heads:
+                width = self.hybrid.default_value_width
+                source = "hybrid.gdn.value_width" if self.hybrid.branches == "attn_gdn" else "hybrid.mamba.d_ssm"
+                if width is None:
+                    raise _KeyedError("hybrid.attention.v_head_dim", "required: there is no hybrid.mamba section to size "
+                                                                     "the values by")
+                if width % attention.n_heads:
                     raise _KeyedError(
                         "hybrid.attention.n_heads",
-                        f"{attention.n_heads} does not divide hybrid.mamba.d_ssm ({d_ssm}), the value width",
+                        f"{attention.n_heads} does not divide {source} ({width}), the value width",
                     )
-                attention.v_head_dim = d_ssm // attention.n_heads
+                attention.v_head_dim = width // attention.n_heads
             _check_rotary(attention, "hybrid.attention")
-            v_width = attention.n_heads * attention.value_head_dim
-            if self.hybrid.fusion in ("add", "diff") and self.hybrid.out_proj == "joint" and v_width != d_ssm:
+            if attention.qk_norm != "none":
+                raise _KeyedError("hybrid.attention.qk_norm", "applies to A and W blocks; the hybrid's attention branch "
+                                                              "normalises no queries or keys")
+            v_width, kinds = attention.n_heads * attention.value_head_dim, self.hybrid.branch_kinds
+            width_a, width_b = (self.hybrid.branch_width(kind) for kind in kinds)
+            if self.hybrid.fusion in ("add", "diff") and self.hybrid.out_proj == "joint" and width_a != width_b:
                 raise _KeyedError(
                     "hybrid.attention.v_head_dim",
-                    f"joint {self.hybrid.fusion} fusion needs equal branch widths: attention values "
-                    f"{v_width} vs mamba d_ssm {d_ssm}",
+                    f"joint {self.hybrid.fusion} fusion needs equal branch widths: {BRANCH_WIDTHS[kinds[0]]} "
+                    f"{width_a} vs {BRANCH_WIDTHS[kinds[1]]} {width_b}",
                 )
-            if self.hybrid.share_value and v_width != d_ssm:
-                raise _KeyedError("hybrid.share_value", f"needs attention value width {v_width} == d_ssm {d_ssm}")
+            if self.hybrid.share_value and v_width != self.hybrid.mamba.d_ssm:
+                raise _KeyedError("hybrid.share_value",
+                                  f"needs attention value width {v_width} == d_ssm {self.hybrid.mamba.d_ssm}")
         if self.ffn.kind == "moe" and self.ffn.expert_width < 1:
             raise _KeyedError("ffn.moe.d_expert", "expert width must be positive")
         return self

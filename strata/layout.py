@@ -1,7 +1,7 @@
 """The layout language: one symbol per block, and the papers' placements from a ratio.
 
 A stack is a string such as ``MMMAMMMAMMMMM``: ``A`` attention, ``W`` sliding-window attention,
-``M`` Mamba-2, ``H`` intra-layer hybrid, ``F`` a feed-forward block of its own (Nemotron-H's
+``M`` Mamba-2, ``G`` Gated DeltaNet, ``H`` intra-layer hybrid, ``F`` a feed-forward block of its own (Nemotron-H's
 design, where every block holds one sublayer: a layout with ``F`` blocks gives the others none).
 This module is pure string logic (no torch) so that config validation, the cost model and the
 model builder all read layouts the same way.
@@ -15,6 +15,7 @@ BLOCK_SYMBOLS = {
     "A": "attention",
     "W": "sliding-window attention",
     "M": "Mamba-2",
+    "G": "Gated DeltaNet",
     "H": "intra-layer hybrid (attention + Mamba-2 heads)",
     "F": "feed-forward only (then no other block has a feed-forward half)",
 }

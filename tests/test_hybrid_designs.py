@@ -1,6 +1,7 @@
 """The hybrid paper's Table 6 baselines beside the intra-layer hybrid: two attention branches (T/T,
 the Differential Transformer), two Mamba-2 branches (M/M, Differential Mamba), Diff-T's λ as a
-scaling and the learned α mix of the paper's Appendix Q.
+scaling and the learned α mix of the paper's Appendix Q; and the hybrid with Gated DeltaNet heads
+as its linear branch (attn_gdn; more of it in tests/test_intra_gdn.py).
 
 Each design trains, is causal, decodes through its caches as the full forward computes it, and is
 costed exactly. Expected values are the Differential Transformer paper's (λ_init), or computed here
@@ -30,14 +31,20 @@ DESIGNS = {
     "mm_lambda": ("ssm_ssm", "lambda", "diff"),
     "final_lambda": ("attn_ssm", "lambda", "diff"),
     "alpha": ("attn_ssm", "alpha", "add"),
+    "gdn": ("attn_gdn", "none", "diff"),
+    "gdn_gate": ("attn_gdn", "gate", "add"),
 }
+# The Gated DeltaNet branch of attn_gdn, as wide as intra.yaml's Mamba branch (128 channels in 4
+# value heads) with a q/k head for every two value heads; every design gets the section, which
+# only attn_gdn builds.
+GDN = "model.hybrid.gdn={n_heads: 2, n_v_heads: 4, head_dim: 32, v_head_dim: 32, chunk_size: 32}"
 LOGITS_TOL = 1e-4  # as tests/test_generate.py: fp32 logits of cached decoding against the full forward
 
 
 def config(design: str, *overrides: str):
     branches, scale, fusion = DESIGNS[design]
     axes = [f"model.hybrid.branches={branches}", f"model.hybrid.scale={scale}", f"model.hybrid.fusion={fusion}"]
-    return load_config(INTRA, ["model.init_std=0.1", *axes, *overrides])
+    return load_config(INTRA, ["model.init_std=0.1", GDN, *axes, *overrides])
 
 
 def model(design: str, *overrides: str, seed: int = 0):
@@ -84,7 +91,7 @@ def group_norm(y, norm, heads):
     return F.group_norm(y.reshape(-1, y.shape[-1]), heads, norm.weight, norm.bias, norm.eps).reshape(y.shape)
 
 
-@pytest.mark.parametrize("design", ["tt_lambda", "mm", "alpha"])
+@pytest.mark.parametrize("design", ["tt_lambda", "mm", "alpha", "gdn"])
 def test_fused_output_matches_the_formula(design):
     """f(X) = W_b·(s_b·GN(M_b(X))) ⊕ W_a·(s_a·GN(M_a(X))), from the branch mixers' raw heads:
     Diff-T λ: s_b = 1 − λ_init, s_a = λ·(1 − λ_init), ⊕ = −; α: s_b = α, s_a = 1 − α, ⊕ = +."""
@@ -171,7 +178,7 @@ def test_cached_decoding_equals_the_full_forward(design):
         steps = [lm(tokens[:, :40], cache)] + [lm(tokens[:, t : t + 1], cache) for t in range(40, 60)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=LOGITS_TOL, rtol=0)
     kinds = [type(branch).__name__ for branch in cache.layers[1].branches]
-    assert kinds == {"attn_attn": ["KVCache"] * 2, "ssm_ssm": ["MambaCache"] * 2}.get(DESIGNS[design][0], ["KVCache", "MambaCache"])
+    assert kinds == {"attn_attn": ["KVCache"] * 2, "ssm_ssm": ["RecurrentCache"] * 2}.get(DESIGNS[design][0], ["KVCache", "RecurrentCache"])
 
     generator = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, 256, (n,), generator=generator).tolist() for n in (1, 33, 45)]

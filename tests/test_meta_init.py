@@ -58,6 +58,9 @@ FINGERPRINTS = {
     "mm-lambda": 11.8528020607,
     "shared-values-joint": 12.9207797836,
     "aunet2-repeat": 23.713456031,
+    # Added with the Gated DeltaNet presets (issue 24), from their first seeded build.
+    "gdn": -18.2164407292,
+    "inter-gdn": -7.6177094436,
 }
 SEVEN_B = ROOT / "configs" / "paper" / "aunet2-7b.yaml"
 

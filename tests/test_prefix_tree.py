@@ -17,7 +17,7 @@ from strata.inference import model_cache
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 # Families whose caches hold trailing padding; sliding windows (swa, AU-Net) refuse it.
-RAGGED = ["transformer", "mamba2", "inter", "intra", "intra-moe"]
+RAGGED = ["transformer", "mamba2", "inter", "intra", "intra-moe", "gdn", "inter-gdn"]
 PAD = 258
 
 

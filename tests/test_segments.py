@@ -15,7 +15,7 @@ from test_ssd import random_inputs
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 LENGTHS = (100, 37, 90)  # the sliding-window family's window is 64 + 8 sinks: two documents exceed it
-FAMILIES = ["transformer", "swa", "mamba2", "inter", "intra", "intra-moe"]
+FAMILIES = ["transformer", "swa", "mamba2", "inter", "intra", "intra-moe", "gdn", "inter-gdn"]
 
 
 def segment_ids(lengths, batch=1):
@@ -93,7 +93,17 @@ def test_packed_documents_equal_the_documents_alone(family):
     packed_grads = gradients((packed * probe).sum())
     alone = [model(part) for part in tokens.split(LENGTHS, dim=1)]
     alone_grads = gradients(sum((logits * part).sum() for logits, part in zip(alone, probe.split(LENGTHS, dim=1))))
-    torch.testing.assert_close(packed, torch.cat(alone, 1), atol=1e-5, rtol=1e-5)
+    # Run alone, a document's steps fall elsewhere in the chunks, which rounds differently: up to
+    # 1.7e-5 on logits of magnitude 5 (Gated DeltaNet's triangular solve, measured). That another
+    # document does not reach it is checked next: rewriting the first document moves the others by
+    # rounding alone (masked attention's blocked softmax: up to 8e-6), where a leak moves them by
+    # far more (>= 5e-2, tests/test_causality.py).
+    torch.testing.assert_close(packed, torch.cat(alone, 1), atol=3e-5, rtol=1e-5)
+    changed = tokens.clone()
+    changed[:, : LENGTHS[0]] = torch.randint(0, config.vocab_size, (2, LENGTHS[0]), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        others = model(changed, segment_ids=segment_ids(LENGTHS, batch=2))[:, LENGTHS[0] :]
+    torch.testing.assert_close(others, packed[:, LENGTHS[0] :].detach(), atol=3e-5, rtol=0)
     for (name, _), ours, reference in zip(model.named_parameters(), packed_grads, alone_grads):
         if reference is None:
             assert ours is None or not ours.any(), name
@@ -166,7 +176,8 @@ def test_a_carried_state_continues_the_sequence(family):
     assert state.length == 150
     carried_grads = torch.autograd.grad(sum((logits * p).sum() for logits, p in zip(parts, probe.split([45, 1, 104], 1))),
                                         parameters, allow_unused=True)
-    torch.testing.assert_close(torch.cat(parts, 1), whole, atol=1e-5, rtol=1e-5)
+    # (3e-5: the parts fall elsewhere in the chunks and round differently, as packed documents do.)
+    torch.testing.assert_close(torch.cat(parts, 1), whole, atol=3e-5, rtol=1e-5)
     for (name, _), ours, reference in zip(model.named_parameters(), carried_grads, whole_grads):
         if reference is not None:
             assert_close_to_scale(ours, reference, name)

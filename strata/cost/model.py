@@ -5,8 +5,14 @@ Formulas follow the cost formulas of "Hybrid Architectures for Language Models" 
     attention   6·(H·d_qk + H·d_v)·pairs, pairs = L(L+1)/2      (= 12·d_model·L(L+1)/2 when H·d = d_model)
     sliding     the same over pairs = L_w(L_w+1)/2 + L_w(L − L_w), L_w = window + sinks
     Mamba-2     3·L·(9·d_ssm·d_state + 2·d_ssm)
-    cache       attention 2·N_kv·(d_qk + d_v)·L elements; Mamba-2 d_ssm·d_state + conv·(2·g·d_state + d_ssm)
-    hybrid      the sum over its two branches (attention and Mamba-2, or two of one kind: Table 6's T/T, M/M)
+    Gated DeltaNet  3·L·(9·H·d_k·d_v + 2·H·d_v): Mamba-2's formula with its state (H value heads of
+                d_k × d_v) for Mamba-2's (d_ssm × d_state), so that FLOPs-matched comparisons charge the two
+                linear mixers alike (the paper's Mamba-2 term leaves out its chunked scan's within-chunk
+                products, so a count of the chunked delta rule's would charge Gated DeltaNet alone for them)
+    cache       attention 2·N_kv·(d_qk + d_v)·L elements; Mamba-2 d_ssm·d_state + conv·(2·g·d_state + d_ssm);
+                Gated DeltaNet H·d_k·d_v + conv·(2·H_qk·d_k + H·d_v)
+    hybrid      the sum over its two branches (attention and Mamba-2 or Gated DeltaNet, or two of one kind:
+                Table 6's T/T, M/M)
 Training FLOPs per token = 6·(non-embedding params a token uses: for MoE the router, shared and
 top-k experts) + the mixers' sequence terms / L, the paper's
 convention (it matches the paper's budgets, e.g. Llama-1B × 60B tokens = 4.5e20);
@@ -21,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from strata.config import (
     AttentionConfig,
     FFNConfig,
+    GatedDeltaNetConfig,
     HybridConfig,
     Mamba2Config,
     ModelConfig,
@@ -68,7 +75,16 @@ def attention_params(d_model: int, attention: AttentionConfig, output_projection
     qkv_width = (attention.n_heads + attention.n_kv_heads) * attention.head_dim + attention.n_kv_heads * attention.value_head_dim
     qkv_width += attention.n_heads * attention.value_head_dim if attention.output_gate else 0
     o = (attention.n_heads * attention.value_head_dim + attention.bias) * d_model if output_projection else 0
-    return (d_model + attention.bias) * qkv_width + o
+    return (d_model + attention.bias) * qkv_width + o + qk_norm_params(attention)
+
+
+def qk_norm_params(attention: AttentionConfig) -> int:
+    """The Q and K norms' weights: a head's width each (``head``), or the projections' (``full``)."""
+    if attention.qk_norm == "head":
+        return 2 * attention.head_dim
+    if attention.qk_norm == "full":
+        return (attention.n_heads + attention.n_kv_heads) * attention.head_dim
+    return 0
 
 
 def mamba_params(d_model: int, mamba: Mamba2Config, external_x: bool = False, output_projection: bool = True) -> int:
@@ -83,14 +99,24 @@ def mamba_params(d_model: int, mamba: Mamba2Config, external_x: bool = False, ou
     return in_proj + conv + per_head + norm + out_proj
 
 
+def gdn_params(d_model: int, gdn: GatedDeltaNetConfig, output_projection: bool = True) -> int:
+    conv_dim = 2 * gdn.key_width + gdn.value_width
+    in_proj = d_model * (conv_dim + gdn.value_width + 2 * gdn.n_v_heads)
+    conv = conv_dim * (gdn.conv_kernel + gdn.conv_bias)
+    out_proj = gdn.value_width * d_model if output_projection else 0
+    return in_proj + conv + 2 * gdn.n_v_heads + gdn.v_head_dim + out_proj  # + A_log, dt_bias, norm
+
+
 def hybrid_params(d_model: int, hybrid: HybridConfig) -> int:
     """The two branches (a, b) of ``hybrid.branches``, each shaped by its kind's section."""
-    attention, mamba = hybrid.attention, hybrid.mamba
+    attention, mamba, gdn = hybrid.attention, hybrid.mamba, hybrid.gdn
     kinds = hybrid.branch_kinds
-    widths = [attention.n_heads * attention.value_head_dim if kind == "attention" else mamba.width(d_model) for kind in kinds]
-    heads = [attention.n_heads if kind == "attention" else mamba.n_heads(d_model) for kind in kinds]
+    widths = [hybrid.branch_width(kind) for kind in kinds]
+    heads = [attention.n_heads if kind == "attention" else gdn.n_v_heads if kind == "gdn" else mamba.n_heads(d_model)
+             for kind in kinds]
     total = sum(
         attention_params(d_model, attention, output_projection=False) if kind == "attention"
+        else gdn_params(d_model, gdn, output_projection=False) if kind == "gdn"
         else mamba_params(d_model, mamba, external_x=hybrid.share_value, output_projection=False)
         for kind in kinds
     )
@@ -120,7 +146,8 @@ def ffn_params(d_model: int, ffn: FFNConfig, active: bool = False) -> int:
         return matrices * d_model * ffn.d_ffn + ffn.bias * ((matrices - 1) * ffn.d_ffn + d_model)
     moe = ffn.moe
     experts = moe.top_k if active else moe.n_experts
-    return d_model * moe.n_experts + 3 * d_model * (experts * ffn.expert_width + moe.n_shared * ffn.shared_width)
+    router = d_model * (moe.n_experts + moe.shared_gate)
+    return router + 3 * d_model * (experts * ffn.expert_width + moe.n_shared * ffn.shared_width)
 
 
 def mixer_params(symbol: str, config: StackConfig) -> int:
@@ -128,6 +155,8 @@ def mixer_params(symbol: str, config: StackConfig) -> int:
         return attention_params(config.d_model, config.attention)
     if symbol == "M":
         return mamba_params(config.d_model, config.mamba)
+    if symbol == "G":
+        return gdn_params(config.d_model, config.gdn)
     return hybrid_params(config.d_model, config.hybrid)
 
 
@@ -159,6 +188,11 @@ def mamba_sequence_flops(d_ssm: int, d_state: int, length: int) -> float:
     return 3 * length * (9 * d_ssm * d_state + 2 * d_ssm)
 
 
+def gdn_sequence_flops(gdn: GatedDeltaNetConfig, length: int) -> float:
+    heads, d_k, d_v = gdn.n_v_heads, gdn.head_dim, gdn.v_head_dim
+    return 3 * length * (9 * heads * d_k * d_v + 2 * heads * d_v)
+
+
 def mixer_sequence_flops(symbol: str, config: StackConfig, length: int) -> float:
     """The training FLOPs of one sequence beyond 6·params·L (the hybrid paper's cost formulas)."""
     if symbol == "F":
@@ -170,9 +204,12 @@ def mixer_sequence_flops(symbol: str, config: StackConfig, length: int) -> float
         return attention_sequence_flops(config.attention, length, window.window + window.sinks)
     if symbol == "M":
         return mamba_sequence_flops(config.mamba.width(config.d_model), config.mamba.d_state, length)
+    if symbol == "G":
+        return gdn_sequence_flops(config.gdn, length)
     hybrid = config.hybrid
     return sum(
         attention_sequence_flops(hybrid.attention, length) if kind == "attention"
+        else gdn_sequence_flops(hybrid.gdn, length) if kind == "gdn"
         else mamba_sequence_flops(hybrid.mamba.width(config.d_model), hybrid.mamba.d_state, length)
         for kind in hybrid.branch_kinds
     )
@@ -190,6 +227,10 @@ def mamba_cache_elements(d_model: int, mamba: Mamba2Config) -> int:
     return d_ssm * mamba.d_state + mamba.conv_kernel * (2 * mamba.n_groups * mamba.d_state + d_ssm)
 
 
+def gdn_cache_elements(gdn: GatedDeltaNetConfig) -> int:
+    return gdn.n_v_heads * gdn.head_dim * gdn.v_head_dim + gdn.conv_kernel * (2 * gdn.key_width + gdn.value_width)
+
+
 def mixer_cache_elements(symbol: str, config: StackConfig, length: int) -> int:
     if symbol == "F":
         return 0
@@ -200,9 +241,12 @@ def mixer_cache_elements(symbol: str, config: StackConfig, length: int) -> int:
         return attention_cache_elements(config.attention, min(length, window.window + window.sinks))
     if symbol == "M":
         return mamba_cache_elements(config.d_model, config.mamba)
+    if symbol == "G":
+        return gdn_cache_elements(config.gdn)
     hybrid = config.hybrid
     return sum(
         attention_cache_elements(hybrid.attention, length) if kind == "attention"
+        else gdn_cache_elements(hybrid.gdn) if kind == "gdn"
         else mamba_cache_elements(config.d_model, hybrid.mamba)
         for kind in hybrid.branch_kinds
     )

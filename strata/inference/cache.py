@@ -2,25 +2,27 @@
 
     attention              KVCache        keys and values of every token, preallocated, grown in chunks
     sliding-window attn.   WindowCache    the sink tokens plus a ring buffer of the last ``window``
-    Mamba-2                MambaCache     the last ``conv_kernel`` conv inputs and the SSM state
-    intra-layer hybrid     HybridCache    one cache per branch (KVCache and MambaCache, or two of a kind)
+    Mamba-2, Gated DeltaNet RecurrentCache the last ``conv_kernel`` conv inputs and the recurrent state
+    intra-layer hybrid     HybridCache    one cache per branch (KVCache and RecurrentCache, or two of a kind)
 
 A batch of prompts of different lengths is left-padded to a common length. ``SequenceState``, shared
 by every layer of a stack, knows where each sequence starts; from it the attention caches mask the
 padding (keys are never attended to, padded queries see everything so that their rows stay finite)
-and the Mamba-2 mixer zeroes padded conv inputs and step sizes, so padding never reaches a state.
+and the recurrent mixers zero padded conv inputs and their updates (Mamba-2's step size, Gated
+DeltaNet's β and decay), so padding never reaches a state.
 Positions are per sequence (0 at its first real token), so RoPE and the sink tokens of sliding-
 window attention see a padded sequence exactly as they would see it alone.
 
 A forward may also end rows early (``lengths``: the steps after are *trailing padding*) and the
 rows then go on from their last real step. The stored pads become holes that attention masks for
-good; Mamba-2 gives them a zero step size (the state passes through unchanged) and keeps the conv
-inputs of the last real steps. So rows forked from one prefix (``StackCache.fork``) can run
+good; the recurrent mixers pass their state through them unchanged and keep the conv inputs of
+the last real steps. So rows forked from one prefix (``StackCache.fork``) can run
 continuations of different lengths in one batch and each go on (the prefix-tree scorer of
 multiple choice does). A ring buffer cannot skip a hole, so sliding-window attention refuses
 trailing padding (``holds_trailing_padding``).
 
-Mixers use these objects through ``update`` (attention) and the ``conv``/``ssm`` tensors (Mamba-2);
+Mixers use these objects through ``update`` (attention) and the ``conv``/``ssm`` tensors (Mamba-2,
+Gated DeltaNet);
 the model layers never import this module.
 """
 
@@ -32,6 +34,7 @@ import math
 import torch
 
 from strata.nn.attention import Attention
+from strata.nn.gated_deltanet import GatedDeltaNet
 from strata.nn.hybrid import IntraLayerHybrid
 from strata.nn.mamba2 import Mamba2
 
@@ -283,24 +286,24 @@ class WindowCache:
         return [self.keys, self.values]
 
 
-class MambaCache:
-    """The last ``conv_kernel`` conv inputs [B, K, conv_dim] and the SSM state [B, h, p, n]; the
-    same size whatever the context."""
+class RecurrentCache:
+    """A recurrent mixer's (Mamba-2's, Gated DeltaNet's) last ``conv_kernel`` conv inputs
+    [B, K, conv_dim] and its state [B, *mixer.state_shape]; the same size whatever the context."""
 
-    def __init__(self, mamba: Mamba2, state: SequenceState, dtype: torch.dtype):
+    def __init__(self, mixer: Mamba2 | GatedDeltaNet, state: SequenceState, dtype: torch.dtype):
         self.sequence = state
-        batch, device, kernel = state.batch_size, state.device, mamba.conv1d.kernel_size[0]
-        self.conv = torch.zeros(batch, kernel, mamba.conv_dim, dtype=dtype, device=device)
-        self.ssm = torch.zeros(batch, mamba.n_heads, mamba.head_dim, mamba.d_state, dtype=dtype, device=device)
+        batch, device, kernel = state.batch_size, state.device, mixer.conv1d.kernel_size[0]
+        self.conv = torch.zeros(batch, kernel, mixer.conv_dim, dtype=dtype, device=device)
+        self.ssm = torch.zeros(batch, *mixer.state_shape, dtype=dtype, device=device)
         self._step_weights: dict | None = None
 
-    def step_weights(self, mamba: Mamba2) -> dict[str, torch.Tensor]:
+    def step_weights(self, mixer: Mamba2 | GatedDeltaNet) -> dict[str, torch.Tensor]:
         """The mixer's derived step parameters, computed on first use (see ``Mamba2.step_weights``)."""
         if self._step_weights is None:
-            self._step_weights = mamba.step_weights()
+            self._step_weights = mixer.step_weights()
         return self._step_weights
 
-    def forked(self, rows: torch.Tensor, sequence: SequenceState, room: int) -> MambaCache:
+    def forked(self, rows: torch.Tensor, sequence: SequenceState, room: int) -> RecurrentCache:
         fork = copy.copy(self)  # the step weights are shared: they do not change while decoding
         fork.sequence = sequence
         fork.conv, fork.ssm = self.conv[rows], self.ssm[rows]
@@ -332,8 +335,8 @@ def mixer_cache(mixer, state: SequenceState, capacity: int, dtype: torch.dtype):
         if mixer.rotary is not None:
             mixer.rotary.reserve(capacity, state.device)
         return KVCache(mixer, state, capacity, dtype) if mixer.window is None else WindowCache(mixer, state, dtype)
-    if isinstance(mixer, Mamba2):
-        return MambaCache(mixer, state, dtype)
+    if isinstance(mixer, (Mamba2, GatedDeltaNet)):
+        return RecurrentCache(mixer, state, dtype)
     if isinstance(mixer, IntraLayerHybrid):
         return HybridCache(*(mixer_cache(branch, state, capacity, dtype) for branch in mixer.branch_modules()))
     raise TypeError(f"{type(mixer).__name__} has no inference cache")

@@ -28,17 +28,28 @@ from torch import nn
 from strata.config import Config, ConfigError, ModelConfig, validate_config
 from strata.data.tokenizer import FILE_NAME as TOKENIZER_FILE
 from strata.data.tokenizer import HFTokenizer, Tokenizer, load_hf_tokenizer
-from strata.interop import bamba, falcon_h1, granite_hybrid, llama, mamba2, nemotron_h
+from strata.interop import bamba, falcon_h1, granite_hybrid, llama, mamba2, nemotron_h, olmo_hybrid, qwen3_next
 from strata.interop.family import Family, UnsupportedCheckpoint
 from strata.interop.weights import materialize, open_checkpoint_tensors
 from strata.models import build_model
 
 # Export tries the families in this order and takes the first that expresses the layout.
 FAMILIES: tuple[Family, ...] = (llama.FAMILY, mamba2.FAMILY, bamba.FAMILY, granite_hybrid.FAMILY,
-                                nemotron_h.FAMILY, falcon_h1.FAMILY)
+                                nemotron_h.FAMILY, falcon_h1.FAMILY, qwen3_next.FAMILY, olmo_hybrid.FAMILY)
+# Block options younger than most families: a family exports a model using one only if it is
+# listed here as expressing it (the others' ``exportable`` predates the option, and their export
+# would drop its weights or change what it computes).
+OPTIONS_EXPRESSED: dict[str, set[str]] = {
+    qwen3_next.FAMILY.architecture: {"attention.output_gate", "attention.qk_norm", "ffn.moe.softmax_over",
+                                     "ffn.moe.shared_gate"},
+    olmo_hybrid.FAMILY.architecture: {"attention.qk_norm", "post_norm"},
+}
 MAMBA_SSM_KEYS = ("d_model", "n_layer", "ssm_cfg")
 # Names a checkpoint may hold that are not weights: RoPE tables some older exports saved.
 NOT_WEIGHTS = ("rotary_emb.inv_freq",)
+# Multi-token prediction layers that Qwen3-Next and OLMo Hybrid checkpoints carry beside the model,
+# which transformers drops as well.
+NOT_MODEL = ("mtp.",)
 # A checkpoint with tied embeddings may still carry the head, a copy of the embedding.
 TIED_HEAD = "lm_head.weight"
 
@@ -93,7 +104,7 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None, device: str | to
     tensors = open_checkpoint_tensors(path)
     model = build_model(config, device="meta")
     materialize(model, family.weights_to_strata(config.model, tensors), dtype, str(path))
-    unread = [name for name in tensors.unread() if not name.endswith(NOT_WEIGHTS)
+    unread = [name for name in tensors.unread() if not name.endswith(NOT_WEIGHTS) and not name.startswith(NOT_MODEL)
               and not (config.model.tie_embeddings and name == TIED_HEAD)]
     if unread:
         raise PretrainedError(f"{path}: weight {unread[0]} has no place in the {family.architecture} strata builds"
@@ -148,16 +159,33 @@ def hf_family(config: ModelConfig) -> Family:
     """The first HF family that expresses the model ``config`` exactly; PretrainedError says why none does."""
     if not isinstance(config, ModelConfig):
         raise PretrainedError("an AU-Net has no Hugging Face counterpart to export to")
-    sections = (config.attention, config.hybrid.attention if config.hybrid is not None else None)
-    if any(section is not None and section.output_gate for section in sections):
-        raise PretrainedError("attention.output_gate: none of the families strata exports has gated attention")
+    used = _options_used(config)
     reasons = []
     for family in FAMILIES:
-        reason = family.exportable(config)
+        unexpressed = sorted(used - OPTIONS_EXPRESSED.get(family.architecture, set()))
+        reason = f"it cannot express {unexpressed[0]}" if unexpressed else family.exportable(config)
         if reason is None:
             return family
         reasons.append(f"{family.architecture}: {reason}")
     raise PretrainedError(f"layout {config.layout} maps onto no Hugging Face family ({'; '.join(reasons)})")
+
+
+def _options_used(config: ModelConfig) -> set[str]:
+    """The keys of ``OPTIONS_EXPRESSED``'s options that ``config`` sets."""
+    used = set()
+    for section in (config.attention, config.hybrid.attention if config.hybrid is not None else None):
+        if section is not None and section.output_gate:
+            used.add("attention.output_gate")
+        if section is not None and section.qk_norm != "none":
+            used.add("attention.qk_norm")
+    if set(config.post_norm) & set(config.layout):
+        used.add("post_norm")
+    moe = config.ffn.moe if config.ffn.kind == "moe" else None
+    if moe is not None and moe.softmax_over != "chosen":
+        used.add("ffn.moe.softmax_over")
+    if moe is not None and moe.shared_gate:
+        used.add("ffn.moe.shared_gate")
+    return used
 
 
 def hf_state(model: nn.Module, family: Family) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ from strata.config import ModelConfig, RopeConfig, StackConfig
 from strata.models.init import whole_parameters
 from strata.models.state import CarriedState
 from strata.nn.attention import Attention
+from strata.nn.gated_deltanet import GatedDeltaNet
 from strata.nn.hybrid import OUTPUT_PROJECTIONS as HYBRID_OUTPUT_PROJECTIONS, IntraLayerHybrid
 from strata.nn.mamba2 import Mamba2
 from strata.nn.mlp import build_ffn, update_balance_biases
@@ -26,14 +27,15 @@ def build_mixer(symbol: str, config: StackConfig, layer: int = 1) -> nn.Module:
     of the intra-layer hybrid starts from a value that depends on it)."""
     d_model = config.d_model
     if symbol == "A":
-        return Attention(d_model, config.attention)
+        return Attention(d_model, config.attention, norm_eps=config.norm_eps)
     if symbol == "W":
         window = config.sliding_window
-        return Attention(
-            d_model, config.attention, window=window.window, sinks=window.sinks, rope=RopeConfig(theta=window.rope_theta)
-        )
+        return Attention(d_model, config.attention, window=window.window, sinks=window.sinks,
+                         rope=RopeConfig(theta=window.rope_theta), norm_eps=config.norm_eps)
     if symbol == "M":
         return Mamba2(d_model, config.mamba, config.norm_eps)
+    if symbol == "G":
+        return GatedDeltaNet(d_model, config.gdn, config.norm_eps)
     if symbol == "H":
         return IntraLayerHybrid(d_model, config.hybrid, config.norm_eps, layer)
     raise ValueError(f"unknown layout symbol {symbol!r}")
@@ -43,7 +45,9 @@ class Block(nn.Module):
     """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x)) when the model has an FFN.
 
     An ``F`` block is the FFN half alone; a layout with ``F`` blocks gives the others no FFN
-    (Nemotron-H). ``residual_multiplier`` m makes each half add m·f(norm(x)) (Granite).
+    (Nemotron-H). ``residual_multiplier`` m makes each half add m·f(norm(x)) (Granite). A block
+    whose symbol is in ``post_norm`` normalises each half's output instead: x + norm(mixer(x)),
+    then x + norm(ffn(x)) (OLMo Hybrid's attention blocks).
     """
 
     def __init__(self, symbol: str, config: StackConfig, layer: int = 1):
@@ -56,14 +60,25 @@ class Block(nn.Module):
         self.ffn = build_ffn(config.d_model, config.ffn) if has_ffn else None
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps) if self.ffn is not None else None
         self.residual_multiplier = config.residual_multiplier
+        self.post_norm = symbol in config.post_norm
 
     def forward(self, x: torch.Tensor, cache=None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if self.post_norm:
+            return self._post_norm_forward(x, cache, segment_ids)
         # The norms are applied as functions, like the projections (see strata/nn/linear.py).
         if self.mixer is not None:
             normed = rms_norm(x, self.mixer_norm.weight, self.mixer_norm.eps)
             x = x + self._scaled(self.mixer(normed, cache=cache, segment_ids=segment_ids))
         if self.ffn is not None:
             x = x + self._scaled(self.ffn(rms_norm(x, self.ffn_norm.weight, self.ffn_norm.eps)))
+        return x
+
+    def _post_norm_forward(self, x: torch.Tensor, cache, segment_ids: torch.Tensor | None) -> torch.Tensor:
+        if self.mixer is not None:
+            update = self.mixer(x, cache=cache, segment_ids=segment_ids)
+            x = x + self._scaled(rms_norm(update, self.mixer_norm.weight, self.mixer_norm.eps))
+        if self.ffn is not None:
+            x = x + self._scaled(rms_norm(self.ffn(x), self.ffn_norm.weight, self.ffn_norm.eps))
         return x
 
     def _scaled(self, update: torch.Tensor) -> torch.Tensor:

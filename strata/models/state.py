@@ -2,8 +2,8 @@
 
 ``model(x1, state=s)`` then ``model(x2, state=s)`` computes what ``model(x1 ++ x2)`` computes,
 gradients included: ``s`` holds, per block, what the next tokens need of the earlier ones, as
-ordinary tensors of the autograd graph (attention: the rotated keys and the values; Mamba-2: the
-conv window and the SSM state; the intra-layer hybrid: both branches'). Nothing is written in
+ordinary tensors of the autograd graph (attention: the rotated keys and the values; Mamba-2 and
+Gated DeltaNet: the conv window and the recurrent state; the intra-layer hybrid: both branches'). Nothing is written in
 place, so a backward pass through the second call reaches the first. ``detach()`` cuts the graph
 (truncated backpropagation through time keeps the values and drops the history).
 
@@ -13,7 +13,8 @@ incremental state and, per deeper stage, its stacks' states and the segment its 
 
 It speaks the cache protocol the mixers already follow (``strata.inference.cache``): attention
 asks ``sequence.rope`` for its positions and ``update(k, v)`` for the keys, values and mask to
-attend over; Mamba-2 sees ``carried`` and continues its conv and scan from the held tensors.
+attend over; the recurrent mixers see ``carried`` and continue their conv and scan from the held
+tensors.
 ``max_context`` bounds the keys an attention block keeps (a sliding-window block keeps its sinks
 and its window in any case): the carried KV of truncated backpropagation.
 """
@@ -28,6 +29,7 @@ from torch import nn
 from strata.data.levels import TokenLevels
 
 from strata.nn.attention import Attention
+from strata.nn.gated_deltanet import GatedDeltaNet
 from strata.nn.hybrid import IntraLayerHybrid
 from strata.nn.mamba2 import Mamba2
 
@@ -103,8 +105,9 @@ class CarriedKV:
     TENSORS = ("keys", "values", "positions")
 
 
-class CarriedMamba:
-    """A Mamba-2 block's conv window (its last K−1 conv inputs) and SSM state; None before the first step."""
+class CarriedRecurrent:
+    """A recurrent mixer's (Mamba-2's, Gated DeltaNet's) conv window (its last K−1 conv inputs) and
+    state; None before the first step."""
 
     carried = True
 
@@ -135,8 +138,8 @@ def carried_layer(mixer: nn.Module | None, sequence: CarriedPositions, max_conte
         return None
     if isinstance(mixer, Attention):
         return CarriedKV(mixer, sequence, max_context)
-    if isinstance(mixer, Mamba2):
-        return CarriedMamba(sequence)
+    if isinstance(mixer, (Mamba2, GatedDeltaNet)):
+        return CarriedRecurrent(sequence)
     if isinstance(mixer, IntraLayerHybrid):
         return CarriedHybrid(*(carried_layer(branch, sequence, max_context) for branch in mixer.branch_modules()))
     raise TypeError(f"{type(mixer).__name__} cannot carry a state")
@@ -164,7 +167,7 @@ class CarriedState:
         return self
 
     def _holders(self):
-        """(name prefix, per-mixer state) of every attention and Mamba-2 state, hybrids' branches apart."""
+        """(name prefix, per-mixer state) of every attention and recurrent state, hybrids' branches apart."""
         for index, layer in enumerate(self.layers):
             parts = layer.branches if isinstance(layer, CarriedHybrid) else (layer,)
             for branch, part in enumerate(parts):

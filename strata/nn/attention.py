@@ -8,6 +8,7 @@ from torch import nn
 
 from strata.config import AttentionConfig, RopeConfig
 from strata.nn.linear import project
+from strata.nn.norms import RMSNorm, rms_norm
 from strata.nn.rope import RotaryEmbedding, apply_rotary
 
 
@@ -50,7 +51,9 @@ class Attention(nn.Module):
     RoPE rotates the first ``rope.fraction`` of each Q/K head's channels; with ``rope: null`` the
     attention has no positional encoding (NoPE). ``softmax_scale`` replaces 1/sqrt(head_dim).
     With ``output_gate`` the projection also makes a gate per output channel, and the heads'
-    output is multiplied by its sigmoid (Qwen3-Next's gated attention).
+    output is multiplied by its sigmoid (Qwen3-Next's gated attention). ``qk_norm`` RMSNorms the
+    new queries and keys (``q_norm``, ``k_norm``, epsilon ``norm_eps``) before they are rotated,
+    so cached and carried keys are stored normalised, as the full forward computes them.
 
     ``attend`` returns the concatenated heads
     [B, T, n_heads * v_head_dim] before the output projection, so the hybrid mixer can fuse
@@ -69,6 +72,7 @@ class Attention(nn.Module):
         sinks: int = 0,
         rope: RopeConfig | None = None,
         output_projection: bool = True,
+        norm_eps: float = 1e-5,
     ):
         super().__init__()
         self.n_heads = config.n_heads
@@ -87,6 +91,11 @@ class Attention(nn.Module):
         # RoPE rotates the first rotary_dim channels of each head; None: no positional encoding.
         self.rotary_dim = 0 if rope is None else int(self.head_dim * rope.fraction)
         self.rotary = RotaryEmbedding(self.rotary_dim, rope) if rope is not None else None
+        # ``qk_norm``: one weight per head channel shared by the heads, or one per projected channel.
+        self.qk_norm = None if config.qk_norm == "none" else config.qk_norm
+        q_norm_width, k_norm_width = (self.head_dim,) * 2 if config.qk_norm == "head" else self.qkv_widths[:2]
+        self.q_norm = RMSNorm(q_norm_width, norm_eps) if self.qk_norm else None
+        self.k_norm = RMSNorm(k_norm_width, norm_eps) if self.qk_norm else None
 
     @property
     def value_width(self) -> int:
@@ -103,6 +112,8 @@ class Attention(nn.Module):
             qk, v, gate = project(self.qkv_proj, x).split_with_sizes([q_width + k_width, v_width, self.gate_width], dim=-1)
         else:
             qk, v = project(self.qkv_proj, x).split_with_sizes([q_width + k_width, v_width], dim=-1)
+        if self.qk_norm is not None:
+            qk = self._normed(qk)
         qk = qk.view(batch, length, self.n_heads + self.n_kv_heads, self.head_dim)
         qk = self._rotated(qk, cache, segment_ids).transpose(1, 2)
         q, k = qk.split_with_sizes([self.n_heads, self.n_kv_heads], dim=1)
@@ -130,6 +141,16 @@ class Attention(nn.Module):
         if self.gate_width:
             out = out * torch.sigmoid(gate)
         return (out, v) if return_values else out
+
+    def _normed(self, qk: torch.Tensor) -> torch.Tensor:
+        """Q and K side by side [B, T, q_width + k_width], each RMS-normalised per head or over its
+        whole width (``qk_norm``); returned as [B, T, heads, head_dim] or as given, to be viewed so."""
+        q, k = qk.split_with_sizes(self.qkv_widths[:2], dim=-1)
+        if self.qk_norm == "head":
+            q, k = q.unflatten(-1, (self.n_heads, self.head_dim)), k.unflatten(-1, (self.n_kv_heads, self.head_dim))
+        q = rms_norm(q, self.q_norm.weight, self.q_norm.eps)
+        k = rms_norm(k, self.k_norm.weight, self.k_norm.eps)
+        return torch.cat([q, k], dim=-2 if self.qk_norm == "head" else -1)
 
     def _rotated(self, qk: torch.Tensor, cache, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Q and K heads side by side [B, T, heads, D], rotated at their positions (within their

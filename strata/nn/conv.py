@@ -60,6 +60,37 @@ def _segmented_causal_conv1d(x, weight, bias, segment_ids):
     return y
 
 
+def cached_causal_conv1d(held: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, weight_by_tap: torch.Tensor,
+                         bias: torch.Tensor | None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """The conv of new steps x [B, T, C] continued from ``held`` [B, K, C], a decoding cache's last
+    K inputs, which is updated in place (``weight_by_tap`` is weight [C, K] transposed, for the
+    single-step product). ``lengths`` [B] ends rows early: a row keeps the inputs of its last
+    ``lengths[b]`` real steps (trailing padding). Returns [B, T, C] in ``held``'s dtype."""
+    steps, kernel = x.shape[1], held.shape[1]
+    window = torch.cat([held[:, 1:], x.to(held.dtype)], dim=1)  # [B, K−1+T, C]
+    if lengths is None:
+        held.copy_(window[:, -kernel:])
+    else:
+        extended = torch.cat([held[:, :1], window], dim=1)  # [B, K+T, C]; new step s at K+s
+        last = lengths[:, None] + torch.arange(kernel, device=lengths.device)  # [B, K]
+        held.copy_(extended.gather(1, last[..., None].expand(-1, -1, extended.shape[2])))
+    if steps == 1:
+        y = (window * weight_by_tap).sum(1, keepdim=True)
+        return y + bias if bias is not None else y
+    return causal_conv1d(window, weight, bias)[:, kernel - 1 :]
+
+
+def carried_causal_conv1d(held: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
+                          bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The conv of x [B, T, C] continued from ``held`` [B, K−1, C], the inputs before it (None:
+    none, as at the conv's own left padding), through autograd; returns (y, the new ``held``)."""
+    kernel = weight.shape[-1]
+    if held is None:
+        held = x.new_zeros(x.shape[0], kernel - 1, x.shape[2])
+    window = torch.cat([held, x], dim=1)
+    return causal_conv1d(window, weight, bias)[:, kernel - 1 :], window[:, window.shape[1] - (kernel - 1) :]
+
+
 def causal_conv1d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     length, channels, width = x.shape[1], weight.shape[0], weight.shape[1]
     y = F.conv1d(x.transpose(1, 2), weight[:, None], bias, padding=width - 1, groups=channels)

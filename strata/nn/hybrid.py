@@ -4,13 +4,14 @@ al., 2025), and the other two-branch designs of that paper's Table 6.
     f(X) = W_out( α_b · Norm(M_b(X))  ⊕  α_a · Norm(M_a(X)) )
 
 Both branches read the same normalised input. ``branches`` picks their mixers, a then b:
-``attn_ssm`` is the hybrid (attention, Mamba-2); ``attn_attn`` ("T/T") is the Differential
-Transformer's pair of attention maps and ``ssm_ssm`` ("M/M") Differential Mamba's pair of Mamba-2
-mixers. A branch takes the shape of its kind's section (``hybrid.attention`` or ``hybrid.mamba``).
+``attn_ssm`` is the hybrid (attention, Mamba-2); ``attn_gdn`` the same design with Gated DeltaNet
+heads as the linear branch; ``attn_attn`` ("T/T") is the Differential Transformer's pair of
+attention maps and ``ssm_ssm`` ("M/M") Differential Mamba's pair of Mamba-2 mixers. A branch takes
+the shape of its kind's section (``hybrid.attention``, ``hybrid.mamba`` or ``hybrid.gdn``).
 Every other design axis the paper explored is a setting of HybridConfig: branch norm, scaling α,
-fusion ⊕ (diff is b − a: ssm − attn for the hybrid), value sharing, joint or separate output
-projection. The defaults are the paper's final recipe: GroupNorm, no scaling, subtraction,
-separate projections.
+fusion ⊕ (diff is b − a: ssm − attn for the hybrid, gdn − attn for attn_gdn), value sharing
+(attn_ssm only), joint or separate output projection. The defaults are the paper's final recipe:
+GroupNorm, no scaling, subtraction, separate projections.
 
 Two scalings come from other papers:
 - ``lambda``, the Differential Transformer's (Ye et al. 2024, §2.1): b − λ·a with
@@ -35,6 +36,7 @@ from torch import nn
 
 from strata.config import HybridConfig
 from strata.nn.attention import Attention
+from strata.nn.gated_deltanet import GatedDeltaNet
 from strata.nn.linear import project
 from strata.nn.mamba2 import Mamba2
 from strata.nn.norms import HeadGroupNorm
@@ -46,7 +48,8 @@ LAMBDA_VECTORS = ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
 
 def branch_names(branches: str) -> tuple[str, str]:
     """Module names of branches a and b: ``attn`` and ``ssm`` for the hybrid (the names its
-    checkpoints have always used), numbered when both are of one kind (``attn1``, ``attn2``)."""
+    checkpoints have always used; ``attn`` and ``gdn`` beside Gated DeltaNet), numbered when both
+    are of one kind (``attn1``, ``attn2``)."""
     first, second = branches.split("_")
     return (first, second) if first != second else (f"{first}1", f"{second}2")
 
@@ -82,12 +85,14 @@ class IntraLayerHybrid(nn.Module):
         for name, kind in zip(self.names, config.branch_kinds, strict=True):
             if kind == "attention":
                 branch = Attention(d_model, config.attention, output_projection=False)
+            elif kind == "gdn":
+                branch = GatedDeltaNet(d_model, config.gdn, norm_eps, output_projection=False)
             else:
                 # Value sharing (hybrid only) feeds the attention's values to the Mamba branch as x.
                 branch = Mamba2(d_model, config.mamba, norm_eps, external_x=config.share_value, output_projection=False)
             setattr(self, name, branch)
         first, second = self.branch_modules()
-        widths = [branch.value_width if isinstance(branch, Attention) else branch.d_ssm for branch in (first, second)]
+        widths = [branch.d_ssm if isinstance(branch, Mamba2) else branch.value_width for branch in (first, second)]
 
         for name, branch, width in zip(self.names, (first, second), widths):
             norm = HeadGroupNorm(width, branch.n_heads, norm_eps) if config.norm == "group" else nn.Identity()

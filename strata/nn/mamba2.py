@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from strata.config import Mamba2Config
-from strata.nn.conv import causal_conv1d
+from strata.nn.conv import cached_causal_conv1d, carried_causal_conv1d, causal_conv1d
 from strata.nn.linear import project
 from strata.nn.norms import GatedRMSNorm
 from strata.nn.ssd import ssd_chunked, ssd_step
@@ -23,7 +23,7 @@ class Mamba2(nn.Module):
     gate z meets the grouped RMSNorm (``gate_only``: no norm, no norm weight). With ``external_x`` the
     projection makes no x: the caller passes it (the hybrid's value sharing).
 
-    With a ``cache`` (a MambaCache) the input holds only the new steps: the conv continues from
+    With a ``cache`` (a RecurrentCache) the input holds only the new steps: the conv continues from
     the cached conv inputs and the scan from the cached state (one recurrence step for a single
     new step, the chunked scan for a prompt), and both are stored back.
     """
@@ -65,6 +65,11 @@ class Mamba2(nn.Module):
             multipliers, (self.d_ssm, x_width, bc_width // 2, bc_width // 2, self.n_heads))
         self.config = config
         self.reset_parameters()  # after every child: the order construction draws in (strata.models.init)
+
+    @property
+    def state_shape(self) -> tuple[int, int, int]:
+        """The SSM state of one sequence: heads × head width × state size."""
+        return (self.n_heads, self.head_dim, self.d_state)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -134,12 +139,7 @@ class Mamba2(nn.Module):
     def _carry(self, state, xbc: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
         """Conv and scan of the new steps continued from a carried state (``strata.models.state``),
         through autograd: the state's new tensors replace its old ones, nothing in place."""
-        kernel = self.conv1d.weight.shape[-1]
-        if state.conv is None:  # a fresh stream: zeros, as the conv's own left padding
-            state.conv = xbc.new_zeros(xbc.shape[0], kernel - 1, xbc.shape[2])
-        window = torch.cat([state.conv, xbc], dim=1)
-        conv = causal_conv1d(window, self.conv1d.weight[:, 0], self.conv1d.bias)[:, kernel - 1 :]
-        state.conv = window[:, window.shape[1] - (kernel - 1) :]
+        conv, state.conv = carried_causal_conv1d(state.conv, xbc, self.conv1d.weight[:, 0], self.conv1d.bias)
         xs, B, C = self.split_conv_output(F.silu(conv))
         dt = F.softplus(dt.float() + self.dt_bias.float())
         y, state.ssm = ssd_chunked(xs, dt, -torch.exp(self.A_log.float()), B, C, self.chunk_size, self.D,
@@ -157,22 +157,9 @@ class Mamba2(nn.Module):
             # was after the last real one (trailing padding).
             xbc = xbc.masked_fill(pad[..., None], 0)
             dt = dt.masked_fill(pad[..., None], 0)
-        steps, kernel = xbc.shape[1], cache.conv.shape[1]
-        window = torch.cat([cache.conv[:, 1:], xbc.to(cache.conv.dtype)], dim=1)  # [B, K−1+T, C]
-        lengths = cache.sequence.lengths
-        if lengths is None:
-            cache.conv.copy_(window[:, -kernel:])
-        else:
-            # Rows that end early (trailing padding) keep the conv inputs of their last real steps.
-            held = torch.cat([cache.conv[:, :1], window], dim=1)  # [B, K+T, C]; new step s at K+s
-            last = lengths[:, None] + torch.arange(kernel, device=lengths.device)  # [B, K]
-            cache.conv.copy_(held.gather(1, last[..., None].expand(-1, -1, held.shape[2])))
-        if steps == 1:
-            conv = (window * weights["conv_weight_by_tap"]).sum(1, keepdim=True)
-            if self.conv1d.bias is not None:
-                conv = conv + self.conv1d.bias
-        else:
-            conv = causal_conv1d(window, weights["conv_weight"], self.conv1d.bias)[:, kernel - 1 :]
+        conv = cached_causal_conv1d(cache.conv, xbc, weights["conv_weight"], weights["conv_weight_by_tap"],
+                                    self.conv1d.bias, cache.sequence.lengths)
+        steps = xbc.shape[1]
         xs, B, C = self.split_conv_output(F.silu(conv.to(xbc.dtype)))
         if steps == 1:
             y, state = ssd_step(cache.ssm, xs[:, 0], dt[:, 0], weights["A"], B[:, 0], C[:, 0], weights["D"])

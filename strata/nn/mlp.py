@@ -55,6 +55,11 @@ class MoE(nn.Module):
     an auxiliary loss. Routed weights are the chosen sigmoid scores, normalised to sum to one when
     ``moe.normalize_weights`` (top-k > 1 only: at top-1 that weight would be the constant 1 and the
     router would never learn).
+
+    ``router: softmax`` weighs the chosen experts by the softmax of their logits (Granite's), or
+    with ``softmax_over: all`` by their probabilities under the softmax over every expert (Qwen3-
+    Next's ``norm_topk_prob: false``). ``shared_gate`` scales the shared experts' summed output by
+    sigmoid(shared_gate(x)), one gate per token (Qwen3-Next's).
     """
 
     def __init__(self, d_model: int, config: FFNConfig):
@@ -65,9 +70,11 @@ class MoE(nn.Module):
         self.n_experts = moe.n_experts
         self.bias_update_rate = moe.bias_update_rate
         self.router_kind = moe.router
+        self.softmax_over = moe.softmax_over
         self.router = nn.Linear(d_model, moe.n_experts, bias=False)
         self.experts = nn.ModuleList(SwiGLU(d_model, config.expert_width) for _ in range(moe.n_experts))
         self.shared = nn.ModuleList(SwiGLU(d_model, config.shared_width) for _ in range(moe.n_shared))
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if moe.shared_gate else None
         # Only the sigmoid router balances through a bias.
         self.register_buffer("balance_bias", torch.empty(moe.n_experts) if moe.router == "sigmoid" else None)
         self.register_buffer("tokens_per_expert", torch.empty(moe.n_experts), persistent=False)
@@ -82,7 +89,10 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         logits = self.router(flat).float()
-        if self.router_kind == "softmax":
+        if self.router_kind == "softmax" and self.softmax_over == "all":
+            # Qwen3-Next's unnormalised top-k: the chosen experts' share of the whole softmax.
+            weights, chosen = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
+        elif self.router_kind == "softmax":
             # Granite's router: softmax over the chosen experts' logits; no balancing bias.
             top, chosen = torch.topk(logits, self.top_k, dim=-1)
             weights = torch.softmax(top, dim=-1)
@@ -102,8 +112,12 @@ class MoE(nn.Module):
         for expert_index, expert in enumerate(self.experts):
             rows, slot = torch.where(chosen == expert_index)
             out.index_add_(0, rows, expert(flat[rows]) * weights[rows, slot, None])
-        for expert in self.shared:
-            out = out + expert(flat)
+        if self.shared_gate is None:
+            for expert in self.shared:
+                out = out + expert(flat)
+        else:
+            shared = sum(expert(flat) for expert in self.shared)
+            out = out + torch.sigmoid(project(self.shared_gate, flat)) * shared
         return out.reshape(x.shape)
 
     @torch.no_grad()

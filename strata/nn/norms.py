@@ -1,4 +1,5 @@
-"""Normalisation layers: RMSNorm, the gated group RMSNorm of Mamba-2, and per-head GroupNorm.
+"""Normalisation layers: RMSNorm, the gated group RMSNorm of Mamba-2, Gated DeltaNet's gated
+per-head RMSNorm, and per-head GroupNorm.
 
 ``rms_norm`` has a hand-written backward: on CPU ``F.rms_norm`` with autograd runs as a chain of
 small ops forward and backward, and a fused reduction plus row dot-products measured ~1.8x faster.
@@ -92,6 +93,23 @@ class GatedRMSNorm(nn.Module):
             return _rms_norm_fp32(x, self.weight.float(), self.eps)
         return _rms_norm_fp32(x.unflatten(-1, (self.n_groups, -1)), self.weight.float().view(self.n_groups, -1),
                               self.eps).flatten(-2)
+
+
+class HeadGatedRMSNorm(nn.Module):
+    """``RMSNorm(y) * silu(z)`` over each head's channels of y, z [..., heads, head_dim], one weight
+    of ``head_dim`` shared by the heads (Gated DeltaNet's output norm)."""
+
+    def __init__(self, head_dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(head_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return (_rms_norm_fp32(y.float(), self.weight.float(), self.eps) * F.silu(z.float())).to(y.dtype)
 
 
 class HeadGroupNorm(nn.Module):

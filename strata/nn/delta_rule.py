@@ -1,0 +1,163 @@
+"""The gated delta rule of Gated DeltaNet, twice: the chunked (WY / UT-transform) algorithm and the
+exact step-by-step recurrence.
+
+Shapes (b batch, t time, h heads, k key width, v value width):
+    q, k [b, t, h, k] (k L2-normalised; q normalised and scaled by the caller)   v [b, t, h, v]
+    g [b, t, h] log-decays (<= 0)   beta [b, t, h]   state [b, h, k, v]
+
+Recurrence per head, with α_t = exp(g_t):
+    S_t = α_t S_{t-1} + β_t k_t (v_t − α_t S_{t-1}ᵀ k_t)ᵀ = α_t (I − β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ
+    o_t = S_tᵀ q_t
+
+The chunked form splits time into chunks of Q steps. With γ the within-chunk cumulative log-decay
+and Γ[i, j] = exp(γ_i − γ_j) for i >= j, the corrections the steps of a chunk write,
+δ_i = β_i (v_i − S'_iᵀ k_i) (S'_i: the state just before step i writes, decayed), satisfy a unit
+lower-triangular system (I + tril₋₁(diag(β) K Kᵀ ∘ Γ)) δ = β V − diag(β) (K ∘ e^γ) S₀. Its
+inverse T (the UT transform) gives δ = U − W S₀ with U = T βV and W = T (βK ∘ e^γ), and then
+    O = (Q ∘ e^γ) S₀ + (Q Kᵀ ∘ Γ) δ,   S_end = e^{γ_Q} S₀ + (K ∘ e^{γ_Q − γ})ᵀ δ,
+both affine in the entering state S₀. So every product is batched over all chunks at once, and
+only S_end = M S₀ + N, one [k, k] × [k, v] matmul a chunk, runs chunk after chunk. The gradient is
+autograd's through these matmuls, except for T, whose backward is written out (two matmuls where
+the solve's own would solve again and copy matrix by matrix); the tests hold it to the
+recurrence's. The cumulative log-decays are differenced in float64 (in float32 they would cancel
+when the decay is strong) and everything else is computed in fp32, cast back to v's dtype.
+
+Packed documents: ``resets`` [b, t] marks the steps that start a new segment. They get the
+log-decay −RESET_LOG_DECAY (``strata.nn.ssd``'s device): their decay is exactly 0, so no state
+or within-chunk product crosses the boundary, while the float64 sums stay finite and exact.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from strata.nn.ssd import RESET_LOG_DECAY
+
+
+class _UnitLowerInverse(torch.autograd.Function):
+    """T = (I + A)⁻¹ for strictly lower-triangular A [..., Q, Q]: a triangular solve forward and
+    dA = −tril₋₁(Tᵀ dT Tᵀ) backward, two matmuls (autograd's backward of the solve runs a second
+    solve and copies each matrix of the batch)."""
+
+    @staticmethod
+    def forward(ctx, strictly_lower):
+        size = strictly_lower.shape[-1]
+        identity = torch.eye(size, dtype=strictly_lower.dtype, device=strictly_lower.device)
+        inverse = torch.linalg.solve_triangular(strictly_lower + identity, identity.expand_as(strictly_lower),
+                                                upper=False, unitriangular=True)
+        ctx.save_for_backward(inverse)
+        return inverse
+
+    @staticmethod
+    def backward(ctx, d_inverse):
+        (inverse,) = ctx.saved_tensors
+        transposed = inverse.transpose(-1, -2)
+        return -(transposed @ d_inverse @ transposed).tril_(-1)
+
+
+def _reset_log_decay(g: torch.Tensor, resets: torch.Tensor | None) -> torch.Tensor:
+    g = g.float()
+    return g if resets is None else g - RESET_LOG_DECAY * resets[..., None].float()
+
+
+def gated_delta_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    chunk_size: int,
+    initial_state: torch.Tensor | None = None,
+    resets: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked gated delta rule for training and prefill; returns (o [b, t, h, v], final state
+    [b, h, k, v]). ``resets`` [b, t] (bool): steps that start a new segment."""
+    batch, length, heads, key_width = k.shape
+    value_width, dtype = v.shape[-1], v.dtype
+    Q, pad = chunk_size, (-length) % chunk_size
+    g = _reset_log_decay(g, resets)
+    q, k, v, beta = q.float(), k.float(), v.float(), beta.float()
+    if pad:
+        # Padded steps write nothing (β = 0) and do not decay (g = 0): the final state is unaffected.
+        q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
+        g, beta = F.pad(g, (0, 0, 0, pad)), F.pad(beta, (0, 0, 0, pad))
+    chunks = (length + pad) // Q
+
+    def per_chunk(x):  # [b, t, h, ...] -> [b, h, c, Q, ...], contiguous so matmuls batch over b, h, c at once
+        return x.unflatten(1, (chunks, Q)).movedim(3, 1).contiguous()
+
+    q, k, v, g, beta = per_chunk(q), per_chunk(k), per_chunk(v), per_chunk(g), per_chunk(beta)
+    cumulative64 = g.double().cumsum(-1)  # [b, h, c, Q]
+    below = torch.ones(Q, Q, dtype=torch.bool, device=k.device).tril()
+    Gamma = torch.exp((cumulative64[..., :, None] - cumulative64[..., None, :]).float().masked_fill(~below, float("-inf")))
+    decay_in = torch.exp(cumulative64.float())[..., None]  # e^{γ_i}: from the chunk's start to step i
+    decay_out = torch.exp((cumulative64[..., -1:] - cumulative64).float())[..., None]  # e^{γ_Q − γ_i}: from i to the end
+
+    k_beta = k * beta[..., None]
+    # The UT transform: T = (I + tril₋₁(diag(β) K Kᵀ ∘ Γ))⁻¹, then the corrections of the values
+    # (U) and of the entering state (W).
+    T = _UnitLowerInverse.apply(((k_beta @ k.transpose(-1, -2)) * Gamma).tril_(-1))
+    values = T @ (v * beta[..., None])  # U [b, h, c, Q, v]
+    state_reads = T @ (k_beta * decay_in)  # W [b, h, c, Q, k]
+    scores = (q @ k.transpose(-1, -2)) * Gamma  # [b, h, c, Q, Q]
+    k_out = k * decay_out
+    # The chunk's affine maps of its entering state S₀, for all chunks at once:
+    # S_end = (e^{γ_Q} I − K_outᵀ W) S₀ + K_outᵀ U and O = (Q ∘ e^γ − scores W) S₀ + scores U.
+    chunk_decay = decay_in[..., -1:, :]  # e^{γ_Q} [b, h, c, 1, 1]
+    identity = torch.eye(key_width, device=k.device)
+    transition = identity * chunk_decay - k_out.transpose(-1, -2) @ state_reads  # [b, h, c, k, k]
+    written = k_out.transpose(-1, -2) @ values  # [b, h, c, k, v]
+    state = (initial_state.float() if initial_state is not None
+             else k.new_zeros(batch, heads, key_width, value_width))
+    entering = []
+    # (unbind: one backward op for all chunks, where indexing would allocate a zero gradient each.)
+    for chunk_transition, chunk_written in zip(transition.unbind(2), written.unbind(2), strict=True):
+        entering.append(state)
+        state = chunk_transition @ state + chunk_written
+    reads = q * decay_in - scores @ state_reads  # [b, h, c, Q, k]
+    o = reads @ torch.stack(entering, dim=2) + scores @ values
+    o = o.flatten(2, 3)[:, :, :length].transpose(1, 2)  # [b, t, h, v]
+    return o.to(dtype).contiguous(), state
+
+
+def gated_delta_step(
+    state: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One recurrence step: q, k [b, h, k], v [b, h, v], g, beta [b, h], state [b, h, k, v];
+    returns (o [b, h, v], the new fp32 state)."""
+    state = state.float() * torch.exp(g.float())[..., None, None]
+    k32 = k.float()
+    remembered = (k32[..., None, :] @ state).squeeze(-2)  # Sᵀk [b, h, v]
+    delta = beta.float()[..., None] * (v.float() - remembered)
+    state = state + k32[..., :, None] * delta[..., None, :]
+    o = (q.float()[..., None, :] @ state).squeeze(-2)
+    return o.to(v.dtype), state
+
+
+def gated_delta_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    resets: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: the exact recurrence, one step at a time, its state zeroed before each step
+    that ``resets`` marks. Same signature as ``gated_delta_chunked`` without the chunk size."""
+    batch, length, heads, key_width = k.shape
+    state = (initial_state.float() if initial_state is not None
+             else k.new_zeros(batch, heads, key_width, v.shape[-1], dtype=torch.float32))
+    outputs = []
+    for t in range(length):
+        if resets is not None:
+            state = torch.where(resets[:, t, None, None, None], torch.zeros_like(state), state)
+        o, state = gated_delta_step(state, q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t])
+        outputs.append(o)
+    return torch.stack(outputs, dim=1), state
