@@ -9,7 +9,10 @@
 A step is forward + cross-entropy + backward + AdamW. Each pair (strata, HF) is timed in
 alternation, repeat after repeat, and the median of each is compared, so machine noise hits both
 sides alike; the figure to read is the ratio, not the absolute time. The SSD scan is timed alone
-(forward + backward) against HF's pure-PyTorch ``mamba2_chunk_scan``. CPU runs use float32.
+(forward + backward) against HF's pure-PyTorch ``mamba2_chunk_scan``, and the gated delta rule
+against transformers' ``torch_chunk_gated_delta_rule`` (their CPU path: fla's kernels are Triton).
+The tiny ``gdn`` preset's step is timed against the tiny ``mamba2`` preset's, of equal parameters
+(target: at least 0.8x its speed). CPU runs use float32.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from timing import alternate, paired_ratio, time_alternating, timed
 
 from strata import build_model, load_config
 from strata.cost.model import model_cost
+from strata.nn.delta_rule import gated_delta_chunked
 from strata.nn.ssd import ssd_chunked
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +88,29 @@ def scan_case(batch: int, seq: int, repeats: int) -> dict[str, float]:
         y.sum().backward()
 
     return time_alternating({"strata": strata_scan, "hf": hf_scan}, repeats)
+
+
+def delta_rule_case(batch: int, seq: int, repeats: int) -> dict[str, float]:
+    """The tiny ``gdn`` preset's rule (4 heads, key 32, value 48, chunks of 32), forward + backward."""
+    from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
+
+    heads, key_width, value_width, chunk = 4, 32, 48, 32
+    generator = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(batch, seq, heads, key_width, generator=generator), dim=-1).requires_grad_()
+    k = F.normalize(torch.randn(batch, seq, heads, key_width, generator=generator), dim=-1).requires_grad_()
+    v = torch.randn(batch, seq, heads, value_width, generator=generator, requires_grad=True)
+    g = (-torch.rand(batch, seq, heads, generator=generator)).requires_grad_()
+    beta = torch.rand(batch, seq, heads, generator=generator, requires_grad=True)
+
+    def strata_rule():
+        o, _ = gated_delta_chunked(q * key_width**-0.5, k, v, g, beta, chunk)
+        o.sum().backward()
+
+    def hf_rule():
+        o, _ = torch_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=chunk)  # scales q itself
+        o.sum().backward()
+
+    return time_alternating({"strata": strata_rule, "hf": hf_rule}, repeats)
 
 
 def matmul_peak(sizes=(1024, 2048, 3072), repeats: int = 5) -> float:
@@ -185,6 +212,18 @@ def main() -> None:
         {"case": "SSD scan fwd+bwd vs HF", "strata_s": seconds["strata"], "hf_s": seconds["hf"], "speedup": seconds["hf"] / seconds["strata"]}
     )
 
+    seconds = delta_rule_case(args.batch, args.seq, args.repeats)
+    results.append({"case": "gated delta rule fwd+bwd vs HF", "strata_s": seconds["strata"], "hf_s": seconds["hf"],
+                    "speedup": seconds["hf"] / seconds["strata"]})
+
+    gdn, mamba = (build_model(load_config(ROOT / f"configs/tiny/{name}.yaml")) for name in ("gdn", "mamba2"))
+    tokens = torch.randint(0, gdn.config.vocab_size, (args.batch, args.seq + 1))
+    samples = alternate({"gdn": timed(training_step(gdn, tokens, strata_logits)),
+                         "mamba2": timed(training_step(mamba, tokens, strata_logits))}, args.repeats, warmup=2)
+    speed, low, high = paired_ratio(samples["mamba2"], samples["gdn"])
+    results.append({"case": "tiny gdn vs tiny mamba2", "strata_s": statistics.median(samples["gdn"]),
+                    "hf_s": statistics.median(samples["mamba2"]), "speedup": speed, "speedup_low": low, "speedup_high": high})
+
     import transformers
 
     print(
@@ -194,6 +233,8 @@ def main() -> None:
     print(f"{'case':30s} {'strata ms':>10s} {'HF ms':>10s} {'speedup':>8s}")
     for row in results:
         print(f"{row['case']:30s} {row['strata_s'] * 1e3:10.1f} {row['hf_s'] * 1e3:10.1f} {row['speedup']:7.2f}x")
+    print("(the last row's 'HF' column is the tiny mamba2 preset, its speedup the gdn step's speed relative to "
+          f"it, per-round range {low:.2f}-{high:.2f}; target >= 0.8)")
 
     peak = matmul_peak()
     throughput = family_throughput(args.batch, args.seq, args.repeats)
