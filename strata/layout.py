@@ -16,7 +16,7 @@ BLOCK_SYMBOLS = {
     "W": "sliding-window attention",
     "M": "Mamba-2",
     "G": "Gated DeltaNet",
-    "H": "intra-layer hybrid (attention + Mamba-2 heads)",
+    "H": "intra-layer hybrid (attention + Mamba-2 or Gated DeltaNet heads)",
     "F": "feed-forward only (then no other block has a feed-forward half)",
 }
 
