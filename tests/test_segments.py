@@ -217,16 +217,17 @@ def test_a_carried_state_run_resumes_exactly(tmp_path, family):
     """train.carry_state: a run killed after its step-6 checkpoint (here: stopped there) and resumed
     gives the straight run's losses bit for bit: the carried state (for an AU-Net also the split
     rule's, replayed) is part of the checkpoint."""
+    from cli_runner import REPRODUCIBLE_BLAS
     from cli_runner import strata as run_strata
     from test_train import losses
 
     common = [TINY / f"{family}.yaml", "--data", "shakespeare", "--quiet", "model.context_length=32",
               "train.batch_size=2", "train.eval_bytes=2048", "data.valid_fraction=0.01", "train.schedule=constant",
               "train.eval_every=1000", "train.carry_state=true", "train.carry_context=16"]
-    run_strata("train", *common, "--steps", 12, "--out", tmp_path / "straight")
-    run_strata("train", *common, "--steps", 6, "--out", tmp_path / "stopped")
+    run_strata("train", *common, "--steps", 12, "--out", tmp_path / "straight", env=REPRODUCIBLE_BLAS)
+    run_strata("train", *common, "--steps", 6, "--out", tmp_path / "stopped", env=REPRODUCIBLE_BLAS)
     assert (tmp_path / "stopped" / "checkpoints" / "step-000006" / "carried.safetensors").is_file()
-    run_strata("train", "--resume", tmp_path / "stopped", "--quiet", "train.steps=12")
+    run_strata("train", "--resume", tmp_path / "stopped", "--quiet", "train.steps=12", env=REPRODUCIBLE_BLAS)
     assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_runner import REPRODUCIBLE_BLAS
 from strata.data import corpus_path, load_documents, split_documents
 from strata.train.trainer import gzip_bits_per_byte
 
@@ -19,9 +20,9 @@ TINY = ROOT / "configs" / "tiny"
 FAST = ["model.context_length=64", "train.batch_size=4", "train.eval_bytes=4096", "data.valid_fraction=0.01"]
 
 
-def strata(*args, check=True, timeout=600):
+def strata(*args, check=True, timeout=600, env=None):
     result = subprocess.run(
-        [sys.executable, "-m", "strata.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "strata.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env
     )
     if check and result.returncode != 0:
         raise AssertionError(f"strata {' '.join(map(str, args))} failed:\n{result.stderr[-3000:]}")
@@ -47,11 +48,12 @@ def test_resume_after_kill_repeats_the_straight_run_exactly(tmp_path, shakespear
               "train.save_every=20", "train.eval_every=1000", "train.batch_size=8", "model.context_length=128"]
     # (later overrides win: 8 sequences of 128 tokens make steps slow enough to kill between saves)
     straight = tmp_path / "straight"
-    strata("train", *common, "--steps", 40, "--out", straight)
+    strata("train", *common, "--steps", 40, "--out", straight, env=REPRODUCIBLE_BLAS)
 
     killed = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "strata.cli", "train", *map(str, common), "--steps", "40",
-                                "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=REPRODUCIBLE_BLAS)
     checkpoint = killed / "checkpoints" / "step-000020"
     deadline = time.time() + 300
     while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
@@ -61,7 +63,7 @@ def test_resume_after_kill_repeats_the_straight_run_exactly(tmp_path, shakespear
     assert checkpoint.exists(), "the run ended before its step-20 checkpoint"
     assert not (killed / "checkpoints" / "step-000040").exists(), "killed too late to test resuming"
 
-    strata("train", "--resume", killed, "--quiet")
+    strata("train", "--resume", killed, "--quiet", env=REPRODUCIBLE_BLAS)
     expected, resumed = losses(straight), losses(killed)
     assert sorted(resumed) == list(range(1, 41))
     assert resumed == expected  # bit-identical, step by step
