@@ -91,6 +91,28 @@ class AUNetCache:
         fork._take_rows(rows, copy_all=True)
         return fork
 
+    @classmethod
+    def join(cls, caches: list[AUNetCache], room: int = 0) -> AUNetCache:
+        """One batch of every row of these caches (``StackCache.join`` for the byte stage; the
+        deeper stages are per row already)."""
+        joined = copy.copy(caches[0])
+        joined.byte_encoder = StackCache.join([cache.byte_encoder for cache in caches], room)
+        joined.byte_decoder = StackCache.join([cache.byte_decoder for cache in caches], room)
+        joined.levels = [levels for cache in caches for levels in cache.levels]
+        joined.deep = [deep for cache in caches for deep in cache.deep]
+        return joined
+
+    def snapshot(self, since: int) -> AUNetCache:
+        """A copy of this one-sequence cache for a prefix cache (``StackCache.snapshot``). Whole,
+        not since ``since``: the deeper stages grow at their own pace, and they are short."""
+        return self.fork(torch.tensor([0], device=self.sequence.device), room=0)
+
+    def load(self, chain: list[AUNetCache]) -> None:
+        """Take the state of the prefix whose last snapshot ends ``chain``; the snapshot stays intact."""
+        source = chain[-1].fork(torch.tensor([0], device=chain[-1].sequence.device), room=0)
+        self.byte_encoder, self.byte_decoder = source.byte_encoder, source.byte_decoder
+        self.levels, self.deep = source.levels, source.deep
+
     def _take_rows(self, rows: torch.Tensor, copy_all: bool) -> None:
         """The per-row split state and deep stages of these rows; a row's objects are copied when
         it is given twice, or always (``copy_all``) when another cache keeps the originals."""

@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 
+from strata.inference.sequence import SequenceState
 from strata.nn.attention import Attention
 from strata.nn.gated_deltanet import GatedDeltaNet
 from strata.nn.hybrid import IntraLayerHybrid
@@ -41,133 +43,6 @@ from strata.nn.mamba2 import Mamba2
 # A KV cache that has to grow (more tokens than it was allocated for) grows to the next multiple
 # of this many tokens, so a long generation reallocates rarely.
 GROWTH_TOKENS = 1024
-
-
-class SequenceState:
-    """Where the tokens of each sequence in the batch are, shared by every layer of one stack.
-
-    ``length`` counts the time steps already stored (padding included); ``starts[b]`` is how many of
-    the first steps of sequence ``b`` are padding, and ``shift[b]`` how many stored steps are padding
-    in all (left padding plus the trailing padding of earlier forwards), so a step's position is
-    its index minus ``shift``. Once a forward has ended rows early, ``real`` [B, length] marks the
-    stored steps that are tokens (None before: then only left padding exists).
-
-    Between ``begin(T)`` and ``commit()`` the layers process steps ``length .. length+T−1``;
-    ``positions`` are their per-sequence positions, ``pad`` marks the padded ones (None when there
-    are none among them) and ``lengths`` [B] says how many of them each row keeps (None: all).
-    """
-
-    def __init__(self, starts: torch.Tensor):
-        self.starts = starts
-        self.shift = starts
-        self.real: torch.Tensor | None = None
-        self.length = 0
-        self._update_padding()
-        self.steps = 0
-        self.positions: torch.Tensor | None = None
-        self.pad: torch.Tensor | None = None
-        self.lengths: torch.Tensor | None = None
-        self._step_memo: dict = {}
-
-    @property
-    def batch_size(self) -> int:
-        return self.starts.shape[0]
-
-    @property
-    def device(self) -> torch.device:
-        return self.starts.device
-
-    def _update_padding(self) -> None:
-        # Python ints, so that deciding whether a step needs masking never waits on the device.
-        self.padded = any(self.shift.tolist())
-        self.max_start = max(self.starts.tolist(), default=0)
-
-    def begin(self, steps: int, lengths: torch.Tensor | None = None) -> None:
-        self.steps = steps
-        self._step_memo = {}
-        steps_range = torch.arange(self.length, self.length + steps, device=self.device)
-        if self.padded:
-            self.positions = steps_range[None] - self.shift[:, None]
-            self.pad = self.positions < 0 if self.length < self.max_start else None
-        else:
-            self.positions, self.pad = steps_range[None], None
-        self.lengths = lengths
-        if lengths is not None:
-            trailing = torch.arange(steps, device=self.device)[None] >= lengths[:, None]
-            self.pad = trailing if self.pad is None else self.pad | trailing
-
-    def commit(self) -> None:
-        if self.lengths is not None or self.real is not None:
-            if self.real is None:  # the first holes: until now only left padding was not real
-                self.real = torch.arange(self.length, device=self.device)[None] >= self.starts[:, None]
-            self.real = torch.cat([self.real, self._new_real()], dim=1)
-        if self.lengths is not None:
-            self.shift = self.shift + (self.steps - self.lengths)
-            self._update_padding()
-        self.length += self.steps
-        self.steps = 0
-        self.lengths = None
-
-    def _new_real(self) -> torch.Tensor:
-        """[B, T]: which of this forward's steps are tokens."""
-        if self.pad is None:
-            return torch.ones(self.batch_size, self.steps, dtype=torch.bool, device=self.device)
-        return ~self.pad.expand(self.batch_size, -1)
-
-    def forked(self, rows: torch.Tensor) -> SequenceState:
-        """A copy holding only these rows (a row given twice is forked)."""
-        fork = copy.copy(self)
-        fork.starts, fork.shift = self.starts[rows], self.shift[rows]
-        fork.real = None if self.real is None else self.real[rows]
-        fork._update_padding()
-        return fork
-
-    def real_lengths(self) -> torch.Tensor:
-        """[B]: how many real (unpadded) steps of each sequence are stored."""
-        return self.length - self.shift
-
-    def memo(self, key, build):
-        """What every layer of the same kind computes alike within one step (masks, RoPE tables)."""
-        if key not in self._step_memo:
-            self._step_memo[key] = build()
-        return self._step_memo[key]
-
-    def rope(self, rotary) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE tables [B|1, T, 1, D] (broadcast over heads) for this step's positions, looked up
-        once for all layers alike."""
-
-        def tables():
-            if self.padded:
-                return tuple(table[:, :, None] for table in rotary.at(self.positions, self.length + self.steps))
-            return tuple(table[None, :, None] for table in rotary(self.steps, self.length))
-
-        return self.memo(rotary.key, tables)
-
-    def full_mask(self) -> torch.Tensor | None:
-        """Boolean [B|1, 1, T, length+T] for full attention over the stored and the new steps, or
-        None when plain attention is exact (a single step with no padding, or causal from empty)."""
-        return self.memo("full", self._full_mask)
-
-    def _full_mask(self) -> torch.Tensor | None:
-        total = self.length + self.steps
-        # (Trailing padding alone needs no mask: causal attention never lets a real step see it.)
-        if not self.padded and self.real is None and (self.steps == 1 or self.length == 0):
-            return None
-        key_steps = torch.arange(total, device=self.device)
-        query_steps = torch.arange(self.length, total, device=self.device)
-        mask = (key_steps[None, :] <= query_steps[:, None])[None, None]  # [1, 1, T, S]
-        if self.real is not None:
-            real_key = torch.cat([self.real, self._new_real()], dim=1)  # [B, S]
-            mask = mask & real_key[:, None, None, :]
-        elif self.padded:
-            mask = mask & (key_steps[None, :] >= self.starts[:, None])[:, None, None, :]
-        return mask | self.pad_queries()
-
-    def pad_queries(self) -> torch.Tensor | bool:
-        """[B, 1, T, 1], True on padded queries (which may then see every key and stay finite)."""
-        if self.pad is None:
-            return False
-        return self.pad[:, None, :, None]
 
 
 def _ring_positions(state: SequenceState, window: int) -> torch.Tensor:
@@ -221,6 +96,39 @@ class KVCache:
 
         fork.keys, fork.values = taken(self.keys), taken(self.values)
         return fork
+
+    @classmethod
+    def joined(cls, parts: list[KVCache], sequence: SequenceState, room: int) -> KVCache:
+        """The rows of ``parts`` as one batch of ``sequence`` (``StackCache.join``): each part's
+        stored steps end at the joined length, and steps before it are dropped or left as padding."""
+        length = sequence.length
+        first = parts[0]
+        joined = copy.copy(first)
+        joined.sequence = sequence
+        shape = (sequence.batch_size, first.keys.shape[1], length + room)
+        joined.keys = first.keys.new_zeros(*shape, first.keys.shape[3])
+        joined.values = first.values.new_zeros(*shape, first.values.shape[3])
+        row = 0
+        for part in parts:
+            rows, stored = slice(row, row + part.keys.shape[0]), part.sequence.length
+            kept = min(stored, length)
+            joined.keys[rows, :, length - kept : length] = part.keys[:, :, stored - kept : stored]
+            joined.values[rows, :, length - kept : length] = part.values[:, :, stored - kept : stored]
+            row = rows.stop
+        return joined
+
+    def piece(self, since: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of the keys and values stored from step ``since`` on (``StackCache.snapshot``)."""
+        end = self.sequence.length
+        return self.keys[:, :, since:end].clone(), self.values[:, :, since:end].clone()
+
+    def load(self, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Hold the steps of these consecutive pieces, from step 0 (``StackCache.load``)."""
+        keys, values = (torch.cat(tensors, dim=2) for tensors in zip(*pieces, strict=True))
+        if keys.shape[2] > self.keys.shape[2]:
+            self._grow(math.ceil(keys.shape[2] / GROWTH_TOKENS) * GROWTH_TOKENS)
+        self.keys[:, :, : keys.shape[2]] = keys
+        self.values[:, :, : values.shape[2]] = values
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.keys, self.values]
@@ -282,6 +190,31 @@ class WindowCache:
         fork.keys, fork.values = self.keys[rows], self.values[rows]
         return fork
 
+    @classmethod
+    def joined(cls, parts: list[WindowCache], sequence: SequenceState, room: int) -> WindowCache:
+        """The rows of ``parts`` as one batch of ``sequence``: a step's ring slot follows its index,
+        which moves by the difference of the lengths, so each part's ring turns by as much."""
+        joined = copy.copy(parts[0])
+        joined.sequence = sequence
+        sinks = joined.sinks
+
+        def turned(part, tensor):
+            moved = (sequence.length - part.sequence.length) % part.window
+            return torch.cat([tensor[:, :, :sinks], tensor[:, :, sinks:].roll(moved, dims=2)], dim=2)
+
+        joined.keys = torch.cat([turned(part, part.keys) for part in parts])
+        joined.values = torch.cat([turned(part, part.values) for part in parts])
+        return joined
+
+    def piece(self, since: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole window (its size does not grow): what a later step needs of every earlier one."""
+        return self.keys.clone(), self.values.clone()
+
+    def load(self, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        keys, values = pieces[-1]
+        self.keys.copy_(keys)
+        self.values.copy_(values)
+
     def tensors(self) -> list[torch.Tensor]:
         return [self.keys, self.values]
 
@@ -309,6 +242,24 @@ class RecurrentCache:
         fork.conv, fork.ssm = self.conv[rows], self.ssm[rows]
         return fork
 
+    @classmethod
+    def joined(cls, parts: list[RecurrentCache], sequence: SequenceState, room: int) -> RecurrentCache:
+        """The rows of ``parts`` as one batch: a state does not depend on where its steps are stored."""
+        joined = copy.copy(parts[0])
+        joined.sequence = sequence
+        joined.conv = torch.cat([part.conv for part in parts])
+        joined.ssm = torch.cat([part.ssm for part in parts])
+        return joined
+
+    def piece(self, since: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conv inputs and the state after the stored steps: all a later step needs of them."""
+        return self.conv.clone(), self.ssm.clone()
+
+    def load(self, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        conv, ssm = pieces[-1]
+        self.conv.copy_(conv)
+        self.ssm.copy_(ssm)
+
     def tensors(self) -> list[torch.Tensor]:
         return [self.conv, self.ssm]
 
@@ -321,6 +272,18 @@ class HybridCache:
 
     def forked(self, rows: torch.Tensor, sequence: SequenceState, room: int) -> HybridCache:
         return HybridCache(*(branch.forked(rows, sequence, room) for branch in self.branches))
+
+    @classmethod
+    def joined(cls, parts: list[HybridCache], sequence: SequenceState, room: int) -> HybridCache:
+        branches = zip(*(part.branches for part in parts), strict=True)
+        return HybridCache(*(type(same[0]).joined(list(same), sequence, room) for same in branches))
+
+    def piece(self, since: int) -> tuple:
+        return tuple(branch.piece(since) for branch in self.branches)
+
+    def load(self, pieces: list[tuple]) -> None:
+        for branch, branch_pieces in zip(self.branches, zip(*pieces, strict=True), strict=True):
+            branch.load(list(branch_pieces))
 
     def tensors(self) -> list[torch.Tensor]:
         return [tensor for branch in self.branches for tensor in branch.tensors()]
@@ -382,6 +345,58 @@ class StackCache:
         fork = self.fork(rows, room=self.capacity - self.length)
         self.sequence, self.layers = fork.sequence, fork.layers
 
+    @classmethod
+    def join(cls, caches: list[StackCache], room: int = 0) -> StackCache:
+        """One batch of every row of these caches (of one stack of blocks), for a batch that
+        sequences join while it decodes: each row's stored steps are right-aligned to the longest
+        row's, steps that were padding in every row are dropped, and the KV caches have room for
+        ``room`` more steps. The caches must hold no trailing padding (no forward with ``lengths``)."""
+        if any(cache.sequence.real is not None for cache in caches):
+            raise ValueError("cannot join caches that hold trailing padding (a forward with lengths=)")
+        real = torch.cat([cache.sequence.real_lengths() for cache in caches])
+        joined = copy.copy(caches[0])
+        joined.sequence = SequenceState(int(real.max()) - real)
+        joined.sequence.length = int(real.max())
+        layers = zip(*(cache.layers for cache in caches), strict=True)
+        joined.layers = [same[0] and type(same[0]).joined(list(same), joined.sequence, room) for same in layers]
+        return joined
+
+    def snapshot(self, since: int) -> StackSnapshot:
+        """What a prefix cache keeps of this one-sequence cache at its current length: per layer the
+        KV entries stored from step ``since`` on (the earlier ones are in earlier snapshots), and
+        whole the states that do not grow (recurrent states, sliding windows)."""
+        if self.sequence.batch_size != 1 or self.sequence.padded or self.sequence.real is not None:
+            raise ValueError("a snapshot is of a cache of one unpadded sequence")
+        return StackSnapshot(self.length, [layer and layer.piece(since) for layer in self.layers])
+
+    def load(self, chain: list[StackSnapshot]) -> None:
+        """Take the state of a prefix from its snapshots in order (each taken since the one
+        before): this cache, fresh and of one sequence, then holds the prefix's steps."""
+        for index, layer in enumerate(self.layers):
+            if layer is not None:
+                layer.load([snapshot.pieces[index] for snapshot in chain])
+        self.sequence.length = chain[-1].length
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers if layer is not None for t in layer.tensors())
+
+
+@dataclass
+class StackSnapshot:
+    """A one-sequence ``StackCache`` at ``length`` steps, as ``StackCache.snapshot`` keeps it."""
+
+    length: int
+    pieces: list
+
+    @property
+    def nbytes(self) -> int:
+        return sum(tensor.numel() * tensor.element_size() for tensor in _tensors(self.pieces))
+
+
+def _tensors(pieces):
+    for piece in pieces:
+        if isinstance(piece, torch.Tensor):
+            yield piece
+        elif piece is not None:
+            yield from _tensors(piece)
