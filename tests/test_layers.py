@@ -22,7 +22,7 @@ LAYERS = [
     ["inference", "interop"],
     ["train"],
     ["evals"],
-    ["experiments"],
+    ["experiments", "serve"],
     ["cli", "strata"],  # the command line; the root package's public API (build_model, ...)
     ["__main__"],
 ]

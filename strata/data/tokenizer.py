@@ -137,6 +137,21 @@ class HFTokenizer(Tokenizer):
                 ids.extend(np.asarray(next(encodings).ids, dtype=np.int32) for _ in pieces[index // 2])
         return np.concatenate(ids)
 
+    def encode_with_specials(self, text: str) -> np.ndarray:
+        """Ids of ``text`` in which the spelling of a special token is that token (the markup a chat
+        template writes, ``<|im_start|>``); the text between as ``encode`` gives it."""
+        specials = sorted((token.content for token in self._tokenizer.get_added_tokens_decoder().values() if token.special),
+                          key=len, reverse=True)
+        if not specials:
+            return self.encode(text.encode())
+        ids = [np.zeros(0, np.int32)]
+        for index, part in enumerate(re.split("(" + "|".join(map(re.escape, specials)) + ")", text)):
+            if index % 2:
+                ids.append(np.array([self._tokenizer.token_to_id(part)], np.int32))
+            elif part:
+                ids.append(self.encode(part.encode()))
+        return np.concatenate(ids)
+
     def decode(self, ids) -> bytes:
         ids = self._check_ids(ids).tolist()
         if self._bytes is not None:

@@ -45,6 +45,13 @@ class StageCache:
     def stacks(self) -> list[StackCache]:
         return [stack for stack in (self.encoder, self.decoder, self.trunk) if stack is not None]
 
+    def copied(self) -> StageCache:
+        """A copy that goes on on its own; its KV caches hold only the steps stored so far (they
+        grow when needed), so copying a stage costs what it holds."""
+        only_row = torch.zeros(1, dtype=torch.long, device=self.stacks[0].sequence.device)
+        encoder, decoder, trunk = (stack and stack.fork(only_row, room=0) for stack in (self.encoder, self.decoder, self.trunk))
+        return StageCache(encoder, decoder, trunk, self.carried and tuple(tensor.clone() for tensor in self.carried))
+
 
 class AUNetCache:
     """Everything an AU-Net needs to decode a batch; ``starts`` = left padding of each row."""
@@ -119,10 +126,13 @@ class AUNetCache:
         taken: set[int] = set()
         levels, deep = [], []
         for row in rows.tolist():
-            fork = copy.deepcopy if copy_all or row in taken else (lambda item: item)
+            if copy_all or row in taken:
+                levels.append(copy.deepcopy(self.levels[row]))
+                deep.append([stage.copied() for stage in self.deep[row]])
+            else:
+                levels.append(self.levels[row])
+                deep.append(self.deep[row])
             taken.add(row)
-            levels.append(fork(self.levels[row]))
-            deep.append(fork(self.deep[row]))
         self.levels, self.deep = levels, deep
 
     @property

@@ -111,7 +111,7 @@ def generate(
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     stop_bytes = [s.encode() if isinstance(s, str) else s for s in stops]
     outputs = [
-        _Output(index, max_new_tokens, stop_ids, tokenizer, StopStrings(stop_bytes), on_token, on_text)
+        Continuation(index, max_new_tokens, stop_ids, tokenizer, StopStrings(stop_bytes), on_token, on_text)
         for index in range(len(prompt_ids))
     ]
     if max_new_tokens == 0:
@@ -154,7 +154,7 @@ def generate(
     return [output.result(return_logits, model.config.vocab_size) for output in outputs]
 
 
-class _Output:
+class Continuation:
     """One prompt's continuation as it grows: tokens, streamed text, why it ended."""
 
     def __init__(self, index, max_new_tokens, stop_ids, tokenizer, stops: StopStrings, on_token, on_text):

@@ -1,0 +1,36 @@
+"""``strata serve``: an OpenAI-compatible server with continuous batching and prefix caching over
+every mixer's cache (``engine``, ``prefix_cache``, ``app``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from strata.inference.generate import prompt_context
+from strata.serve.app import Served, create_app
+from strata.serve.chat import load_chat_template
+from strata.serve.engine import Engine
+from strata.train.runs import from_pretrained, tokenizer_folder
+
+
+def load_served(path: str | Path, *, name: str | None = None, dtype: torch.dtype | str | None = None,
+                device: str = "cpu", max_batch: int = 32, max_queue: int = 128, snapshot_every: int = 256,
+                cache_memory: int = 1 << 30) -> Served:
+    """The model at ``path`` (as ``strata.from_pretrained`` opens it) behind an engine, not yet started."""
+    trained = from_pretrained(path, dtype=dtype, device=device)
+    if trained.tokenizer is None:
+        raise ValueError(f"{path}: has no tokenizer.json; the server needs the model's tokenizer beside it")
+    engine = Engine(trained.model, trained.tokenizer, max_batch=max_batch, max_queue=max_queue, block=snapshot_every,
+                    cache_memory=cache_memory)
+    chat = load_chat_template(tokenizer_folder(path), trained.tokenizer)
+    return Served(engine, name or Path(path).resolve().name, trained.tokenizer, prompt_context(trained.config.model), chat)
+
+
+def serve(served: Served, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Answer on ``host``:``port`` until SIGTERM or Ctrl-C, which first let running requests finish."""
+    import uvicorn
+
+    config = uvicorn.Config(create_app(served), host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=None)
+    uvicorn.Server(config).run()

@@ -1,0 +1,413 @@
+"""The HTTP side of ``strata serve``: OpenAI's completions and chat completions (whole or streamed
+as server-sent events), the model list, health and Prometheus metrics, over one ``Engine``.
+
+Every refusal is a JSON error in OpenAI's shape naming the field at fault: 400 for a body that is
+not JSON or a request the model cannot serve (a prompt longer than its context, no chat
+template), 404 for another model's name, 422 for a field of the wrong type, out of range or
+unknown, 429 when the queue is full. A client that goes away cancels its request; the engine
+frees its slot at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from strata.data.tokenizer import Tokenizer
+from strata.serve.api import ChatRequest, CompletionRequest
+from strata.serve.chat import ChatTemplate, TemplateError
+from strata.serve.engine import Done, Engine, Failed, Finish, QueueFull, Request, Sampling, Token
+
+# A chat request without max_tokens to a model without a context (no attention) stops here.
+DEFAULT_CHAT_TOKENS = 512
+# How often a request that waits for its answer checks that its client is still there.
+DISCONNECT_POLL_S = 0.2
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def response(self) -> JSONResponse:
+        kind = {429: "rate_limit_error", 500: "server_error"}.get(self.status, "invalid_request_error")
+        error = {"message": self.message, "type": kind, "param": self.param, "code": self.code}
+        return JSONResponse({"error": error}, status_code=self.status)
+
+
+@dataclass
+class Served:
+    """What the server serves: the engine, the name clients ask for, and the model's limits."""
+
+    engine: Engine
+    name: str
+    tokenizer: Tokenizer
+    context: int | None  # tokens a prompt and its continuation may span; None: no limit
+    chat: ChatTemplate | None
+
+
+def create_app(served: Served) -> FastAPI:
+    app = FastAPI(title="strata serve", lifespan=_lifespan(served.engine))
+    responses: Counter = Counter()
+    app.add_middleware(_CountResponses, counts=responses)
+
+    @app.exception_handler(APIError)
+    async def api_error(_request, error: APIError):
+        return error.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request, error: RequestValidationError):
+        first = error.errors()[0]
+        if first["type"] == "json_invalid":
+            return APIError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}").response()
+        field = ".".join(str(part) for part in first["loc"] if part != "body") or None
+        return APIError(422, f"{field or 'body'}: {first['msg']}", param=field, code=first["type"]).response()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        entry = {"id": served.name, "object": "model", "created": 0, "owned_by": "strata", "max_model_len": served.context}
+        return {"object": "list", "data": [entry]}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return _prometheus(served.engine, responses)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: HTTPRequest):
+        _check_model(served, body.model)
+        prompts = [_prompt_ids(served, prompt) for prompt in body.prompts()]
+        max_tokens = body.max_tokens
+        for ids in prompts:
+            _check_length(served, ids, max_tokens, "prompt")
+        sampling = body.sampling(max_tokens, body.logprobs, frozenset())
+        return await _answer(served, http, _Completion(served, body, prompts), prompts, sampling)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, http: HTTPRequest):
+        _check_model(served, body.model)
+        if served.chat is None:
+            raise APIError(400, f"the model {served.name} has no chat template (chat_template.jinja, or chat_template in "
+                                "tokenizer_config.json, beside its tokenizer); use /v1/completions", param="messages")
+        try:
+            ids = served.chat.encode([message.model_dump(exclude_none=True) for message in body.messages])
+        except TemplateError as error:
+            raise APIError(400, str(error), param="messages") from None
+        max_tokens = body.requested_tokens()
+        if max_tokens is None:
+            max_tokens = DEFAULT_CHAT_TOKENS if served.context is None else max(served.context - len(ids), 1)
+        _check_length(served, ids, max_tokens, "max_completion_tokens" if body.max_completion_tokens else "messages")
+        sampling = body.sampling(max_tokens, body.logprob_count(), served.chat.end_tokens)
+        return await _answer(served, http, _Chat(served, body), [ids], sampling)
+
+    return app
+
+
+def _lifespan(engine: Engine):
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        engine.start()
+        yield
+        engine.stop()  # after the server has drained its requests (SIGTERM)
+
+    return lifespan
+
+
+class _CountResponses:
+    """Counts responses by path and status for /metrics (plain ASGI: streaming passes through)."""
+
+    def __init__(self, app, counts: Counter):
+        self.app, self.counts = app, counts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting(message):
+            if message["type"] == "http.response.start":
+                self.counts[(scope["path"], message["status"])] += 1
+            await send(message)
+
+        await self.app(scope, receive, counting)
+
+
+def _check_model(served: Served, name: str) -> None:
+    if name != served.name:
+        raise APIError(404, f"the model {name!r} does not exist; this server serves {served.name!r}", param="model",
+                       code="model_not_found")
+
+
+def _prompt_ids(served: Served, prompt: str | list[int]) -> list[int]:
+    tokenizer = served.tokenizer
+    if isinstance(prompt, str):
+        return [tokenizer.bos_id, *tokenizer.encode(prompt.encode("utf-8")).tolist()]
+    bad = [token for token in prompt if token >= served.engine.vocab_size]
+    if bad:
+        raise APIError(400, f"token id {bad[0]} is outside the model's vocabulary of {served.engine.vocab_size}",
+                       param="prompt")
+    return list(prompt)
+
+
+def _check_length(served: Served, ids: list[int], max_tokens: int, param: str) -> None:
+    context = served.context
+    if context is None:
+        return
+    if len(ids) > context:
+        raise APIError(400, f"the prompt is {len(ids):,} tokens, longer than the model's context of {context:,}",
+                       param=param, code="context_length_exceeded")
+    if len(ids) + max_tokens > context:
+        raise APIError(400, f"max_tokens {max_tokens:,}: the prompt's {len(ids):,} tokens and as many new ones exceed "
+                            f"the model's context of {context:,}; ask for at most {context - len(ids):,}",
+                       param="max_tokens", code="context_length_exceeded")
+
+
+class _Submission:
+    """A request's prompts in the engine, and the events they send, in one asyncio queue."""
+
+    def __init__(self, engine: Engine, prompts: list[list[int]], sampling: Sampling):
+        loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.requests = []
+        for index, ids in enumerate(prompts):
+            def emit(event, index=index):
+                loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
+
+            self.requests.append(Request(ids, sampling, emit))
+        try:
+            for request in self.requests:
+                engine.submit(request)
+        except QueueFull as error:
+            self.cancel()
+            raise APIError(429, f"the server is busy: {error}; try again later") from None
+        self.open = len(self.requests)
+
+    def cancel(self) -> None:
+        for request in self.requests:
+            request.cancelled = True
+
+    async def next(self, http: HTTPRequest):
+        """The next (prompt index, event), or None once every prompt is done; cancels the request
+        when the client has gone."""
+        while self.open:
+            try:
+                index, event = await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_S)
+            except TimeoutError:
+                if await http.is_disconnected():
+                    self.cancel()
+                    return None
+                continue
+            if isinstance(event, (Done, Failed)):
+                self.open -= 1
+            if isinstance(event, Failed):
+                self.cancel()
+                raise APIError(500, f"the engine failed on this request: {event.message}")
+            return index, event
+        return None
+
+
+async def _answer(served: Served, http: HTTPRequest, shape, prompts: list[list[int]], sampling: Sampling):
+    submission = _Submission(served.engine, prompts, sampling)
+    if shape.body.stream:
+        return StreamingResponse(_stream(submission, http, shape), media_type="text/event-stream")
+    try:
+        while (item := await submission.next(http)) is not None:
+            shape.take(*item)
+    finally:
+        submission.cancel()  # a no-op when every prompt is done
+    return shape.whole()
+
+
+async def _stream(submission: _Submission, http: HTTPRequest, shape) -> AsyncIterator[str]:
+    try:
+        for chunk in shape.opening():
+            yield _event(chunk)
+        while (item := await submission.next(http)) is not None:
+            for chunk in shape.chunks(*item):
+                yield _event(chunk)
+        options = shape.body.stream_options
+        if options is not None and options.include_usage:
+            yield _event(shape.envelope([], usage=shape.usage()))
+        yield "data: [DONE]\n\n"
+    except APIError as error:
+        yield _event({"error": {"message": error.message, "type": "server_error"}})
+    finally:
+        submission.cancel()
+
+
+def _event(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class _Choices:
+    """What the events of a request add up to, and the JSON of its answer (whole or in chunks)."""
+
+    object_name = chunk_name = ""
+    id_prefix = ""
+
+    def __init__(self, served: Served, body, prompt_count: int):
+        self.served, self.body = served, body
+        self.id, self.created = f"{self.id_prefix}-{uuid.uuid4().hex}", int(time.time())
+        count = prompt_count * body.n
+        self.texts = [""] * count
+        self.tokens: list[list[tuple[Token, str]]] = [[] for _ in range(count)]
+        self.finish: list[str | None] = [None] * count
+        self.usage_parts: dict[int, Done] = {}
+
+    def index(self, prompt: int, event) -> int:
+        return prompt * self.body.n + getattr(event, "choice", 0)
+
+    def take(self, prompt: int, event) -> None:
+        index = self.index(prompt, event)
+        if isinstance(event, Token):
+            self.texts[index] += event.text
+            if event.token is not None:
+                self.tokens[index].append((event, self.token_text(event.token)))
+        elif isinstance(event, Finish):
+            self.finish[index] = event.reason
+        elif isinstance(event, Done):
+            self.usage_parts[prompt] = event
+
+    def token_text(self, token: int) -> str:
+        return self.served.tokenizer.decode([token]).decode("utf-8", errors="replace")
+
+    def usage(self) -> dict:
+        parts = self.usage_parts.values()
+        prompt, generated = sum(part.prompt_tokens for part in parts), sum(part.completion_tokens for part in parts)
+        return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated,
+                "prompt_tokens_details": {"cached_tokens": sum(part.cached_tokens for part in parts)}}
+
+    def envelope(self, choices: list, usage: dict | None = None, chunk: bool = True) -> dict:
+        data = {"id": self.id, "object": self.chunk_name if chunk else self.object_name, "created": self.created,
+                "model": self.served.name, "choices": choices}
+        if usage is not None or not chunk:
+            data["usage"] = usage
+        return data
+
+    def whole(self) -> dict:
+        choices = [self.choice(index) for index in range(len(self.texts))]
+        return self.envelope(choices, usage=self.usage(), chunk=False)
+
+    def opening(self) -> list[dict]:
+        return []
+
+
+class _Completion(_Choices):
+    object_name = chunk_name = "text_completion"
+    id_prefix = "cmpl"
+
+    def __init__(self, served: Served, body: CompletionRequest, prompts: list[list[int]]):
+        super().__init__(served, body, len(prompts))
+
+    def logprobs(self, tokens: list[tuple[Token, str]], offset: int) -> dict | None:
+        if self.body.logprobs is None:
+            return None
+        offsets = []
+        for _event, text in tokens:
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": [text for _event, text in tokens],
+                "token_logprobs": [event.logprob for event, _text in tokens],
+                "top_logprobs": [{self.token_text(t): lp for t, lp in event.top_logprobs or []} for event, _text in tokens]
+                if self.body.logprobs else None,
+                "text_offset": offsets}
+
+    def choice(self, index: int) -> dict:
+        return {"index": index, "text": self.texts[index], "logprobs": self.logprobs(self.tokens[index], 0),
+                "finish_reason": self.finish[index]}
+
+    def chunks(self, prompt: int, event) -> list[dict]:
+        index = self.index(prompt, event)
+        before = len(self.tokens[index])
+        self.take(prompt, event)
+        if isinstance(event, Token):
+            new = self.tokens[index][before:]
+            offset = len(self.texts[index]) - len(event.text)
+            choice = {"index": index, "text": event.text, "logprobs": self.logprobs(new, offset), "finish_reason": None}
+            return [self.envelope([choice])]
+        if isinstance(event, Finish):
+            return [self.envelope([{"index": index, "text": "", "logprobs": None, "finish_reason": event.reason}])]
+        return []
+
+
+class _Chat(_Choices):
+    object_name, chunk_name = "chat.completion", "chat.completion.chunk"
+    id_prefix = "chatcmpl"
+
+    def __init__(self, served: Served, body: ChatRequest):
+        super().__init__(served, body, 1)
+
+    def logprobs(self, tokens: list[tuple[Token, str]]) -> dict | None:
+        if not self.body.logprobs:
+            return None
+
+        def entry(token: int, logprob: float, text: str) -> dict:
+            return {"token": text, "logprob": logprob, "bytes": list(self.served.tokenizer.decode([token]))}
+
+        return {"content": [
+            {**entry(event.token, event.logprob, text),
+             "top_logprobs": [entry(t, lp, self.token_text(t)) for t, lp in event.top_logprobs or []]}
+            for event, text in tokens
+        ]}
+
+    def choice(self, index: int) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": self.texts[index]},
+                "logprobs": self.logprobs(self.tokens[index]), "finish_reason": self.finish[index]}
+
+    def opening(self) -> list[dict]:
+        return [self.envelope([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                "finish_reason": None}]) for index in range(len(self.texts))]
+
+    def chunks(self, prompt: int, event) -> list[dict]:
+        index = self.index(prompt, event)
+        before = len(self.tokens[index])
+        self.take(prompt, event)
+        if isinstance(event, Token):
+            new = self.tokens[index][before:]
+            choice = {"index": index, "delta": {"content": event.text}, "logprobs": self.logprobs(new), "finish_reason": None}
+            return [self.envelope([choice])]
+        if isinstance(event, Finish):
+            return [self.envelope([{"index": index, "delta": {}, "logprobs": None, "finish_reason": event.reason}])]
+        return []
+
+
+def _prometheus(engine: Engine, responses: Counter) -> str:
+    lines = []
+
+    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+        lines.extend([f"# HELP strata_{name} {help_text}", f"# TYPE strata_{name} {kind}"])
+        lines.extend(f"strata_{name}{labels} {value}" for labels, value in samples)
+
+    counters, gauges = dict(engine.counters), engine.gauges()
+    metric("requests_total", "counter", "Prompts admitted to the engine.", [("", counters["requests"])])
+    metric("prompt_tokens_total", "counter", "Prompt tokens admitted.", [("", counters["prompt_tokens"])])
+    metric("generated_tokens_total", "counter", "Tokens generated.", [("", counters["generated_tokens"])])
+    metric("prefix_lookups_total", "counter", "Prompts looked up in the prefix cache.", [("", counters["prefix_lookups"])])
+    metric("prefix_hits_total", "counter", "Prompts that reused a cached prefix.", [("", counters["prefix_hits"])])
+    metric("prefix_hit_tokens_total", "counter", "Prompt tokens restored from the prefix cache.",
+           [("", counters["prefix_hit_tokens"])])
+    metric("engine_failures_total", "counter", "Engine steps that failed (their requests got an error).",
+           [("", counters["failed"])])
+    metric("queue_length", "gauge", "Requests waiting for a slot.", [("", gauges["queue_length"])])
+    metric("batch_size", "gauge", "Continuations in the decoding batch.", [("", gauges["batch_size"])])
+    metric("prefilling", "gauge", "Requests whose prompt is being read.", [("", gauges["prefilling"])])
+    metric("cache_bytes", "gauge", "Bytes of the decoding and prefill caches.", [("", gauges["cache_bytes"])])
+    metric("prefix_cache_bytes", "gauge", "Bytes held by the prefix cache.", [("", gauges["prefix_cache_bytes"])])
+    metric("prefix_cache_blocks", "gauge", "Blocks held by the prefix cache.", [("", gauges["prefix_cache_blocks"])])
+    metric("http_responses_total", "counter", "HTTP responses by path and status.",
+           [(f'{{path="{path}",status="{status}"}}', count) for (path, status), count in sorted(responses.items())])
+    return "\n".join(lines) + "\n"
