@@ -70,7 +70,8 @@ def create_app(served: Served) -> FastAPI:
         first = error.errors()[0]
         if first["type"] == "json_invalid":
             return APIError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}").response()
-        field = ".".join(str(part) for part in first["loc"] if part != "body") or None
+        # The field as the client named it (pydantic adds the member of a union it tried: stop.str).
+        field = str(first["loc"][1]) if len(first["loc"]) > 1 else None
         return APIError(422, f"{field or 'body'}: {first['msg']}", param=field, code=first["type"]).response()
 
     @app.get("/health")
@@ -400,6 +401,9 @@ def _prometheus(engine: Engine, responses: Counter) -> str:
     metric("prefix_hits_total", "counter", "Prompts that reused a cached prefix.", [("", counters["prefix_hits"])])
     metric("prefix_hit_tokens_total", "counter", "Prompt tokens restored from the prefix cache.",
            [("", counters["prefix_hit_tokens"])])
+    metric("decode_steps_total", "counter", "Decoding steps of the batch.", [("", counters["decode_steps"])])
+    metric("decoded_rows_total", "counter", "Continuations advanced, summed over decoding steps (over the steps: the mean "
+           "batch).", [("", counters["decoded_rows"])])
     metric("engine_failures_total", "counter", "Engine steps that failed (their requests got an error).",
            [("", counters["failed"])])
     metric("queue_length", "gauge", "Requests waiting for a slot.", [("", gauges["queue_length"])])

@@ -194,7 +194,7 @@ class Engine:
         self._lock = threading.Lock()
         self._queued = 0
         self.counters = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "prefix_lookups": 0,
-                         "prefix_hits": 0, "prefix_hit_tokens": 0, "failed": 0}
+                         "prefix_hits": 0, "prefix_hit_tokens": 0, "failed": 0, "decode_steps": 0, "decoded_rows": 0}
         self._thread = threading.Thread(target=self._run, name="strata-engine", daemon=True)
         self._stopping = threading.Event()
 
@@ -263,7 +263,7 @@ class Engine:
             self._unqueue(1)
             try:
                 chain = self.prefix.lookup(request.ids)
-                cache = model_cache(self.model, 1, len(request.ids) + request.sampling.max_tokens)
+                cache = model_cache(self.model, 1, len(request.ids))  # the batch it joins grows as it needs
                 if chain:
                     cache.load(chain)
             except (MemoryError, RuntimeError) as error:  # this request's cache: the others go on
@@ -311,6 +311,8 @@ class Engine:
         tokens = torch.tensor([row.last for row in self._rows], device=self.device)
         logits = self.model(tokens[:, None], self._cache)[:, -1].float()
         greedy = logits.argmax(-1).tolist()
+        self.counters["decode_steps"] += 1
+        self.counters["decoded_rows"] += len(self._rows)
         keep = []
         for index, row in enumerate(self._rows):
             if row.advance(logits[index : index + 1], greedy[index]):
