@@ -281,7 +281,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     from strata.serve import load_served, serve
 
-    served = load_served(args.run, name=args.model_name, dtype=args.dtype, max_batch=args.max_batch,
+    served = load_served(args.run, name=args.model_name, dtype=args.dtype, device=args.device, max_batch=args.max_batch,
                          max_queue=args.max_queue, snapshot_every=args.snapshot_every,
                          cache_memory=args.cache_memory * 2**20)
     chat = "with a chat template" if served.chat else "no chat template: /v1/completions only"
@@ -477,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     served.add_argument("--port", type=whole_number(0), default=8000)
     served.add_argument("--model-name", default=None, help="the name clients ask for (default: the directory's name)")
     served.add_argument("--dtype", choices=DTYPES, default=None, help="weights' dtype (default as loaded)")
+    served.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:1, ...")
     served.add_argument("--max-batch", type=positive_int, default=32,
                         help="continuations decoded together; more requests wait in the queue (default 32)")
     served.add_argument("--max-queue", type=positive_int, default=128,

@@ -394,5 +394,4 @@ def test_sigterm_drains_running_requests_and_exits(tmp_path):
         events = [json.loads(line[6:]) for line in (first.decode() + rest).splitlines() if line.startswith("data: {")]
         assert events[-1]["usage"]["completion_tokens"] == 300  # the whole answer, after SIGTERM
         assert events[-2]["choices"][0]["finish_reason"] == "length"
-        # uvicorn re-raises the signal once drained, so the exit is SIGTERM's own
-        assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert server.process.wait(timeout=60) == 0

@@ -3,6 +3,8 @@ every mixer's cache (``engine``, ``prefix_cache``, ``app``)."""
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -28,9 +30,29 @@ def load_served(path: str | Path, *, name: str | None = None, dtype: torch.dtype
 
 
 def serve(served: Served, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Answer on ``host``:``port`` until SIGTERM or Ctrl-C, which first let running requests finish."""
+    """Answer on ``host``:``port`` until SIGTERM or Ctrl-C, which first let running requests finish
+    (a second one stops at once). The HTTP server runs in a thread, the engine in this one (see
+    ``Engine.run``); uvicorn leaves signals to the main thread, which passes them on."""
     import uvicorn
 
     config = uvicorn.Config(create_app(served), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=None)
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+
+    def shut_down(_signal, _frame):
+        if server.should_exit:
+            server.force_exit = True
+        server.should_exit = True
+
+    previous = {number: signal.signal(number, shut_down) for number in (signal.SIGINT, signal.SIGTERM)}
+    http = threading.Thread(target=server.run, name="strata-http")
+    http.start()
+    try:
+        served.engine.run(until=lambda: not http.is_alive())
+    finally:
+        server.should_exit = True
+        http.join()
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if not server.started:
+        raise OSError(f"the server could not start on {host}:{port} (is the port in use?)")

@@ -57,7 +57,8 @@ class Served:
 
 
 def create_app(served: Served) -> FastAPI:
-    app = FastAPI(title="strata serve", lifespan=_lifespan(served.engine))
+    """The ASGI app; whoever serves it runs the engine (``Engine.run`` or ``Engine.start``)."""
+    app = FastAPI(title="strata serve")
     responses: Counter = Counter()
     app.add_middleware(_CountResponses, counts=responses)
 
@@ -115,18 +116,6 @@ def create_app(served: Served) -> FastAPI:
         return await _answer(served, http, _Chat(served, body), [ids], sampling)
 
     return app
-
-
-def _lifespan(engine: Engine):
-    from contextlib import asynccontextmanager
-
-    @asynccontextmanager
-    async def lifespan(_app):
-        engine.start()
-        yield
-        engine.stop()  # after the server has drained its requests (SIGTERM)
-
-    return lifespan
 
 
 class _CountResponses:

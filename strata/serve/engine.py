@@ -28,10 +28,9 @@ import codecs
 import itertools
 import queue
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -103,7 +102,6 @@ class Request:
     sampling: Sampling
     emit: Callable[[object], None]
     cancelled: bool = False  # set from any thread; the engine drops the request at its next step
-    submitted: float = field(default_factory=time.perf_counter)
     cached: int = 0  # prompt tokens restored from the prefix cache (set by the engine)
     generated: int = 0  # tokens emitted so far, all continuations (set by the engine)
 
@@ -195,18 +193,21 @@ class Engine:
         self._queued = 0
         self.counters = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "prefix_lookups": 0,
                          "prefix_hits": 0, "prefix_hit_tokens": 0, "failed": 0, "decode_steps": 0, "decoded_rows": 0}
-        self._thread = threading.Thread(target=self._run, name="strata-engine", daemon=True)
         self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
 
     # --- the server's side (any thread) -----------------------------------------------------
 
     def start(self) -> None:
+        """Run the engine in a thread of its own (``run`` runs it in the caller's)."""
+        self._thread = threading.Thread(target=self.run, args=(self._stopping.is_set,), name="strata-engine", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stopping.set()
         self._inbox.put(None)
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
 
     def submit(self, request: Request) -> None:
         """Queue ``request``; QueueFull when ``max_queue`` requests already wait for a slot."""
@@ -226,9 +227,17 @@ class Engine:
 
     # --- the engine's thread ----------------------------------------------------------------
 
-    def _run(self) -> None:
+    def run(self, until: Callable[[], bool]) -> None:
+        """Serve requests until ``until()`` (checked at every step, and when idle every 0.1 s).
+
+        Best in the thread that loaded the model: PyTorch's OpenMP threads belong to the thread
+        that starts a parallel region, and with a second such thread on the machine's cores
+        libgomp stops spinning between regions and sleeps instead, so each small op of a decoding
+        step waits on a wake-up (a [1, 128] x [128, 384] matmul: 5 us in the loading thread, 12-60
+        us in another, on the 2-core Xeon of BENCHMARKS.md). ``strata serve`` runs the engine in
+        the main thread and the HTTP server in another."""
         with torch.inference_mode():
-            while not self._stopping.is_set():
+            while not until():
                 idle = not (self._waiting or self._prefilling or self._rows)
                 self._take_inbox(block=idle)
                 try:
@@ -238,7 +247,7 @@ class Engine:
 
     def _take_inbox(self, block: bool) -> None:
         try:
-            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            item = self._inbox.get(timeout=0.1) if block else self._inbox.get_nowait()
             while True:
                 if item is not None:
                     self._waiting.append(item)
