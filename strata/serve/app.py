@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,7 +24,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from strata.data.tokenizer import Tokenizer
 from strata.serve.api import ChatRequest, CompletionRequest
 from strata.serve.chat import ChatTemplate, TemplateError
-from strata.serve.engine import Done, Engine, Failed, Finish, QueueFull, Request, Sampling, Token
+from strata.serve.engine import Done, Engine, Failed, QueueFull, Request, Sampling
+from strata.serve.metrics import prometheus_text
+from strata.serve.responses import ChatChoices, CompletionChoices
 
 # A chat request without max_tokens to a model without a context (no attention) stops here.
 DEFAULT_CHAT_TOKENS = 512
@@ -86,7 +86,7 @@ def create_app(served: Served) -> FastAPI:
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
-        return _prometheus(served.engine, responses)
+        return prometheus_text(served.engine, responses)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HTTPRequest):
@@ -96,7 +96,7 @@ def create_app(served: Served) -> FastAPI:
         for ids in prompts:
             _check_length(served, ids, max_tokens, "prompt")
         sampling = body.sampling(max_tokens, body.logprobs, frozenset())
-        return await _answer(served, http, _Completion(served, body, prompts), prompts, sampling)
+        return await _answer(served, http, CompletionChoices(served.name, served.tokenizer, body, prompts), prompts, sampling)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, http: HTTPRequest):
@@ -113,7 +113,7 @@ def create_app(served: Served) -> FastAPI:
             max_tokens = DEFAULT_CHAT_TOKENS if served.context is None else max(served.context - len(ids), 1)
         _check_length(served, ids, max_tokens, "max_completion_tokens" if body.max_completion_tokens else "messages")
         sampling = body.sampling(max_tokens, body.logprob_count(), served.chat.end_tokens)
-        return await _answer(served, http, _Chat(served, body), [ids], sampling)
+        return await _answer(served, http, ChatChoices(served.name, served.tokenizer, body), [ids], sampling)
 
     return app
 
@@ -241,166 +241,3 @@ async def _stream(submission: _Submission, http: HTTPRequest, shape) -> AsyncIte
 
 def _event(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-class _Choices:
-    """What the events of a request add up to, and the JSON of its answer (whole or in chunks)."""
-
-    object_name = chunk_name = ""
-    id_prefix = ""
-
-    def __init__(self, served: Served, body, prompt_count: int):
-        self.served, self.body = served, body
-        self.id, self.created = f"{self.id_prefix}-{uuid.uuid4().hex}", int(time.time())
-        count = prompt_count * body.n
-        self.texts = [""] * count
-        self.tokens: list[list[tuple[Token, str]]] = [[] for _ in range(count)]
-        self.finish: list[str | None] = [None] * count
-        self.usage_parts: dict[int, Done] = {}
-
-    def index(self, prompt: int, event) -> int:
-        return prompt * self.body.n + getattr(event, "choice", 0)
-
-    def take(self, prompt: int, event) -> None:
-        index = self.index(prompt, event)
-        if isinstance(event, Token):
-            self.texts[index] += event.text
-            if event.token is not None:
-                self.tokens[index].append((event, self.token_text(event.token)))
-        elif isinstance(event, Finish):
-            self.finish[index] = event.reason
-        elif isinstance(event, Done):
-            self.usage_parts[prompt] = event
-
-    def token_text(self, token: int) -> str:
-        return self.served.tokenizer.decode([token]).decode("utf-8", errors="replace")
-
-    def usage(self) -> dict:
-        parts = self.usage_parts.values()
-        prompt, generated = sum(part.prompt_tokens for part in parts), sum(part.completion_tokens for part in parts)
-        return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated,
-                "prompt_tokens_details": {"cached_tokens": sum(part.cached_tokens for part in parts)}}
-
-    def envelope(self, choices: list, usage: dict | None = None, chunk: bool = True) -> dict:
-        data = {"id": self.id, "object": self.chunk_name if chunk else self.object_name, "created": self.created,
-                "model": self.served.name, "choices": choices}
-        if usage is not None or not chunk:
-            data["usage"] = usage
-        return data
-
-    def whole(self) -> dict:
-        choices = [self.choice(index) for index in range(len(self.texts))]
-        return self.envelope(choices, usage=self.usage(), chunk=False)
-
-    def opening(self) -> list[dict]:
-        return []
-
-
-class _Completion(_Choices):
-    object_name = chunk_name = "text_completion"
-    id_prefix = "cmpl"
-
-    def __init__(self, served: Served, body: CompletionRequest, prompts: list[list[int]]):
-        super().__init__(served, body, len(prompts))
-
-    def logprobs(self, tokens: list[tuple[Token, str]], offset: int) -> dict | None:
-        if self.body.logprobs is None:
-            return None
-        offsets = []
-        for _event, text in tokens:
-            offsets.append(offset)
-            offset += len(text)
-        return {"tokens": [text for _event, text in tokens],
-                "token_logprobs": [event.logprob for event, _text in tokens],
-                "top_logprobs": [{self.token_text(t): lp for t, lp in event.top_logprobs or []} for event, _text in tokens]
-                if self.body.logprobs else None,
-                "text_offset": offsets}
-
-    def choice(self, index: int) -> dict:
-        return {"index": index, "text": self.texts[index], "logprobs": self.logprobs(self.tokens[index], 0),
-                "finish_reason": self.finish[index]}
-
-    def chunks(self, prompt: int, event) -> list[dict]:
-        index = self.index(prompt, event)
-        before = len(self.tokens[index])
-        self.take(prompt, event)
-        if isinstance(event, Token):
-            new = self.tokens[index][before:]
-            offset = len(self.texts[index]) - len(event.text)
-            choice = {"index": index, "text": event.text, "logprobs": self.logprobs(new, offset), "finish_reason": None}
-            return [self.envelope([choice])]
-        if isinstance(event, Finish):
-            return [self.envelope([{"index": index, "text": "", "logprobs": None, "finish_reason": event.reason}])]
-        return []
-
-
-class _Chat(_Choices):
-    object_name, chunk_name = "chat.completion", "chat.completion.chunk"
-    id_prefix = "chatcmpl"
-
-    def __init__(self, served: Served, body: ChatRequest):
-        super().__init__(served, body, 1)
-
-    def logprobs(self, tokens: list[tuple[Token, str]]) -> dict | None:
-        if not self.body.logprobs:
-            return None
-
-        def entry(token: int, logprob: float, text: str) -> dict:
-            return {"token": text, "logprob": logprob, "bytes": list(self.served.tokenizer.decode([token]))}
-
-        return {"content": [
-            {**entry(event.token, event.logprob, text),
-             "top_logprobs": [entry(t, lp, self.token_text(t)) for t, lp in event.top_logprobs or []]}
-            for event, text in tokens
-        ]}
-
-    def choice(self, index: int) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": self.texts[index]},
-                "logprobs": self.logprobs(self.tokens[index]), "finish_reason": self.finish[index]}
-
-    def opening(self) -> list[dict]:
-        return [self.envelope([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                "finish_reason": None}]) for index in range(len(self.texts))]
-
-    def chunks(self, prompt: int, event) -> list[dict]:
-        index = self.index(prompt, event)
-        before = len(self.tokens[index])
-        self.take(prompt, event)
-        if isinstance(event, Token):
-            new = self.tokens[index][before:]
-            choice = {"index": index, "delta": {"content": event.text}, "logprobs": self.logprobs(new), "finish_reason": None}
-            return [self.envelope([choice])]
-        if isinstance(event, Finish):
-            return [self.envelope([{"index": index, "delta": {}, "logprobs": None, "finish_reason": event.reason}])]
-        return []
-
-
-def _prometheus(engine: Engine, responses: Counter) -> str:
-    lines = []
-
-    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-        lines.extend([f"# HELP strata_{name} {help_text}", f"# TYPE strata_{name} {kind}"])
-        lines.extend(f"strata_{name}{labels} {value}" for labels, value in samples)
-
-    counters, gauges = dict(engine.counters), engine.gauges()
-    metric("requests_total", "counter", "Prompts admitted to the engine.", [("", counters["requests"])])
-    metric("prompt_tokens_total", "counter", "Prompt tokens admitted.", [("", counters["prompt_tokens"])])
-    metric("generated_tokens_total", "counter", "Tokens generated.", [("", counters["generated_tokens"])])
-    metric("prefix_lookups_total", "counter", "Prompts looked up in the prefix cache.", [("", counters["prefix_lookups"])])
-    metric("prefix_hits_total", "counter", "Prompts that reused a cached prefix.", [("", counters["prefix_hits"])])
-    metric("prefix_hit_tokens_total", "counter", "Prompt tokens restored from the prefix cache.",
-           [("", counters["prefix_hit_tokens"])])
-    metric("decode_steps_total", "counter", "Decoding steps of the batch.", [("", counters["decode_steps"])])
-    metric("decoded_rows_total", "counter", "Continuations advanced, summed over decoding steps (over the steps: the mean "
-           "batch).", [("", counters["decoded_rows"])])
-    metric("engine_failures_total", "counter", "Engine steps that failed (their requests got an error).",
-           [("", counters["failed"])])
-    metric("queue_length", "gauge", "Requests waiting for a slot.", [("", gauges["queue_length"])])
-    metric("batch_size", "gauge", "Continuations in the decoding batch.", [("", gauges["batch_size"])])
-    metric("prefilling", "gauge", "Requests whose prompt is being read.", [("", gauges["prefilling"])])
-    metric("cache_bytes", "gauge", "Bytes of the decoding and prefill caches.", [("", gauges["cache_bytes"])])
-    metric("prefix_cache_bytes", "gauge", "Bytes held by the prefix cache.", [("", gauges["prefix_cache_bytes"])])
-    metric("prefix_cache_blocks", "gauge", "Blocks held by the prefix cache.", [("", gauges["prefix_cache_blocks"])])
-    metric("http_responses_total", "counter", "HTTP responses by path and status.",
-           [(f'{{path="{path}",status="{status}"}}', count) for (path, status), count in sorted(responses.items())])
-    return "\n".join(lines) + "\n"
