@@ -86,3 +86,16 @@ def test_mqar_benchmark_writes_its_report(tmp_path):
     assert set(report["families"]) == {"attention", "mamba2"}
     assert (out / "mqar.md").read_text().count("| attention |") >= 1
     assert (out / "mqar.png").stat().st_size > 0
+
+
+def test_the_gpu_benchmark_runs_its_sections_at_toy_size_on_the_cpu(tmp_path):
+    """benchmarks/gpu.py is what a session lent a GPU runs as it is; --toy runs the same code on
+    the CPU (tiny presets, float32, eager), so it is known to work before a GPU is at hand."""
+    run_benchmark("gpu", "--toy", "--no-compile", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    sections = {row["section"] for row in result["rows"]}
+    assert sections == {"training", "ssd", "decode"} and not result["skipped"]
+    assert all(row[key] > 0 for row in result["rows"] for key in ("tokens_per_s", "fwd_bwd_ms") if key in row)
+    assert {row["model"] for row in result["rows"] if row["section"] == "training"} == {
+        "tiny llama", "tiny mamba2", "tiny inter", "tiny intra"}
+    assert "| decode tokens/s, batch 4 |" in (tmp_path / "gpu.md").read_text()
