@@ -5,12 +5,15 @@ shifted multiply-adds, with a hand-written backward of the same shape. On CPU th
 times faster than the general depthwise ``conv1d`` (whose backward dominates), and it needs no
 transposes because it works on the [B, T, C] layout the projections produce.
 ``causal_conv1d_reference`` is the same function through ``F.conv1d``; tests hold them equal.
+On CUDA the Triton kernels of ``conv_triton`` take its place (``strata.nn.kernels``).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from strata.nn.kernels import use_triton
 
 
 class _CausalConv1d(torch.autograd.Function):
@@ -42,7 +45,12 @@ class _CausalConv1d(torch.autograd.Function):
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """x [B, T, C], weight [C, K], bias [C] -> [B, T, C]; output t sees inputs t−K+1 .. t, those
-    of its own segment only when ``segment_ids`` [B, T] is given."""
+    of its own segment only when ``segment_ids`` [B, T] is given. On CUDA (``strata.nn.kernels``)
+    the Triton kernels of ``strata.nn.conv_triton`` compute it."""
+    if use_triton(x):
+        from strata.nn.conv_triton import triton_causal_conv1d  # imports triton: only when chosen
+
+        return triton_causal_conv1d(x, weight, bias, segment_ids)
     if segment_ids is not None:
         return _segmented_causal_conv1d(x, weight, bias, segment_ids)
     return _CausalConv1d.apply(x, weight, bias)
