@@ -12,9 +12,10 @@ is skipped and named, so the whole run stays inside the 8 minutes the device too
    autocast), 8K context, fused AdamW; the largest batch of 32, 16, 8, 4, 2, 1 that fits. MFU = the cost model's training FLOPs per token (output head
    included) × tokens/s over the GPU's dense bf16 peak from its datasheet (H100 SXM/H200:
    989 TFLOP/s; H100 PCIe: 756), and over the bf16 matmul peak measured here.
-2. **SSD scan**: forward + backward of ``ssd_chunked`` at the 350M presets' Mamba-2 shapes
-   (batch 4, 8K, 32 heads of 64, state 128, chunks of 256, bf16 inputs), eager and through
-   ``torch.compile``; and each kernel that ``strata.nn`` has for it (none yet: issue 26).
+2. **SSD scan**: ``ssd_chunked`` at the 350M presets' Mamba-2 shapes (batch 4, 8K, 32 heads
+   of 64, state 128, chunks of 256, bf16 inputs): forward + backward, eager and through
+   ``torch.compile``; and the forward alone (no gradients), eager, compiled and as the Triton
+   kernels of ``strata.nn.ssd_triton`` (the backward kernels do not exist yet).
 3. **Decode** (the hybrid paper's Table 13 protocol): the 1B llama, inter and intra presets,
    random weights, bf16, batch 4, at total lengths 2K-32K: a prompt of the length less 64
    tokens is prefilled, then 64 greedy steps are timed; tokens/s = 4 × 63 / their time.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 from strata import build_model, load_config
 from strata.cost.model import model_cost
 from strata.inference import model_cache
+from strata.nn.kernels import triton_available
 from strata.nn.ssd import ssd_chunked
 from strata.train.distributed import World, parallelize
 
@@ -187,11 +190,33 @@ def ssd_rows(s: Setting, clock: Clock) -> list[dict]:
             y.float().sum().backward()
         return work
 
-    contenders = {"PyTorch (eager)": ssd_chunked, "PyTorch (torch.compile)": torch.compile(ssd_chunked)}
-    times = {name: clock.time(run(scan), 5) for name, scan in contenders.items()}
-    reference = times["PyTorch (torch.compile)"]
-    return [{"section": "ssd", "path": name, **shape, "fwd_bwd_ms": seconds * 1e3, "vs_compiled": reference / seconds}
-            for name, seconds in times.items()]
+    def forward_only(scan):
+        def work():
+            with torch.no_grad():
+                scan(x, F.softplus(dt), A, B, C, shape["chunk"], D)
+        return work
+
+    compiled = torch.compile(ssd_chunked)
+    rows = []
+    times = {name: clock.time(run(scan), 5) for name, scan in (("PyTorch (eager)", ssd_chunked),
+                                                               ("PyTorch (torch.compile)", compiled))}
+    rows += [{"section": "ssd", "pass": "forward + backward", "path": name, **shape, "ms": seconds * 1e3,
+              "vs_compiled": times["PyTorch (torch.compile)"] / seconds} for name, seconds in times.items()]
+    # Without gradients ssd_chunked runs the Triton forward where strata.nn.kernels chooses it
+    # (CUDA), so the PyTorch rows force the PyTorch path.
+    kernels = os.environ.get("STRATA_KERNELS")
+    try:
+        os.environ["STRATA_KERNELS"] = "torch"
+        times = {"PyTorch (eager)": clock.time(forward_only(ssd_chunked), 5),
+                 "PyTorch (torch.compile)": clock.time(forward_only(compiled), 5)}
+        if s.device.type == "cuda" and triton_available():
+            os.environ["STRATA_KERNELS"] = "triton"
+            times["Triton"] = clock.time(forward_only(ssd_chunked), 5)
+    finally:
+        os.environ.pop("STRATA_KERNELS") if kernels is None else os.environ.update(STRATA_KERNELS=kernels)
+    rows += [{"section": "ssd", "pass": "forward", "path": name, **shape, "ms": seconds * 1e3,
+              "vs_compiled": times["PyTorch (torch.compile)"] / seconds} for name, seconds in times.items()]
+    return rows
 
 
 def decode_rows(s: Setting, clock: Clock, name: str, path: Path, overrides: list[str]) -> list[dict]:
@@ -240,8 +265,8 @@ def markdown(device: str, peaks: dict, rows: list[dict], skipped: list[str]) -> 
         lines.append("")
     ssd = [row for row in rows if row["section"] == "ssd"]
     if ssd:
-        lines += ["| SSD scan fwd + bwd | ms | vs torch.compile |", "|---|---:|---:|"]
-        lines += [f"| {row['path']} | {row['fwd_bwd_ms']:.2f} | {row['vs_compiled']:.2f}× |" for row in ssd]
+        lines += ["| SSD scan | path | ms | vs torch.compile |", "|---|---|---:|---:|"]
+        lines += [f"| {row['pass']} | {row['path']} | {row['ms']:.2f} | {row['vs_compiled']:.2f}× |" for row in ssd]
         lines.append("")
     decode = [row for row in rows if row["section"] == "decode"]
     if decode:

@@ -34,7 +34,10 @@ def triton_available() -> bool:
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
-    """Whether a primitive given ``tensor`` runs its Triton kernel."""
+    """Whether a primitive given ``tensor`` runs its Triton kernel. Never inside ``torch.compile``,
+    which generates its own kernels from the PyTorch path (and would stop its graph at the choice)."""
+    if torch.compiler.is_compiling():
+        return False
     wanted = choice()
     if wanted == "torch":
         return False
