@@ -21,6 +21,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+# Products in full fp32 ("ieee"), as the PyTorch path computes them; on a GPU tf32 or bf16 inputs
+# would be faster, at a precision the tests (1e-4) do not allow. A choice for measuring there.
+PRECISION: tl.constexpr = tl.constexpr("ieee")
+
 
 @triton.jit
 def _chunk_states(X, B, cum, states, T, H, G: tl.constexpr, P, N, Q: tl.constexpr, CHUNKS,
@@ -38,7 +42,7 @@ def _chunk_states(X, B, cum, states, T, H, G: tl.constexpr, P, N, Q: tl.constexp
         to_end = tl.exp((last - tl.load(cum + (start + s) * H + head)).to(tl.float32))
         x = tl.load(X + ((start + s) * H + head)[:, None] * P + p[None, :], mask=p[None, :] < P, other=0.0)
         b = tl.load(B + ((start + s) * G + group)[:, None] * N + n[None, :], mask=n[None, :] < N, other=0.0)
-        acc += tl.dot(tl.trans(x * to_end[:, None]), b)
+        acc += tl.dot(tl.trans(x * to_end[:, None]), b, input_precision=PRECISION)
     out = ((row_chunk.to(tl.int64) * H + head) * P + p)[:, None] * N + n[None, :]
     tl.store(states + out, acc, mask=(p[:, None] < P) & (n[None, :] < N))
 
@@ -57,15 +61,15 @@ def _chunk_outputs(X, B, C, cum, entering, Y, T, H, G: tl.constexpr, P, N, Q: tl
     # the state entering the chunk, read at each step with that step's decay since the chunk began
     state = tl.load(entering + ((row_chunk.to(tl.int64) * H + head) * P + p)[None, :] * N + n[:, None],
                     mask=(p[None, :] < P) & (n[:, None] < N), other=0.0)  # [n, p]
-    acc = tl.dot(c, state) * tl.exp(cum_m.to(tl.float32))[:, None]
+    acc = tl.dot(c, state, input_precision=PRECISION) * tl.exp(cum_m.to(tl.float32))[:, None]
     for offset in tl.range(0, (tile_m + 1) * BLOCK_M, BLOCK_K):
         s = offset + tl.arange(0, BLOCK_K)
         cum_s = tl.load(cum + (start + s) * H + head)
         b = tl.load(B + ((start + s) * G + group)[:, None] * N + n[None, :], mask=n[None, :] < N, other=0.0)
         decay = tl.exp((cum_m[:, None] - cum_s[None, :]).to(tl.float32))
-        weights = tl.where(s[None, :] <= m[:, None], tl.dot(c, tl.trans(b)) * decay, 0.0)
+        weights = tl.where(s[None, :] <= m[:, None], tl.dot(c, tl.trans(b), input_precision=PRECISION) * decay, 0.0)
         x = tl.load(X + ((start + s) * H + head)[:, None] * P + p[None, :], mask=p[None, :] < P, other=0.0)
-        acc += tl.dot(weights, x)
+        acc += tl.dot(weights, x, input_precision=PRECISION)
     tl.store(Y + ((start + m) * H + head)[:, None] * P + p[None, :], acc, mask=p[None, :] < P)
 
 
