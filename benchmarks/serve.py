@@ -18,8 +18,9 @@ Prefix caching: ``--trials`` times, a ``--shared``-token passage (a new one each
 first request is cold) is sent with one ending, then with another; time to first token is read
 from the stream (the first chunk with text). Reported: median cold and hit TTFT and their ratio.
 
-The peer is ``transformers serve`` (it needs ``accelerate``) on the exported directory, on the
-CPU in float32: its default generation, ``--compile``, and ``--continuous-batching`` where it starts.
+The peer is ``transformers serve`` (it needs ``accelerate``) on the exported directory: its
+default generation, ``--compile``, and ``--continuous-batching`` where it starts. Both servers run
+on ``--device`` (the CPU in float32 by default; a GPU in bfloat16).
 Servers run one at a time, each as its own process with the machine's default threads.
 """
 
@@ -184,6 +185,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--vocab", type=int, default=2000)
     parser.add_argument("--no-peer", action="store_true", help="skip transformers serve")
+    parser.add_argument("--device", default="cpu", help="where both servers run the model: cpu (default) or cuda")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -192,11 +194,14 @@ def main() -> None:
         run, hf_dir, text = build_model_directories(folder, args.vocab)
         tokenizer = load_hf_tokenizer(run)
         prompts = passages(text, tokenizer, args.requests)
-        print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        where = (torch.cuda.get_device_name() if args.device != "cpu"
+                 else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+        print(f"{where}, torch {torch.__version__}; "
               f"tiny inter (random weights), {args.requests} requests of 40-300 tokens, {args.max_tokens} new tokens each")
         rows = []
         port = free_port()
         strata = Server([sys.executable, "-m", "strata.cli", "serve", str(run), "--port", str(port), "--quiet",
+                         "--device", args.device, *(["--dtype", "bfloat16"] if args.device != "cpu" else []),
                          "--model-name", "inter"], port, folder / "strata.log", "/health")
         try:
             rows += serve_all("strata serve", strata, "inter", prompts, args, {"ignore_eos": True})
@@ -226,7 +231,8 @@ def peer_rows(hf_dir: Path, prompts, args, folder: Path) -> list[dict]:
                 ("transformers serve --continuous-batching", ["--continuous-batching"]))
     for name, flags in variants:
         port = free_port()
-        command = ["transformers", "serve", str(hf_dir), "--device", "cpu", "--dtype", "float32", "--port", str(port),
+        dtype = "float32" if args.device == "cpu" else "bfloat16"
+        command = ["transformers", "serve", str(hf_dir), "--device", args.device, "--dtype", dtype, "--port", str(port),
                    "--host", "127.0.0.1", *flags]
         try:
             peer = Server(command, port, folder / "peer.log", "/v1/models")

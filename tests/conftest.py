@@ -6,7 +6,13 @@ copy that saves the downloads. The multiple-choice files the tests read are the 
 import os
 from pathlib import Path
 
-import pytest
+# Triton's interpreter runs the GPU kernels on CPU tensors (tests/test_kernels.py). Triton decides
+# when it is first imported whether its own library functions (tl.sum, ...) are interpreted, and
+# other tests import it first (through torch and transformers), so the switch is set here, before
+# anything is imported. Only kernels chosen with STRATA_KERNELS=triton ever run under it.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS_DIR = ROOT / "tests" / "data" / "tasks"

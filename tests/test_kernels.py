@@ -1,10 +1,8 @@
 """The Triton kernels held to the PyTorch paths they replace on a GPU (outputs 1e-4, gradients
-1e-3, fp32), run on the CPU by Triton's interpreter, so the normal suite checks them without a
-GPU. Triton reads TRITON_INTERPRET when a kernel is defined and when it runs, so it is set while
-the kernels' module is imported and during these tests only (the rest of the suite, and the
-processes it starts, run without it). Triton's wheels are Linux-only."""
+1e-3, fp32), run on the CPU by Triton's interpreter (TRITON_INTERPRET=1, which conftest.py sets
+before anything imports triton), so the normal suite checks them without a GPU. Triton's wheels
+are Linux-only."""
 
-import os
 import sys
 
 import pytest
@@ -16,19 +14,8 @@ if sys.platform != "linux":
 
 from strata.nn import kernels  # noqa: E402
 from strata.nn.conv import causal_conv1d, causal_conv1d_reference  # noqa: E402
+from strata.nn.conv_triton import triton_causal_conv1d  # noqa: E402
 from strata.nn.ssd import ssd_chunked, ssd_recurrent  # noqa: E402
-
-os.environ["TRITON_INTERPRET"] = "1"
-try:
-    from strata.nn.conv_triton import triton_causal_conv1d  # noqa: E402
-    import strata.nn.ssd_triton  # noqa: E402, F401 - its kernels defined for the interpreter
-finally:
-    del os.environ["TRITON_INTERPRET"]
-
-
-@pytest.fixture(autouse=True)
-def interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def conv_inputs(batch=2, length=37, channels=40, width=4, seed=0):
