@@ -55,6 +55,20 @@ def _ring_positions(state: SequenceState, window: int) -> torch.Tensor:
     return held[None] - state.shift[:, None] if state.padded else held[None]
 
 
+class _FixedSize:
+    """A cache whose size does not grow with the context (a sliding window, a recurrent state): a
+    prefix snapshot keeps it whole, all a later step needs of every earlier one."""
+
+    def piece(self, since: int) -> tuple[torch.Tensor, ...]:
+        """Copies of ``tensors()`` (``StackCache.snapshot``)."""
+        return tuple(tensor.clone() for tensor in self.tensors())
+
+    def load(self, pieces: list[tuple[torch.Tensor, ...]]) -> None:
+        """Take the tensors of the last piece (``StackCache.load``)."""
+        for tensor, saved in zip(self.tensors(), pieces[-1], strict=True):
+            tensor.copy_(saved)
+
+
 class KVCache:
     """Keys [B, kv, capacity, d] and values [B, kv, capacity, dv] of every step so far."""
 
@@ -134,7 +148,7 @@ class KVCache:
         return [self.keys, self.values]
 
 
-class WindowCache:
+class WindowCache(_FixedSize):
     """Sliding-window attention: the first ``sinks`` tokens of each sequence, and a ring buffer of
     the last ``window`` steps (slot = step mod window). Memory stops growing at window + sinks."""
 
@@ -206,20 +220,11 @@ class WindowCache:
         joined.values = torch.cat([turned(part, part.values) for part in parts])
         return joined
 
-    def piece(self, since: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole window (its size does not grow): what a later step needs of every earlier one."""
-        return self.keys.clone(), self.values.clone()
-
-    def load(self, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        keys, values = pieces[-1]
-        self.keys.copy_(keys)
-        self.values.copy_(values)
-
     def tensors(self) -> list[torch.Tensor]:
         return [self.keys, self.values]
 
 
-class RecurrentCache:
+class RecurrentCache(_FixedSize):
     """A recurrent mixer's (Mamba-2's, Gated DeltaNet's) last ``conv_kernel`` conv inputs
     [B, K, conv_dim] and its state [B, *mixer.state_shape]; the same size whatever the context."""
 
@@ -250,15 +255,6 @@ class RecurrentCache:
         joined.conv = torch.cat([part.conv for part in parts])
         joined.ssm = torch.cat([part.ssm for part in parts])
         return joined
-
-    def piece(self, since: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The conv inputs and the state after the stored steps: all a later step needs of them."""
-        return self.conv.clone(), self.ssm.clone()
-
-    def load(self, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        conv, ssm = pieces[-1]
-        self.conv.copy_(conv)
-        self.ssm.copy_(ssm)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.conv, self.ssm]

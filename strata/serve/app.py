@@ -194,8 +194,9 @@ class _Submission:
         """The next (prompt index, event), or None once every prompt is done; cancels the request
         when the client has gone."""
         while self.open:
-            try:
-                index, event = await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_S)
+            try:  # an event already there is taken at once, without the timer of wait_for
+                index, event = self.events.get_nowait() if not self.events.empty() else \
+                    await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_S)
             except TimeoutError:
                 if await http.is_disconnected():
                     self.cancel()

@@ -110,11 +110,12 @@ class QueueFull(Exception):
     pass
 
 
+@dataclass
 class _Prefill:
-    """A request whose prompt is being read into a cache of its own."""
+    """A request whose prompt is being read into a cache of its own (``cache.length`` tokens so far)."""
 
-    def __init__(self, request: Request, cache, done: int):
-        self.request, self.cache, self.done = request, cache, done
+    request: Request
+    cache: object
 
 
 class _Row:
@@ -182,7 +183,6 @@ class Engine:
         self.device = next(model.parameters()).device
         self.vocab_size = model.config.vocab_size
         self.prefix = PrefixCache(block, cache_memory)
-        self.block = block
         self._inbox: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
         self._waiting: deque[Request] = deque()
         self._prefilling: list[_Prefill] = []
@@ -191,8 +191,7 @@ class Engine:
         self._pending: dict[int, int] = {}  # id(request) -> its continuations still running
         self._lock = threading.Lock()
         self._queued = 0
-        self.counters = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "prefix_lookups": 0,
-                         "prefix_hits": 0, "prefix_hit_tokens": 0, "failed": 0, "decode_steps": 0, "decoded_rows": 0}
+        self.counters = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "prefix_hits": 0, "prefix_hit_tokens": 0, "failed": 0, "decode_steps": 0, "decoded_rows": 0}
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -281,17 +280,15 @@ class Engine:
             request.cached = cache.length
             self.counters["requests"] += 1
             self.counters["prompt_tokens"] += len(request.ids)
-            self.counters["prefix_lookups"] += 1
             self.counters["prefix_hits"] += bool(chain)
             self.counters["prefix_hit_tokens"] += cache.length
-            self._prefilling.append(_Prefill(request, cache, cache.length))
+            self._prefilling.append(_Prefill(request, cache))
 
     def _prefill_block(self, prefill: _Prefill) -> None:
-        ids, start = prefill.request.ids, prefill.done
-        end = min((start // self.block + 1) * self.block, len(ids))
+        ids, start, block = prefill.request.ids, prefill.cache.length, self.prefix.block
+        end = min((start // block + 1) * block, len(ids))
         tokens = torch.tensor([ids[start:end]], device=self.device)
         logits = self.model(tokens, prefill.cache, last_only=True)[:, -1].float()
-        prefill.done = end
         if self.prefix.wants(ids[:end]):
             snapshot = prefill.cache.snapshot(start)
             self.prefix.insert(ids[:end], snapshot, snapshot.nbytes)

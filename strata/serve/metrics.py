@@ -19,8 +19,7 @@ def prometheus_text(engine: Engine, responses: Counter) -> str:
     metric("requests_total", "counter", "Prompts admitted to the engine.", [("", counters["requests"])])
     metric("prompt_tokens_total", "counter", "Prompt tokens admitted.", [("", counters["prompt_tokens"])])
     metric("generated_tokens_total", "counter", "Tokens generated.", [("", counters["generated_tokens"])])
-    metric("prefix_lookups_total", "counter", "Prompts looked up in the prefix cache.", [("", counters["prefix_lookups"])])
-    metric("prefix_hits_total", "counter", "Prompts that reused a cached prefix.", [("", counters["prefix_hits"])])
+    metric("prefix_hits_total", "counter", "Prompts that reused a cached prefix (of strata_requests_total, each looked up).", [("", counters["prefix_hits"])])
     metric("prefix_hit_tokens_total", "counter", "Prompt tokens restored from the prefix cache.",
            [("", counters["prefix_hit_tokens"])])
     metric("decode_steps_total", "counter", "Decoding steps of the batch.", [("", counters["decode_steps"])])
