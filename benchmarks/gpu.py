@@ -9,13 +9,14 @@ is skipped and named, so the whole run stays inside the 8 minutes the device too
 1. **Training MFU**: the 100M and 350M presets of llama, mamba2, inter and intra
    (``configs/paper``), random weights, trained as ``strata train`` trains on one device (a
    meta-device build, ``parallelize``: each block compiled, ``--no-compile``: eager; bf16
-   autocast), 8K context, fused AdamW; the largest batch of 32, 16, 8, 4, 2, 1 that fits. MFU = the cost model's training FLOPs per token (output head
+   autocast; the Mamba-2 scans and convolutions through the Triton kernels, STRATA_KERNELS's default
+   on CUDA, called from the compiled blocks as custom operators), 8K context, fused AdamW; the largest batch of 32, 16, 8, 4, 2, 1 that fits. MFU = the cost model's training FLOPs per token (output head
    included) × tokens/s over the GPU's dense bf16 peak from its datasheet (H100 SXM/H200:
    989 TFLOP/s; H100 PCIe: 756), and over the bf16 matmul peak measured here.
 2. **SSD scan**: ``ssd_chunked`` at the 350M presets' Mamba-2 shapes (batch 4, 8K, 32 heads
    of 64, state 128, chunks of 256, bf16 inputs): forward + backward, eager and through
-   ``torch.compile``; and the forward alone (no gradients), eager, compiled and as the Triton
-   kernels of ``strata.nn.ssd_triton`` (the backward kernels do not exist yet).
+   ``torch.compile`` (both with ``STRATA_KERNELS=torch``) and as the Triton kernels of
+   ``strata.nn.ssd_triton``; then the forward alone (no gradients), the same three ways.
 3. **Decode** (the hybrid paper's Table 13 protocol): the 1B llama, inter and intra presets,
    random weights, bf16, batch 4, at total lengths 2K-32K: a prompt of the length less 64
    tokens is prefilled, then 64 greedy steps are timed; tokens/s = 4 × 63 / their time.
@@ -28,6 +29,7 @@ float32, so the script is tested without a GPU (tests/test_benchmarks.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -41,7 +43,8 @@ import torch.nn.functional as F
 from strata import build_model, load_config
 from strata.cost.model import model_cost
 from strata.inference import model_cache
-from strata.nn.kernels import triton_available
+from strata.nn.kernels import TRITON_INSTALLED
+from strata.nn.kernels import choice as kernels_choice
 from strata.nn.ssd import ssd_chunked
 from strata.train.distributed import World, parallelize
 
@@ -146,7 +149,9 @@ def training_row(s: Setting, clock: Clock, name: str, path: Path, overrides: lis
     seconds = clock.time(lambda: step(tokens), 3)
     tokens_per_s = batch * s.context / seconds
     flops = model_cost(model.config, s.context, "bf16").flops_per_token_with_head * tokens_per_s
+    kernels = "triton" if s.device.type == "cuda" and TRITON_INSTALLED and kernels_choice() != "torch" else "torch"
     row = {"section": "training", "model": name, "batch": batch, "context": s.context, "compiled": compile_blocks,
+           "kernels": kernels,
            "step_s": seconds, "tokens_per_s": tokens_per_s, "flops_per_s": flops, "mfu_measured_peak": flops / peaks["measured"]}
     if peaks.get("datasheet"):
         row["mfu"] = flops / peaks["datasheet"]
@@ -197,26 +202,29 @@ def ssd_rows(s: Setting, clock: Clock) -> list[dict]:
         return work
 
     compiled = torch.compile(ssd_chunked)
+    paths = [("PyTorch (eager)", "torch", ssd_chunked), ("PyTorch (torch.compile)", "torch", compiled)]
+    if s.device.type == "cuda" and TRITON_INSTALLED:
+        paths.append(("Triton", "triton", ssd_chunked))
     rows = []
-    times = {name: clock.time(run(scan), 5) for name, scan in (("PyTorch (eager)", ssd_chunked),
-                                                               ("PyTorch (torch.compile)", compiled))}
-    rows += [{"section": "ssd", "pass": "forward + backward", "path": name, **shape, "ms": seconds * 1e3,
-              "vs_compiled": times["PyTorch (torch.compile)"] / seconds} for name, seconds in times.items()]
-    # Without gradients ssd_chunked runs the Triton forward where strata.nn.kernels chooses it
-    # (CUDA), so the PyTorch rows force the PyTorch path.
-    kernels = os.environ.get("STRATA_KERNELS")
-    try:
-        os.environ["STRATA_KERNELS"] = "torch"
-        times = {"PyTorch (eager)": clock.time(forward_only(ssd_chunked), 5),
-                 "PyTorch (torch.compile)": clock.time(forward_only(compiled), 5)}
-        if s.device.type == "cuda" and triton_available():
-            os.environ["STRATA_KERNELS"] = "triton"
-            times["Triton"] = clock.time(forward_only(ssd_chunked), 5)
-    finally:
-        os.environ.pop("STRATA_KERNELS") if kernels is None else os.environ.update(STRATA_KERNELS=kernels)
-    rows += [{"section": "ssd", "pass": "forward", "path": name, **shape, "ms": seconds * 1e3,
-              "vs_compiled": times["PyTorch (torch.compile)"] / seconds} for name, seconds in times.items()]
+    for label, work in (("forward + backward", run), ("forward", forward_only)):
+        times = {}
+        for name, kernels, scan in paths:
+            with kernels_chosen(kernels):
+                times[name] = clock.time(work(scan), 5)
+        rows += [{"section": "ssd", "pass": label, "path": name, **shape, "ms": seconds * 1e3,
+                  "vs_compiled": times["PyTorch (torch.compile)"] / seconds} for name, seconds in times.items()]
     return rows
+
+
+@contextlib.contextmanager
+def kernels_chosen(value: str):
+    """STRATA_KERNELS set to ``value`` for the block (``strata.nn.kernels`` reads it at each call)."""
+    before = os.environ.get("STRATA_KERNELS")
+    os.environ["STRATA_KERNELS"] = value
+    try:
+        yield
+    finally:
+        os.environ.pop("STRATA_KERNELS") if before is None else os.environ.update(STRATA_KERNELS=before)
 
 
 def decode_rows(s: Setting, clock: Clock, name: str, path: Path, overrides: list[str]) -> list[dict]:
@@ -253,14 +261,14 @@ def markdown(device: str, peaks: dict, rows: list[dict], skipped: list[str]) -> 
              + (f"; datasheet {peaks['datasheet'] / 1e12:.0f} TFLOP/s." if peaks.get("datasheet") else "."), ""]
     training = [row for row in rows if row["section"] == "training"]
     if training:
-        lines += ["| model | batch × context | compiled | tokens/s | MFU (datasheet) | MFU (measured peak) |",
-                  "|---|---|---|---:|---:|---:|"]
+        lines += ["| model | batch × context | compiled | kernels | tokens/s | MFU (datasheet) | MFU (measured peak) |",
+                  "|---|---|---|---|---:|---:|---:|"]
         for row in training:
             if "not_run" in row:
-                lines.append(f"| {row['model']} | {row['not_run']} | | | | |")
+                lines.append(f"| {row['model']} | {row['not_run']} | | | | | |")
                 continue
             mfu = f"{row['mfu']:.1%}" if "mfu" in row else "n/a"
-            lines.append(f"| {row['model']} | {row['batch']} × {row['context']} | {row['compiled']} | "
+            lines.append(f"| {row['model']} | {row['batch']} × {row['context']} | {row['compiled']} | {row['kernels']} | "
                          f"{row['tokens_per_s']:,.0f} | {mfu} | {row['mfu_measured_peak']:.1%} |")
         lines.append("")
     ssd = [row for row in rows if row["section"] == "ssd"]

@@ -79,37 +79,63 @@ def _backward(x, w, seg, dy, dx, dw_tiles, db_tiles, T, C, TILES_T, K: tl.conste
         tl.store(dw_tiles + (tile * C + c) * K + k, tl.sum(grads * inputs.to(tl.float32), axis=0), mask=c_ok)
 
 
-class TritonCausalConv1d(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, segment_ids):
-        x, weight = x.contiguous(), weight.contiguous()
-        segments = segment_ids.to(torch.int32).contiguous() if segment_ids is not None else None
-        batch, length, channels = x.shape
-        y = torch.empty_like(x)
-        grid = (batch, triton.cdiv(length, BLOCK_T), triton.cdiv(channels, BLOCK_C))
-        _forward[grid](x, weight, bias if bias is not None else weight, segments if segments is not None else x, y,
-                       length, channels, K=weight.shape[1], HAS_BIAS=bias is not None, HAS_SEG=segments is not None,
-                       BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
-        ctx.save_for_backward(x, weight, segments)
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        return y
+# A pair of custom operators (forward and backward), so torch.compile keeps the kernels whole in
+# its graph and autograd pairs them through ``register_autograd``.
+@torch.library.custom_op("strata::causal_conv1d", mutates_args=())
+def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+          segment_ids: torch.Tensor | None) -> torch.Tensor:
+    x, weight = x.contiguous(), weight.contiguous()
+    batch, length, channels = x.shape
+    y = torch.empty_like(x)
+    grid = (batch, triton.cdiv(length, BLOCK_T), triton.cdiv(channels, BLOCK_C))
+    _forward[grid](x, weight, bias if bias is not None else weight, segment_ids if segment_ids is not None else x, y,
+                   length, channels, K=weight.shape[1], HAS_BIAS=bias is not None, HAS_SEG=segment_ids is not None,
+                   BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
+    return y
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, segments = ctx.saved_tensors
-        dy = dy.contiguous()
-        batch, length, channels = x.shape
-        tiles_t = triton.cdiv(length, BLOCK_T)
-        dx = torch.empty_like(x)
-        dw_tiles = torch.empty(batch * tiles_t, channels, weight.shape[1], dtype=torch.float32, device=x.device)
-        db_tiles = torch.empty(batch * tiles_t, channels, dtype=torch.float32, device=x.device)
-        grid = (batch, tiles_t, triton.cdiv(channels, BLOCK_C))
-        _backward[grid](x, weight, segments if segments is not None else x, dy, dx, dw_tiles, db_tiles, length, channels,
-                        tiles_t, K=weight.shape[1], HAS_SEG=segments is not None, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
-        d_bias = db_tiles.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
-        return dx, dw_tiles.sum(0).to(weight.dtype), d_bias, None
+
+@_conv.register_fake
+def _(x, weight, bias, segment_ids):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("strata::causal_conv1d_backward", mutates_args=())
+def _conv_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                   segment_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of x, the weight and the bias (fp32)."""
+    x, weight, dy = x.contiguous(), weight.contiguous(), dy.contiguous()
+    batch, length, channels = x.shape
+    tiles_t = triton.cdiv(length, BLOCK_T)
+    dx = torch.empty_like(x)
+    dw_tiles = torch.empty(batch * tiles_t, channels, weight.shape[1], dtype=torch.float32, device=x.device)
+    db_tiles = torch.empty(batch * tiles_t, channels, dtype=torch.float32, device=x.device)
+    grid = (batch, tiles_t, triton.cdiv(channels, BLOCK_C))
+    _backward[grid](x, weight, segment_ids if segment_ids is not None else x, dy, dx, dw_tiles, db_tiles, length,
+                    channels, tiles_t, K=weight.shape[1], HAS_SEG=segment_ids is not None, BLOCK_T=BLOCK_T,
+                    BLOCK_C=BLOCK_C)
+    return dx, dw_tiles.sum(0).to(weight.dtype), db_tiles.sum(0)
+
+
+@_conv_backward.register_fake
+def _(dy, x, weight, segment_ids):
+    return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0], dtype=torch.float32)
+
+
+def _keep_for_backward(ctx, inputs, output):
+    x, weight, bias, segment_ids = inputs
+    ctx.save_for_backward(x, weight, segment_ids)
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _backward_of_conv(ctx, dy):
+    x, weight, segment_ids = ctx.saved_tensors
+    dx, dw, db = _conv_backward(dy, x, weight, segment_ids)
+    return dx, dw, db.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None, None
+
+
+_conv.register_autograd(_backward_of_conv, setup_context=_keep_for_backward)
 
 
 def triton_causal_conv1d(x, weight, bias=None, segment_ids=None):
     """``strata.nn.conv.causal_conv1d`` through the Triton kernels."""
-    return TritonCausalConv1d.apply(x, weight, bias, segment_ids)
+    return _conv(x, weight, bias, segment_ids.to(torch.int32).contiguous() if segment_ids is not None else None)

@@ -21,6 +21,9 @@ autograd's through these matmuls, except for T, whose backward is written out (t
 the solve's own would solve again and copy matrix by matrix); the tests hold it to the
 recurrence's. The cumulative log-decays are differenced in float64 (in float32 they would cancel
 when the decay is strong) and everything else is computed in fp32, cast back to v's dtype.
+Where no gradient is wanted (prefill, evaluation) and the chunks are a power of two of at least 16
+steps, the forward runs as the Triton kernel of ``delta_rule_triton`` when ``strata.nn.kernels``
+chooses Triton (on CUDA by default); training keeps this path.
 
 Packed documents: ``resets`` [b, t] marks the steps that start a new segment. They get the
 log-decay −RESET_LOG_DECAY (``strata.nn.ssd``'s device): their decay is exactly 0, so no state
@@ -32,6 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from strata.nn.kernels import use_triton
 from strata.nn.ssd import RESET_LOG_DECAY
 
 
@@ -76,6 +80,10 @@ def gated_delta_chunked(
     batch, length, heads, key_width = k.shape
     value_width, dtype = v.shape[-1], v.dtype
     Q, pad = chunk_size, (-length) % chunk_size
+    if _triton_forward_applies(v, chunk_size, (q, k, v, g, beta, initial_state)):
+        from strata.nn.delta_rule_triton import triton_gated_delta_chunked  # imports triton: only when chosen
+        o, state = triton_gated_delta_chunked(q, k, v, _reset_log_decay(g, resets), beta, chunk_size, initial_state)
+        return o.to(dtype).contiguous(), state
     g = _reset_log_decay(g, resets)
     q, k, v, beta = q.float(), k.float(), v.float(), beta.float()
     if pad:
@@ -119,6 +127,15 @@ def gated_delta_chunked(
     o = reads @ torch.stack(entering, dim=2) + scores @ values
     o = o.flatten(2, 3)[:, :, :length].transpose(1, 2)  # [b, t, h, v]
     return o.to(dtype).contiguous(), state
+
+
+def _triton_forward_applies(v: torch.Tensor, chunk_size: int, inputs) -> bool:
+    """The Triton forward (``delta_rule_triton``) serves where no gradient is wanted (prefill,
+    evaluation), in chunks of a power of two of at least 16 steps; ``resets`` it takes as the
+    PyTorch path does, folded into the log-decays."""
+    if chunk_size < 16 or chunk_size & (chunk_size - 1) or not use_triton(v):
+        return False
+    return not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs))
 
 
 def gated_delta_step(

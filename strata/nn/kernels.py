@@ -9,12 +9,14 @@ before ``triton`` is first imported: the tests run the kernels that way, without
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
 
 CHOICES = ("auto", "torch", "triton")
+# Found without importing triton (which takes seconds); a constant to torch.compile.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def choice() -> str:
@@ -24,26 +26,15 @@ def choice() -> str:
     return value
 
 
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def use_triton(tensor: torch.Tensor) -> bool:
-    """Whether a primitive given ``tensor`` runs its Triton kernel. Never inside ``torch.compile``,
-    which generates its own kernels from the PyTorch path (and would stop its graph at the choice)."""
-    if torch.compiler.is_compiling():
-        return False
+    """Whether a primitive given ``tensor`` runs its Triton kernel. The kernels are custom
+    operators, so a ``torch.compile``d block calls them within its graph as an eager one does."""
     wanted = choice()
     if wanted == "torch":
         return False
     if wanted == "auto":
-        return tensor.is_cuda and triton_available()
-    if not triton_available():
+        return tensor.is_cuda and TRITON_INSTALLED
+    if not TRITON_INSTALLED:
         raise RuntimeError("STRATA_KERNELS=triton, but the triton package is not installed (pip install triton)")
     if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("STRATA_KERNELS=triton on CPU tensors runs Triton's interpreter: set TRITON_INTERPRET=1 "

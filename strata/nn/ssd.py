@@ -11,8 +11,8 @@ attention-like masked product ((C Bᵀ) ∘ L) X with L[l, s] = exp(a_{s+1} + ..
 only the [p, n] state travels. Its backward is written by hand (``_ChunkedScan``): autograd through
 the forward would save and re-expand many [Q, Q] intermediates and split its batched matmuls into
 thousands of small ones on CPU. ``ssd_recurrent`` is the reference the tests hold it to.
-Everything is computed in fp32 and cast back to the input dtype. On CUDA, where no gradient is
-wanted, the forward runs as Triton kernels (``ssd_triton``, chosen by ``strata.nn.kernels``).
+Everything is computed in fp32 and cast back to the input dtype. On CUDA the scan, forward and
+backward, runs as Triton kernels instead (``ssd_triton``, chosen by ``strata.nn.kernels``).
 
 Packed documents: ``resets`` [b, t] marks the steps that start a new segment, whose state must not
 see the steps before them (S_t = dt_t x_t ⊗ B_t). The chunked scan gives such a step the
@@ -208,20 +208,12 @@ def ssd_chunked(
     if resets is not None:
         log_decay = log_decay - RESET_LOG_DECAY * resets[..., None].float()
     scan = _ChunkedScan.apply
-    if _triton_forward_applies(x, chunk_size, resets, (x, dt, A, B, C, initial_state)):
+    if chunk_size >= 16 and not chunk_size & (chunk_size - 1) and use_triton(x):  # the chunks the kernels take
         from strata.nn.ssd_triton import triton_chunked_scan as scan  # imports triton: only when chosen
     y, final_state = scan(x32 * dt32[..., None], log_decay, B.float(), C.float(), initial_state.float(), chunk_size)
     if D is not None:
         y = y + x32 * D.float()[:, None]
     return y.to(x.dtype), final_state
-
-
-def _triton_forward_applies(x, chunk_size: int, resets, inputs) -> bool:
-    """The Triton forward (``ssd_triton``) serves where no gradient is wanted (prefill, evaluation)
-    and no segment starts inside the sequence, in chunks of a power of two of at least 16 steps."""
-    if resets is not None or chunk_size < 16 or chunk_size & (chunk_size - 1) or not use_triton(x):
-        return False
-    return not (torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs))
 
 
 def ssd_step(
