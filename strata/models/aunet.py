@@ -294,6 +294,12 @@ class AUNet(nn.Module):
         rows = [stream_levels(row, self.splitter) for row in tokens.cpu().numpy()]
         return torch.from_numpy(np.array(rows, dtype=np.int64).reshape(tokens.shape)).to(tokens.device)
 
+    def boundary_levels(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The level [B, T] of every id of ``tokens`` as the full forward pools by it: k where the
+        position starts a segment of stages 2..k+1, 0 where it starts none (what ``strata eval
+        --boundaries`` shows). For a rule, ``split_levels``."""
+        return self.split_levels(tokens)
+
     def logits(self, y: torch.Tensor) -> torch.Tensor:
         """The byte stage's output -> next-byte logits (the final norm, then the untied head)."""
         return self.head(self.norm(y))
