@@ -210,30 +210,97 @@ def test_the_triton_delta_rule_keeps_segments_apart_and_strong_decays_exact(monk
     torch.testing.assert_close(got[1], expected[1], atol=1e-4, rtol=1e-4)
 
 
-def test_the_delta_rule_takes_the_triton_forward_only_without_gradients(monkeypatch):
-    """STRATA_KERNELS=triton: under no_grad the chunked rule is the kernel's answer; with a
-    gradient wanted, or a chunk the kernel does not take, the PyTorch path."""
+def delta_gradients(rule, inputs, probe_seed=1):
+    """((o, final state), the gradients of a random projection of both with respect to every input)
+    of ``rule(*inputs)``."""
+    o, state = rule(*inputs)
+    generator = torch.Generator().manual_seed(probe_seed)
+    probe = (o * torch.randn(o.shape, generator=generator)).sum() + (state * torch.randn(state.shape, generator=generator)).sum()
+    return (o, state), torch.autograd.grad(probe, inputs)
+
+
+def count_delta_calls(monkeypatch) -> list[int]:
+    """Counts the calls of ``delta_rule_triton.triton_gated_delta_chunked`` (still running it)."""
     import strata.nn.delta_rule_triton as module
 
     calls = []
 
     def counted(*args):
-        calls.append(args)
+        calls.append(1)
         return triton_gated_delta_chunked(*args)
 
     monkeypatch.setattr(module, "triton_gated_delta_chunked", counted)
+    return calls
+
+
+@pytest.mark.parametrize("length, chunk, key_width, value_width, strong, with_resets", [
+    (37, 16, 16, 32, False, False), (45, 32, 24, 72, False, True), (45, 16, 20, 24, True, True),
+    (70, 32, 32, 16, True, False), (1, 16, 16, 16, False, False),
+], ids=["ragged", "two-value-blocks-resets", "strong-decay-resets", "strong-decay", "one-step"])
+def test_the_triton_delta_rule_trains_as_the_exact_recurrence(monkeypatch, length, chunk, key_width, value_width,
+                                                               strong, with_resets):
+    """``gated_delta_chunked`` through the kernels, forward and backward (STRATA_KERNELS=triton,
+    gradients wanted), against the step-by-step recurrence under autograd: outputs and final state
+    1e-4, the gradients of q, k, v, g, β and the initial state 1e-3; with a ragged last chunk, key
+    width ≠ value width and widths not a power of two, value columns in two blocks (72), strong
+    decays, and segments starting inside chunks, on chunk boundaries and one step long."""
+    q, k, v, g, beta, initial = delta_inputs(length, key_width, value_width, strong=strong)
+    resets = None
+    if with_resets:
+        resets = torch.zeros(2, length, dtype=torch.bool)
+        resets[0, [1, 2, 3, 32]] = True
+        resets[1, [16, 33]] = True
+    inputs = [tensor.clone().requires_grad_() for tensor in (q, k, v, g, beta, initial)]
+
+    def recurrent(q, k, v, g, beta, initial):
+        return gated_delta_recurrent(q, k, v, g, beta, initial_state=initial, resets=resets)
+
+    def chunked(q, k, v, g, beta, initial):
+        return gated_delta_chunked(q, k, v, g, beta, chunk, initial_state=initial, resets=resets)
+
+    expected, expected_gradients = delta_gradients(recurrent, inputs)
+    monkeypatch.setenv("STRATA_KERNELS", "triton")
+    calls = count_delta_calls(monkeypatch)
+    got, gradients = delta_gradients(chunked, inputs)
+    assert calls == [1]  # the Triton rule ran
+    for mine, reference in zip(got, expected, strict=True):
+        torch.testing.assert_close(mine, reference, atol=1e-4, rtol=1e-4)
+    for name, mine, reference in zip(["q", "k", "v", "g", "beta", "initial state"], gradients,
+                                     expected_gradients, strict=True):
+        torch.testing.assert_close(mine, reference, atol=1e-3, rtol=1e-3, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def test_the_delta_rule_takes_the_triton_path_with_and_without_gradients(monkeypatch):
+    """STRATA_KERNELS=triton: the chunked rule is the kernels' answer, under no_grad and with a
+    gradient wanted (the entering states kept only then); a chunk the kernels do not take keeps
+    the PyTorch path."""
+    import strata.nn.delta_rule_triton as module
+
+    calls = count_delta_calls(monkeypatch)
+    kept = []
+    forward = module._forward
+
+    def recorded(*args):
+        kept.append(args[-1])
+        return forward(*args)
+
+    monkeypatch.setattr(module, "_forward", recorded)
     monkeypatch.setenv("STRATA_KERNELS", "triton")
     q, k, v, g, beta, initial = delta_inputs(20)
     with torch.no_grad():
         got = gated_delta_chunked(q, k, v, g, beta, 16, initial_state=initial)
-    assert len(calls) == 1
+    assert calls == [1] and kept == [False]
     direct = triton_gated_delta_chunked(q, k, v, g, beta, 16, initial)
     torch.testing.assert_close(got[0], direct[0], atol=0, rtol=0)
     torch.testing.assert_close(got[1], direct[1], atol=0, rtol=0)
-    gated_delta_chunked(q, k, v.requires_grad_(), g, beta, 16, initial_state=initial)
+    o, _ = gated_delta_chunked(q, k, v.requires_grad_(), g, beta, 16, initial_state=initial)
+    assert calls == [1, 1] and kept[-1] is True and o.grad_fn is not None
+    (o.square().sum()).backward()  # through the backward kernel
+    assert v.grad is not None and v.grad.isfinite().all()
     with torch.no_grad():
         gated_delta_chunked(q, k, v, g, beta, 12, initial_state=initial)
-    assert len(calls) == 1
+    gated_delta_chunked(q, k, v, g, beta, 12, initial_state=initial)
+    assert calls == [1, 1]
     with pytest.raises(ValueError, match="power of two"):
         triton_gated_delta_chunked(q, k, v, g, beta, 12, initial)
 
@@ -245,8 +312,8 @@ def test_the_delta_rule_takes_the_triton_forward_only_without_gradients(monkeypa
 def test_a_model_trains_alike_on_the_triton_and_the_pytorch_kernels(monkeypatch, preset, layout):
     """A tiny preset (two of its blocks, which the interpreter runs in seconds) on a row of three
     packed documents: the loss and every parameter's gradient the same (1e-4 / 1e-3) whether its
-    convolutions and scans run as Triton kernels or in PyTorch, and its evaluation logits the same
-    through the forward-only kernels (gdn's rule)."""
+    convolutions, scans and delta rules run as Triton kernels or in PyTorch, and its evaluation
+    logits the same (the kernels without gradients)."""
     config = strata.load_config(ROOT / "configs" / "tiny" / f"{preset}.yaml", [f"model.layout={layout}"]).model
     torch.manual_seed(0)
     model = strata.build_model(config)
@@ -312,3 +379,25 @@ def test_a_compiled_evaluation_calls_the_delta_rule_kernel_within_its_graph(monk
     expected = gated_delta_recurrent(q, k, v, g, beta, initial_state=initial)
     torch.testing.assert_close(got[0], expected[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got[1], expected[1], atol=1e-4, rtol=1e-4)
+
+
+def test_a_compiled_training_step_calls_the_delta_rule_kernels_within_its_graph(monkeypatch):
+    """With gradients wanted the forward and backward operators compile into one graph (fullgraph,
+    AOTAutograd's forward and backward), and the gradients equal the recurrence's."""
+    calls = count_delta_calls(monkeypatch)
+    monkeypatch.setenv("STRATA_KERNELS", "triton")
+    inputs = [tensor.clone().requires_grad_() for tensor in delta_inputs(20, key_width=24, value_width=20)]
+    resets = torch.zeros(2, 20, dtype=torch.bool)
+    resets[1, 7] = True
+    compiled = torch.compile(gated_delta_chunked, backend="aot_eager", fullgraph=True)
+    got, gradients = delta_gradients(
+        lambda q, k, v, g, beta, initial: compiled(q, k, v, g, beta, 16, initial_state=initial, resets=resets), inputs)
+    assert calls == [1]  # traced once into the graph
+    expected, expected_gradients = delta_gradients(
+        lambda q, k, v, g, beta, initial: gated_delta_recurrent(q, k, v, g, beta, initial_state=initial, resets=resets),
+        inputs)
+    for mine, reference in zip(got, expected, strict=True):
+        torch.testing.assert_close(mine, reference, atol=1e-4, rtol=1e-4)
+    for name, mine, reference in zip(["q", "k", "v", "g", "beta", "initial state"], gradients,
+                                     expected_gradients, strict=True):
+        torch.testing.assert_close(mine, reference, atol=1e-3, rtol=1e-3, msg=lambda m, name=name: f"d{name}: {m}")

@@ -21,9 +21,10 @@ autograd's through these matmuls, except for T, whose backward is written out (t
 the solve's own would solve again and copy matrix by matrix); the tests hold it to the
 recurrence's. The cumulative log-decays are differenced in float64 (in float32 they would cancel
 when the decay is strong) and everything else is computed in fp32, cast back to v's dtype.
-Where no gradient is wanted (prefill, evaluation) and the chunks are a power of two of at least 16
-steps, the forward runs as the Triton kernel of ``delta_rule_triton`` when ``strata.nn.kernels``
-chooses Triton (on CUDA by default); training keeps this path.
+Where the chunks are a power of two of at least 16 steps and ``strata.nn.kernels`` chooses Triton
+(on CUDA by default), the rule runs instead as the Triton kernels of ``delta_rule_triton``,
+forward and backward (training, prefill and evaluation alike); this path is the CPU path and the
+kernels' oracle.
 
 Packed documents: ``resets`` [b, t] marks the steps that start a new segment. They get the
 log-decay −RESET_LOG_DECAY (``strata.nn.ssd``'s device): their decay is exactly 0, so no state
@@ -80,7 +81,7 @@ def gated_delta_chunked(
     batch, length, heads, key_width = k.shape
     value_width, dtype = v.shape[-1], v.dtype
     Q, pad = chunk_size, (-length) % chunk_size
-    if _triton_forward_applies(v, chunk_size, (q, k, v, g, beta, initial_state)):
+    if _triton_applies(v, chunk_size):
         from strata.nn.delta_rule_triton import triton_gated_delta_chunked  # imports triton: only when chosen
         o, state = triton_gated_delta_chunked(q, k, v, _reset_log_decay(g, resets), beta, chunk_size, initial_state)
         return o.to(dtype).contiguous(), state
@@ -129,13 +130,12 @@ def gated_delta_chunked(
     return o.to(dtype).contiguous(), state
 
 
-def _triton_forward_applies(v: torch.Tensor, chunk_size: int, inputs) -> bool:
-    """The Triton forward (``delta_rule_triton``) serves where no gradient is wanted (prefill,
-    evaluation), in chunks of a power of two of at least 16 steps; ``resets`` it takes as the
-    PyTorch path does, folded into the log-decays."""
-    if chunk_size < 16 or chunk_size & (chunk_size - 1) or not use_triton(v):
-        return False
-    return not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs))
+def _triton_applies(v: torch.Tensor, chunk_size: int) -> bool:
+    """The Triton kernels (``delta_rule_triton``, forward and backward) serve where
+    ``strata.nn.kernels`` chooses Triton, in chunks of a power of two of at least 16 steps, with
+    or without gradients; ``resets`` they take as the PyTorch path does, folded into the
+    log-decays."""
+    return chunk_size >= 16 and not chunk_size & (chunk_size - 1) and use_triton(v)
 
 
 def gated_delta_step(
