@@ -146,15 +146,25 @@ def run_eval(args: argparse.Namespace) -> int:
                           max_length=args.max_length, depths=args.depths, trials=args.trials,
                           characters=args.characters or [], character_items=args.character_items,
                           character_shots=args.character_shots)
-    if not (request.data or request.tasks or request.long or request.languages or request.needle or request.passkey
-            or request.characters):
+    suite = (request.data or request.tasks or request.long or request.languages or request.needle or request.passkey
+             or request.characters)
+    if not (suite or args.boundaries is not None):
         raise ValueError("give something to evaluate: --data PATH (bits per byte), --tasks TASK (multiple choice), "
-                         "--long PATH (loss by position), --languages DIR, --needle PATH, --passkey or --characters PATH "
-                         "(a PATH may be a name of strata data list)")
+                         "--long PATH (loss by position), --languages DIR, --needle PATH, --passkey, --characters PATH "
+                         "(a PATH may be a name of strata data list) or --boundaries FILE")
+    if args.boundaries is not None:
+        from strata.evals.boundaries import read_boundary_text, write_boundary_page
+
+        text = read_boundary_text(args.run, args.boundaries)  # before loading any weights
     trained = from_pretrained(args.run, dtype=args.dtype)
     if trained.tokenizer is None:
         raise ValueError(f"{args.run}: has no tokenizer.json; evaluating text needs the model's tokenizer beside it")
-    report = run_suite(trained, request)
+    report = run_suite(trained, request) if suite else {}
+    if args.boundaries is not None:
+        from strata.evals.report import evals_dir
+        from strata.evals.suite import run_dir_of
+
+        boundaries = write_boundary_page(trained, text, args.out or evals_dir(run_dir_of(trained)), args.boundaries)
     if args.json:
         # Held-out scores at the top level and each task under its file's name, as before.
         flat: dict = {"checkpoint": str(trained.checkpoint)}
@@ -163,13 +173,20 @@ def run_eval(args: argparse.Namespace) -> int:
                 flat.update(record["result"])
             else:
                 flat[name.removeprefix("task-")] = record["result"]
+        if args.boundaries is not None:
+            flat["boundaries"] = boundaries
         print(json.dumps(flat))
         return 0
     from rich.console import Console
 
     from strata.evals.terminal import print_report
 
-    print_report(Console(), trained.checkpoint, report, args.shots)
+    if report:
+        print_report(Console(), trained.checkpoint, report, args.shots)
+    if args.boundaries is not None:
+        from strata.evals.boundaries import print_boundaries
+
+        print_boundaries(Console(), boundaries)
     return 0
 
 
@@ -181,7 +198,7 @@ def _compare(args: argparse.Namespace) -> int:
         report = collect(args.compare, args.context)
         print(json.dumps({run.name: {"val_bpb": run.val_bpb, **run.headlines} for run in report.runs}))
         return 0
-    return _write_and_print_report(args.compare, Path(args.out), args.context)
+    return _write_and_print_report(args.compare, Path(args.out or "comparison"), args.context)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -438,7 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="examples before each character question (default 3)")
     evaluate.add_argument("--compare", nargs="+", metavar="RUN",
                           help="one table (and plots) across these runs' saved evaluations: strata report of the runs")
-    evaluate.add_argument("--out", default="comparison", help="folder for --compare's report (default ./comparison)")
+    evaluate.add_argument("--boundaries", metavar="FILE",
+                          help="AU-Net: where it splits this text: statistics per stage, an HTML page")
+    evaluate.add_argument("--out", help="folder for --compare's report (default ./comparison) or --boundaries' page "
+                                        "(default RUN/evals/)")
     evaluate.add_argument("--context", type=positive_int, default=8192,
                           help="with --compare: context for the cache column (default 8192)")
     evaluate.add_argument("--json", action="store_true")
