@@ -556,7 +556,8 @@ class StageConfig(StackConfig):
     this layout each (separate weights); the deepest, the trunk, runs its layout once.
 
     ``split_every``: words (word rule), pre-tokeniser pieces (pretokenizer rule) or bytes (stride
-    rule) per split of this stage; the rule's default when unset; must be unset for stage 1.
+    rule) per split of this stage, or the bytes per position the learned rule's ratio loss aims at;
+    the rule's default when unset; must be unset for stage 1.
     ``max_length``: a static length for this stage's sequences (for torch.compile); splits beyond
     it are dropped and shorter sequences padded. Unset: as long as the batch needs.
     """
@@ -566,9 +567,13 @@ class StageConfig(StackConfig):
 
 
 class SplitConfig(Strict):
-    """Where AU-Net pools: the rule that gives every byte a level (``strata.data.splitter``)."""
+    """Where AU-Net pools: a rule that gives every byte a level (``strata.data.splitter``), or
+    ``learned``: H-Net's dynamic chunking, a router per stage that places the boundaries from the
+    encoder's states (``strata.models.chunking``), its compression held near each stage's
+    ``split_every`` bytes per position by a ratio loss of weight ``ratio_loss_weight``."""
 
-    rule: Literal["word", "pretokenizer", "stride"] = "word"
+    rule: Literal["word", "pretokenizer", "stride", "learned"] = "word"
+    ratio_loss_weight: float = Field(0.03, ge=0)
 
 
 class AUNetConfig(Strict):
@@ -626,10 +631,19 @@ class AUNetConfig(Strict):
         return ";".join(stage.layout for stage in self.stages)
 
     def splitter_settings(self) -> dict:
-        """Keyword arguments of ``strata.data.splitter.make_splitter`` for this model."""
+        """Keyword arguments of ``strata.data.splitter.make_splitter`` for this model (the learned
+        rule's splitter marks no byte: its model places the splits)."""
         everies = [stage.split_every for stage in self.stages[1:]]
+        if self.split.rule == "learned":
+            return {"rule": "none", "stages": self.n_stages}
         key = "strides" if self.split.rule == "stride" else "groups"
         return {"rule": self.split.rule, "stages": self.n_stages, key: None if None in everies else everies}
+
+    def learned_compression(self) -> list[float]:
+        """The learned rule's targets: bytes per position of stages 2..S (``split_every``, by
+        default 4, 8, 16, ...)."""
+        everies = [stage.split_every for stage in self.stages[1:]]
+        return [float(every) for every in everies] if None not in everies else [4.0 * 2**k for k in range(len(everies))]
 
 
 def _model_kind(value: Any) -> str:

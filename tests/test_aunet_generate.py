@@ -28,6 +28,8 @@ CONFIGS = {
     "aunet2-hybrid": {"stages": 2, "layouts": ("M", "MAM")},
     "aunet3-repeat": {"stages": 3, "upsample": "repeat"},
     "aunet3-simple": {"stages": 3, "upsample": "simple"},
+    "learned2": {"stages": 2, "rule": "learned"},
+    "learned3": {"stages": 3, "rule": "learned"},
 }
 TEXTS = [bytes(TEXT), TEXT[7:] + TEXT[:7], b"1 2 3, (four) five!\n\n six seven eight nine ten " * 3]
 
@@ -64,7 +66,7 @@ def test_teacher_forced_decoding_equals_the_full_forward(name):
         assert (got[row, start:] - expected).abs().max() < TOLERANCE, row
 
 
-@pytest.mark.parametrize("preset", ["aunet2", "aunet3", "aunet2-hybrid"])
+@pytest.mark.parametrize("preset", ["aunet2", "aunet3", "aunet2-hybrid", "hnet2"])
 def test_greedy_generation_of_the_tiny_presets_with_caches_equals_recomputing(preset):
     # A wider init than the presets' 0.02 keeps greedy choices clear of near-ties.
     torch.manual_seed(1)

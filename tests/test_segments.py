@@ -152,7 +152,7 @@ def test_training_with_document_masking_runs(tmp_path):
 # --- carried state ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", FAMILIES + ["hybrid-family", "aunet2", "aunet3"])
+@pytest.mark.parametrize("family", FAMILIES + ["hybrid-family", "aunet2", "aunet3", "hnet2"])
 def test_a_carried_state_continues_the_sequence(family):
     """model(x1, state=s) then model(x2, state=s) equals model(x1 ++ x2): logits and gradients
     (through the state into the first call's weights and activations). The cut falls inside a
@@ -245,7 +245,7 @@ def test_the_stream_loader_gives_each_row_consecutive_windows():
     assert loader.starts_lanes and loader.epoch == 1
 
 
-@pytest.mark.parametrize("family", ["aunet2", "aunet3"])
+@pytest.mark.parametrize("family", ["aunet2", "aunet3", "hnet2"])
 def test_packed_documents_equal_the_documents_alone_in_an_aunet(family):
     """Three texts with the levels the split rule gives each alone: packed with segment_ids they
     give the logits and gradients of the three run alone. No BOS leads them, so only segment_ids

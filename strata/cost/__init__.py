@@ -14,9 +14,11 @@ from strata.cost.model import model_cost
 def training_flops(config: ModelConfig | AUNetConfig, context: int, levels: np.ndarray | None = None) -> tuple[float, float]:
     """(FLOPs per token, the same with the output head) of training at ``context``; for an AU-Net
     a token is a byte, and its stage contraction is measured on ``levels``, the split levels of
-    the training stream (``strata.data.levels``)."""
+    the training stream (``strata.data.levels``; the learned rule's splits are not in them, and
+    its targets count instead)."""
     if isinstance(config, AUNetConfig):
-        contraction = contraction_of_levels(levels, config.n_stages) if levels is not None else None
+        measurable = levels is not None and config.split.rule != "learned"
+        contraction = contraction_of_levels(levels, config.n_stages) if measurable else None
         cost = aunet_cost(config, context, "fp32", contraction)
         return cost.flops_per_byte, cost.flops_per_byte_with_head
     cost = model_cost(config, context, "fp32")

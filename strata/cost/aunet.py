@@ -110,7 +110,10 @@ class AUNetCost:
 
 def measure_contraction(config: AUNetConfig, documents: Iterable[bytes]) -> list[float]:
     """k_1..k_S on ``documents``, each read as the training stream holds it: a BOS (a split at
-    every stage) then the document's bytes, whose stage-i positions are those of level >= i-1."""
+    every stage) then the document's bytes, whose stage-i positions are those of level >= i-1.
+    The learned rule places its splits by its weights, not the bytes: its targets."""
+    if config.split.rule == "learned":
+        return learned_contraction(config)
     splitter = splitter_for(config)
     counts = np.zeros(config.n_stages, dtype=np.int64)  # bytes per level
     for text in documents:
@@ -132,8 +135,16 @@ def _contraction(counts: np.ndarray) -> list[float]:
     return [float(positions[0] / count) for count in positions]
 
 
+def learned_contraction(config: AUNetConfig) -> list[float]:
+    """The learned rule's k_1..k_S: the bytes per position its ratio loss aims at."""
+    return [1.0, *config.learned_compression()]
+
+
 def default_contraction(config: AUNetConfig, context: int) -> tuple[list[float], str]:
-    """Contraction without data: exact for the stride rule (it ignores the bytes), else assumed."""
+    """Contraction without data: exact for the stride rule (it ignores the bytes), the learned
+    rule's targets, else assumed."""
+    if config.split.rule == "learned":
+        return learned_contraction(config), "the learned rule's targets (its ratio loss aims at them)"
     if config.split.rule == "stride":
         return measure_contraction(config, [bytes(context - 1)]), f"exact for the stride rule at {context:,} bytes"
     if config.n_stages - 1 > len(ASSUMED_CONTRACTION):

@@ -56,6 +56,9 @@ Rules. ``groups`` and ``strides`` give one number per level 1..S-1.
   is. So ``"a   b"`` has one split where the paper has two, and after a whitespace run of two or
   more characters punctuation is split on its first character, not on the space before it.
 
+``none``, no byte is a split: for models that place their splits themselves (AU-Net's learned
+  rule, ``strata.models.chunking``); the levels still mark BOS and document starts.
+
 ``stride``, fixed stride over bytes (the paper's Hourglass-like baseline); strides default to
   4 x (1, 2, 4, ...). Byte i (0-based) gets the deepest level k with ``(i + 1) % strides[k-1] == 0``.
 
@@ -79,7 +82,7 @@ from typing import Protocol
 import numpy as np
 import regex
 
-RULES = ("word", "pretokenizer", "stride")
+RULES = ("word", "pretokenizer", "stride", "none")
 
 
 def make_splitter(
@@ -94,6 +97,10 @@ def make_splitter(
         raise ValueError(f"rule must be one of {', '.join(RULES)}; got {rule!r}")
     _check_stages(stages)
     doubling = tuple(2**level for level in range(stages - 1))
+    if rule == "none":
+        if groups is not None or strides is not None:
+            raise ValueError("the none rule takes neither groups nor strides")
+        return NoSplitter(stages)
     if rule == "stride":
         if groups is not None:
             raise ValueError("groups apply to the word and pretokenizer rules; the stride rule takes strides")
@@ -151,6 +158,31 @@ def _periodic_levels(counts: np.ndarray, periods: tuple[int, ...]) -> np.ndarray
 def _deepest_level(count: int, periods: tuple[int, ...]) -> int:
     """``_periodic_levels`` for one count."""
     return max((level for level, period in enumerate(periods, 1) if count % period == 0), default=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# No rule
+
+
+@dataclass
+class NoSplitter(Splitter):
+    """Level 0 for every byte."""
+
+    stages: int
+
+    def __post_init__(self) -> None:
+        _check_stages(self.stages)
+
+    def levels(self, data: bytes) -> np.ndarray:
+        return np.zeros(len(data), np.int8)
+
+    def stream(self) -> LevelStream:
+        return _NoSplitStream()
+
+
+class _NoSplitStream(LevelStream):
+    def feed(self, data: bytes) -> np.ndarray:
+        return np.zeros(len(data), np.int8)
 
 
 # ---------------------------------------------------------------------------------------------

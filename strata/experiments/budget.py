@@ -32,7 +32,7 @@ from strata.config import (
     set_key,
     validate_config,
 )
-from strata.cost.aunet import aunet_cost, contraction_of_levels
+from strata.cost.aunet import aunet_cost, contraction_of_levels, learned_contraction
 from strata.cost.model import model_cost
 from strata.data import ByteTokenizer, check_vocab_size, planned_vocab_size
 from strata.experiments.sweep_spec import Budget, MQARTraining, RunSpec
@@ -119,7 +119,10 @@ def run_cost(config: Config, mqar: MQARTraining | None = None) -> RunCost:
 
 def measured_contraction(config: Config) -> list[float]:
     """An AU-Net's bytes per stage position on its training stream, as the trainer measures them
-    (cached: the runs of a sweep often share their data and split rule)."""
+    (cached: the runs of a sweep often share their data and split rule); the learned rule's
+    targets, which its ratio loss holds the splits near."""
+    if config.model.split.rule == "learned":
+        return learned_contraction(config.model)
     data = config.data
     settings = json.dumps(config.model.splitter_settings(), sort_keys=True)
     return _contraction(tuple(data.sources), data.text_field, data.valid_fraction, settings)

@@ -28,12 +28,14 @@ from strata.models.aunet import AUNet
 class StageCache:
     """One row's stage below the byte stage: its block caches (``encoder`` and ``decoder``, or
     ``trunk`` for the deepest stage) and ``carried``, the segment its latest output opened: that
-    output [1, 1, d] and the finer stage's offset [1] in it so far (None before its first split)."""
+    output [1, 1, d] and the finer stage's offset [1] in it so far (None before its first split).
+    ``router_key``: the learned rule's key of the finer stage's latest position [1, 1, d]."""
 
     encoder: StackCache | None = None
     decoder: StackCache | None = None
     trunk: StackCache | None = None
     carried: tuple[torch.Tensor, torch.Tensor] | None = None
+    router_key: torch.Tensor | None = None
 
     @classmethod
     def of(cls, model: AUNet, depth: int) -> StageCache:
@@ -50,7 +52,8 @@ class StageCache:
         grow when needed), so copying a stage costs what it holds."""
         only_row = torch.zeros(1, dtype=torch.long, device=self.stacks[0].sequence.device)
         encoder, decoder, trunk = (stack and stack.fork(only_row, room=0) for stack in (self.encoder, self.decoder, self.trunk))
-        return StageCache(encoder, decoder, trunk, self.carried and tuple(tensor.clone() for tensor in self.carried))
+        return StageCache(encoder, decoder, trunk, self.carried and tuple(tensor.clone() for tensor in self.carried),
+                          None if self.router_key is None else self.router_key.clone())
 
 
 class AUNetCache:

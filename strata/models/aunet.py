@@ -39,6 +39,7 @@ from torch import nn
 
 from strata.config import AUNetConfig
 from strata.data.levels import splitter_for, stream_levels
+from strata.models.chunking import Chunking, Router
 from strata.models.init import whole_parameters
 from strata.models.lm import build_stack, run_stack, scaled_init
 from strata.models.state import AUNetCarriedState
@@ -181,6 +182,12 @@ class AUNet(nn.Module):
         )
         self.norm = RMSNorm(config.d_model, eps)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # The learned rule: a router per stage below the trunk, which places the next stage's splits.
+        self.routers = nn.ModuleList(Router(stage.d_model) for stage in stages[:-1]) if config.split.rule == "learned" else None
+        # The learned rule's ratio loss and each stage's share of free positions chosen, of the
+        # latest full forward (``auxiliary_loss``, ``split_rates``).
+        self.ratio_loss: torch.Tensor | None = None
+        self.split_rates: list[torch.Tensor] = []
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -191,6 +198,9 @@ class AUNet(nn.Module):
             for up in self.ups:
                 with torch.no_grad(), whole_parameters(up):
                     nn.init.normal_(up.offset_weight, std=self.config.init_std)
+        for router in self.routers or []:
+            with whole_parameters(router):
+                router.reset_parameters()
 
     @property
     def n_stages(self) -> int:
@@ -225,6 +235,7 @@ class AUNet(nn.Module):
             raise ValueError(f"levels {tuple(levels.shape)} must have the shape of tokens {tuple(tokens.shape)}")
         if segment_ids is not None:
             self._check_segments(cache)
+        self.ratio_loss = None
         rows = None if cache is None else cache.feed(tokens)  # before the byte stage advances: it knows their padding
         x = run_stack(self.encoders[0], self.embed(tokens), None if cache is None else cache.byte_encoder,
                       segment_ids=segment_ids)
@@ -233,7 +244,11 @@ class AUNet(nn.Module):
             if segment_ids is not None:  # every document opens a segment at every stage
                 starts = F.pad(segment_ids[:, 1:] != segment_ids[:, :-1], (1, 0))
                 levels = torch.where(starts.to(levels.device), self.n_stages - 1, levels)
-            up = self.descend(1, x, levels, segment_ids=segment_ids)
+            learned = [] if self.routers is not None else None
+            up = self.descend(1, x, levels, segment_ids=segment_ids, learned=learned)
+            if learned:
+                self.ratio_loss = self.config.split.ratio_loss_weight * sum(loss for loss, _ in learned)
+                self.split_rates = [rate for _, rate in learned]
         else:  # row by row: rows reach different depths
             up = torch.zeros_like(x)
             for row, begin, row_levels, stages in rows:
@@ -248,7 +263,8 @@ class AUNet(nn.Module):
             raise ValueError("segment_ids with a stage's max_length: a split dropped past it would join two documents")
 
     def descend(self, depth: int, hidden: torch.Tensor, levels: torch.Tensor, stages=None,
-                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                segment_ids: torch.Tensor | None = None, learned: list | None = None,
+                trace: list | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """The walk below stage ``depth - 1``, whose output ``hidden`` [B, T, d] sits at positions
         with ``levels`` [B, T] (-1 on padding): pool the splits of stage ``depth``, run its encoder,
         the walk below it and its decoder (or the trunk), and return what it sends back up to every
@@ -258,12 +274,28 @@ class AUNet(nn.Module):
         ``config.stages[k]`` (``strata.inference.aunet_cache``), whose block caches advance and
         whose ``carried`` segment, left open by the last call, the positions before the first split
         go on in. A static ``max_length`` applies to the full forward only. ``segment_ids``
-        [B, T]: the documents of the positions (their first positions are splits)."""
+        [B, T]: the documents of the positions (their first positions are splits).
+
+        The learned rule (``strata.models.chunking``) places the splits of stage ``depth`` here,
+        from ``hidden``, and appends (its ratio loss, its rate) to ``learned`` when given. ``trace``
+        (``boundary_levels``) collects (depth, the byte ``positions`` [B, T] of the positions,
+        which of them split)."""
         stage = None if stages is None else stages[depth - 1]
         carried = None if stage is None else stage.carried
         if carried is None:  # a sequence's first position opens a segment at every stage
             levels = levels.clone()
             levels[:, 0] = self.n_stages - 1
+        chunking = None
+        if self.routers is not None:
+            p, stage_key = self.routers[depth - 1](hidden, None if carried is None else stage.router_key)
+            if stage is not None:
+                stage.router_key = stage_key
+            chunking = Chunking(p, levels, depth)
+            levels = chunking.levels
+            if learned is not None:
+                learned.append((chunking.ratio_loss(self.learned_ratio(depth)), chunking.rate()))
+        if trace is not None:
+            trace.append((depth, positions, levels >= depth))
         max_length = self.config.stages[depth].max_length if stage is None else None
         path = route(levels, depth, max_length, None if carried is None else carried[1])
         coarse = None if carried is None else carried[0]
@@ -276,12 +308,25 @@ class AUNet(nn.Module):
                 y = run_stack(self.trunk, x, None if stage is None else stage.trunk, segment_ids=ids)
             else:
                 x = run_stack(self.encoders[depth], x, None if stage is None else stage.encoder, segment_ids=ids)
-                deeper = self.descend(depth + 1, x, torch.where(path.real, path.select(levels), -1), stages, ids)
+                deeper = self.descend(depth + 1, x, torch.where(path.real, path.select(levels), -1), stages, ids,
+                                      learned, trace, None if positions is None else path.select(positions))
                 y = run_stack(self.decoders[depth], x + deeper, None if stage is None else stage.decoder, segment_ids=ids)
+            if chunking is not None:
+                y = chunking.smooth(y, path.select(chunking.p), None if carried is None else carried[0])
             coarse = y if coarse is None else torch.cat([coarse, y], 1)
         if stage is not None:
             stage.carried = (coarse[:, -1:], path.offset[:, -1])
-        return self.ups[depth - 1](coarse, path.segment.to(hidden.device), path.offset.to(hidden.device))
+        up = self.ups[depth - 1](coarse, path.segment.to(hidden.device), path.offset.to(hidden.device))
+        return up if chunking is None else chunking.confident(up)
+
+    def learned_ratio(self, depth: int) -> float:
+        """The learned rule's target: stage-``depth`` positions per stage-(``depth`` + 1) position."""
+        bytes_per_position = [1.0, *self.config.learned_compression()]
+        return bytes_per_position[depth] / bytes_per_position[depth - 1]
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """What training adds to the loss of the latest full forward: the learned rule's ratio loss."""
+        return self.ratio_loss
 
     def carried_state(self, max_context: int | None = None) -> AUNetCarriedState:
         """An empty carried state for ``forward(..., state=)`` (``strata.models.state``)."""
@@ -294,11 +339,22 @@ class AUNet(nn.Module):
         rows = [stream_levels(row, self.splitter) for row in tokens.cpu().numpy()]
         return torch.from_numpy(np.array(rows, dtype=np.int64).reshape(tokens.shape)).to(tokens.device)
 
+    @torch.no_grad()
     def boundary_levels(self, tokens: torch.Tensor) -> torch.Tensor:
         """The level [B, T] of every id of ``tokens`` as the full forward pools by it: k where the
         position starts a segment of stages 2..k+1, 0 where it starts none (what ``strata eval
-        --boundaries`` shows). For a rule, ``split_levels``."""
-        return self.split_levels(tokens)
+        --boundaries`` shows). For a rule, ``split_levels``; for the learned rule, the splits its
+        routers place in a full forward."""
+        levels = self.split_levels(tokens)
+        if self.routers is None:
+            return levels
+        trace = []
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+        x = run_stack(self.encoders[0], self.embed(tokens))
+        self.descend(1, x, levels, trace=trace, positions=positions)
+        for depth, at, split in trace:  # a split of stage depth + 1 raises its byte's level to depth at least
+            levels.scatter_reduce_(1, at.to(levels.device), torch.where(split, depth, 0).to(levels.device), reduce="amax")
+        return levels
 
     def logits(self, y: torch.Tensor) -> torch.Tensor:
         """The byte stage's output -> next-byte logits (the final norm, then the untied head)."""

@@ -199,6 +199,7 @@ class CarriedStage:
     decoder: CarriedState | None = None
     trunk: CarriedState | None = None
     carried: tuple[torch.Tensor, torch.Tensor] | None = None
+    router_key: torch.Tensor | None = None  # the learned rule's (``strata.inference.aunet_cache.StageCache``)
 
     def detach(self) -> None:
         for stack in (self.encoder, self.decoder, self.trunk):
@@ -206,6 +207,8 @@ class CarriedStage:
                 stack.detach()
         if self.carried is not None:
             self.carried = (self.carried[0].detach(), self.carried[1])
+        if self.router_key is not None:
+            self.router_key = self.router_key.detach()
 
 
 class AUNetCarriedState:
@@ -267,6 +270,8 @@ class AUNetCarriedState:
                         out |= {f"{prefix}{name}.{k}": v for k, v in stack.state_dict().items()}
                 if stage.carried is not None:
                     out[prefix + "carried.vector"], out[prefix + "carried.offset"] = (t.detach() for t in stage.carried)
+                if stage.router_key is not None:
+                    out[prefix + "router_key"] = stage.router_key.detach()
         return out
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], device=None) -> None:
@@ -288,3 +293,5 @@ class AUNetCarriedState:
                         stack.load_state_dict(part(f"{prefix}{name}."), device)
                 if prefix + "carried.vector" in tensors:
                     stage.carried = (tensors[prefix + "carried.vector"].to(device), tensors[prefix + "carried.offset"])
+                if prefix + "router_key" in tensors:
+                    stage.router_key = tensors[prefix + "router_key"].to(device)

@@ -207,13 +207,33 @@ def ssd_chunked(
     log_decay = dt32 * A.float()
     if resets is not None:
         log_decay = log_decay - RESET_LOG_DECAY * resets[..., None].float()
-    scan = _ChunkedScan.apply
-    if chunk_size >= 16 and not chunk_size & (chunk_size - 1) and use_triton(x):  # the chunks the kernels take
-        from strata.nn.ssd_triton import triton_chunked_scan as scan  # imports triton: only when chosen
-    y, final_state = scan(x32 * dt32[..., None], log_decay, B.float(), C.float(), initial_state.float(), chunk_size)
+    y, final_state = _scan_function(x, chunk_size)(x32 * dt32[..., None], log_decay, B.float(), C.float(), initial_state.float(), chunk_size)
     if D is not None:
         y = y + x32 * D.float()[:, None]
     return y.to(x.dtype), final_state
+
+
+def linear_recurrence(x: torch.Tensor, log_decay: torch.Tensor, initial_state: torch.Tensor | None = None,
+                      chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """h_t = exp(log_decay_t) h_{t−1} + x_t over x [b, t, d] and log_decay [b, t] (<= 0), from
+    ``initial_state`` [b, d] (zeros by default): the chunked scan with one head of width d and a
+    state of size 1. Returns (h [b, t, d], h at the end [b, d]), fp32."""
+    batch, length, width = x.shape
+    ones = x.new_ones(batch, length, 1, 1, dtype=torch.float32)
+    initial = (torch.zeros(batch, width, device=x.device) if initial_state is None else initial_state.float())
+    h, final = _scan_function(x, chunk_size)(x.float()[:, :, None], log_decay.float()[..., None], ones, ones,
+                                             initial[:, None, :, None], chunk_size)
+    return h[:, :, 0], final[:, 0, :, 0]
+
+
+def _scan_function(x: torch.Tensor, chunk_size: int):
+    """The chunked scan that runs for ``x``: the Triton kernels where ``strata.nn.kernels`` chooses
+    them and they take the chunk (a power of two of at least 16 steps), else the PyTorch path."""
+    if chunk_size >= 16 and not chunk_size & (chunk_size - 1) and use_triton(x):
+        from strata.nn.ssd_triton import triton_chunked_scan  # imports triton: only when chosen
+
+        return triton_chunked_scan
+    return _ChunkedScan.apply
 
 
 def ssd_step(

@@ -35,12 +35,16 @@ class StepOutcome:
     lr: float
     loss: float | None  # the mean over micro-batches and ranks; None when the update was skipped
     grad_norm: float | None
+    # An AU-Net with learned splits: per stage 2..S, the share of the finer stage's positions that
+    # split (forced splits aside) in the last micro-batch.
+    split_rates: list[float] | None = None
 
     def record(self) -> dict:
         """The fields this step adds to a metrics line."""
         if self.loss is None:
             return {"loss": None, "lr": self.lr, "skipped": "non-finite loss or gradient"}
-        return {"loss": self.loss, "lr": self.lr, "grad_norm": self.grad_norm}
+        learned = {} if self.split_rates is None else {"split_rates": self.split_rates}
+        return {"loss": self.loss, "lr": self.lr, "grad_norm": self.grad_norm, **learned}
 
 
 class OptimizerStep:
@@ -76,7 +80,8 @@ class OptimizerStep:
                 with torch.autocast(self.world.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                     logits = self.forward(**inputs)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / train.grad_accum
-                loss.backward()
+                auxiliary = getattr(self.model, "auxiliary_loss", lambda: None)()  # not in the loss reported
+                (loss if auxiliary is None else loss + auxiliary / train.grad_accum).backward()
             total_loss += loss.item()
         # The mean over ranks is the global batch's loss: every rank has the same number of rows.
         total_loss = self.world.mean(total_loss)
@@ -90,4 +95,5 @@ class OptimizerStep:
         self.optimizer.zero_grad(set_to_none=True)
         sync_expert_loads(self.model, self.world)
         self.model.update_balance_biases()
-        return StepOutcome(lr, total_loss, grad_norm)
+        rates = getattr(self.model, "split_rates", None)
+        return StepOutcome(lr, total_loss, grad_norm, [round(float(rate), 4) for rate in rates] if rates else None)
