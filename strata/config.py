@@ -600,6 +600,8 @@ class AUNetConfig(Strict):
         if self.stages[0].split_every is not None:
             raise _KeyedError("stages.0.split_every", "stage 1 reads every byte; split_every applies to deeper stages")
         given = [stage.split_every for stage in self.stages[1:]]
+        if self.split.rule == "learned" and given[0] is not None and given[0] < 2:
+            raise _KeyedError("stages.1.split_every", "the learned rule needs a target of 2 or more bytes per position")
         if any(every is not None for every in given) and None in given:
             index = given.index(None) + 1
             raise _KeyedError(f"stages.{index}.split_every", "give split_every for every stage after the first, or for none")

@@ -7,12 +7,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from strata import build_model, load_config
+from strata import ConfigError, build_model, load_config
 from strata.models.chunking import Chunking, Router
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 TEXT = (b"Before we proceed any further, hear me speak.\nSpeak, speak.\nYou are all resolved rather to "
         b"die than to famish?\nResolved. resolved.\n")
+
+
+HELD_OUT = (b"The river had risen in the night, and by morning the lower fields were under water. Farmers "
+            b"stood along the road and watched the brown current carry fence posts, straw and a wooden door "
+            b"past the mill. Nobody spoke much. The older ones remembered the flood of their childhood, when "
+            b"the bridge had gone and the village was cut off for a week; the younger ones took photographs "
+            b"and sent them to friends in the city. By noon the rain stopped, the clouds broke apart, and a "
+            b"thin light fell across the drowned meadows, so that for an hour the whole valley shone like a "
+            b"lake. Then the water began, very slowly, to go down.\n") * 4
 
 
 def hnet2(seed=0):
@@ -107,11 +116,37 @@ def test_the_boundaries_reported_are_those_the_forward_pools_at():
 
 
 def test_the_learned_rule_stands_in_for_the_split_rule_elsewhere():
-    """The cost model takes the targets as the contraction, and the config's defaults double."""
+    """The cost model takes the targets as the contraction and counts the routers (W_q, W_k of
+    the byte stage's width); the config's targets double by default, and start at 2 or more."""
     from strata.cost.aunet import aunet_cost
 
     config = load_config(TINY / "hnet2.yaml").model
     assert config.learned_compression() == [4.0]
-    assert aunet_cost(config, 1024, "fp32").contraction == [1.0, 4.0]
+    cost, word_rule = aunet_cost(config, 1024, "fp32"), aunet_cost(load_config(TINY / "aunet2.yaml").model, 1024, "fp32")
+    assert cost.contraction == [1.0, 4.0]
+    assert cost.params - word_rule.params == 2 * 64 * 64 == sum(p.numel() for p in hnet2().routers.parameters())
     three = load_config(TINY / "aunet3.yaml", ["model.split.rule=learned"]).model
     assert three.learned_compression() == [4.0, 8.0]
+    with pytest.raises(ConfigError, match="stages.1.split_every: the learned rule needs a target of 2 or more"):
+        load_config(TINY / "hnet2.yaml", ["model.stages.1.split_every=1"])
+
+
+def test_the_ratio_loss_brings_the_compression_to_its_target(tmp_path):
+    """300 training steps on Shakespeare (a smaller hnet2: a byte stage of d 32, a trunk of two
+    blocks of d 64): the bytes per trunk position that ``strata eval --boundaries`` measures on
+    held-out text are within 10 % of the target, 4."""
+    import json
+
+    from cli_runner import strata
+
+    run = tmp_path / "run"
+    strata("train", TINY / "hnet2.yaml", "--steps", 300, "--out", run, "--quiet",
+           "model.context_length=128", "train.batch_size=4", "train.eval_every=300", "train.save_every=300",
+           "train.eval_bytes=4096", "model.stages.0.d_model=32", "model.stages.0.ffn.d_ffn=96",
+           "model.stages.1.d_model=64", "model.stages.1.layout=AA", "model.stages.1.ffn.d_ffn=192",
+           "model.stages.1.attention.n_heads=2", "model.stages.1.attention.n_kv_heads=2")
+    text = tmp_path / "held-out.txt"  # prose that is not Shakespeare's
+    text.write_bytes(HELD_OUT)
+    result = json.loads(strata("eval", run, "--boundaries", text, "--json").stdout)
+    trunk = result["boundaries"]["stages"][0]
+    assert abs(trunk["bytes_per_position"] - 4) <= 0.4, trunk

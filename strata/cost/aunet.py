@@ -56,7 +56,9 @@ class StageCost:
     layout: str
     blocks: int
     params: int  # the blocks'
-    transition_params: int  # the pool into this stage and the upsample out of it
+    # the pool into this stage and the upsample out of it, and the learned rule's router that
+    # places the next stage's splits (it runs on this stage's positions)
+    transition_params: int
     bytes_per_position: float
     positions: float  # context / bytes_per_position
     max_length: int | None
@@ -74,6 +76,7 @@ class TransitionCost:
     pool_params: int
     upsample_params: int  # the per-offset matrices or biases included
     offset_params: int
+    router_params: int = 0  # the learned rule's W_q and W_k, on the fine stage's states
 
 
 @dataclass
@@ -203,7 +206,8 @@ def aunet_cost(
     transitions = []
     for index, (fine, coarse) in enumerate(itertools.pairwise(stages), start=1):
         up, offsets = upsample_params(fine, coarse, config)
-        transitions.append(TransitionCost(index, pool_params(fine, coarse), up, offsets))
+        router = 2 * fine.d_model**2 if config.split.rule == "learned" else 0
+        transitions.append(TransitionCost(index, pool_params(fine, coarse), up, offsets, router))
     d_1 = config.d_model
     rows = []
     for index, (stage, k) in enumerate(zip(stages, contraction), start=1):
@@ -214,7 +218,8 @@ def aunet_cost(
         sequence = copies * sum(mixer_sequence_flops(symbol, stage, length) for symbol in stage.layout) / length
         cache = copies * sum(mixer_cache_elements(symbol, stage, math.ceil(length)) for symbol in stage.layout)
         into = transitions[index - 2] if index > 1 else None
-        transition = into.pool_params + into.upsample_params if into else 0
+        out_of = transitions[index - 1] if index < config.n_stages else None
+        transition = (into.pool_params + into.upsample_params if into else 0) + (out_of.router_params if out_of else 0)
         flops = 6 * (active + transition + (d_1 if index == 1 else 0)) + sequence
         rows.append(
             StageCost(
