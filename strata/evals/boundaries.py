@@ -4,8 +4,8 @@ self-contained HTML page that marks every stage's segments on the text.
 Reading. The text is read as ``strata eval`` reads documents for an AU-Net: its bytes are cut into
 windows of ``context_length - 1`` bytes, and each window is one forward of ``[BOS] + bytes``, so
 a window's BOS opens a segment at every stage and the split rule starts afresh after it. The
-levels come from ``model.boundary_levels`` alone (a split rule today, a learned router or an
-entropy model later), level k >= 1 at a byte meaning a split for stages 2..k+1.
+levels come from ``model.boundary_levels`` alone (a split rule, or the splits a learned router
+places), level k >= 1 at a byte meaning a split for stages 2..k+1.
 
 Conventions. A split at byte i means that the stage-k vector there summarises the bytes up to and
 including byte i, so a stage-k *segment* is the bytes after the previous stage-k split up to and
