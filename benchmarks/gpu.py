@@ -2,7 +2,9 @@
 
     python benchmarks/gpu.py [--out gpu-results] [--budget-s 450] [--no-compile] [--toy]
 
-Three sections, each timed after a warm-up with the device synchronised; the SSD scan and decode
+(``--no-compile``: nothing compiled, neither the training blocks nor the scans' reference path.)
+
+Three sections, each timed after a warm-up with the device synchronised; the scans and decode
 run first and the training presets last, and a job that would start after ``--budget-s`` seconds
 is skipped and named, so the whole run stays inside the 8 minutes the device tool allows:
 
@@ -13,10 +15,12 @@ is skipped and named, so the whole run stays inside the 8 minutes the device too
    on CUDA, called from the compiled blocks as custom operators), 8K context, fused AdamW; the largest batch of 32, 16, 8, 4, 2, 1 that fits. MFU = the cost model's training FLOPs per token (output head
    included) × tokens/s over the GPU's dense bf16 peak from its datasheet (H100 SXM/H200:
    989 TFLOP/s; H100 PCIe: 756), and over the bf16 matmul peak measured here.
-2. **SSD scan**: ``ssd_chunked`` at the 350M presets' Mamba-2 shapes (batch 4, 8K, 32 heads
-   of 64, state 128, chunks of 256, bf16 inputs): forward + backward, eager and through
-   ``torch.compile`` (both with ``STRATA_KERNELS=torch``) and as the Triton kernels of
-   ``strata.nn.ssd_triton``; then the forward alone (no gradients), the same three ways.
+2. **Scans**: ``ssd_chunked`` at the 350M presets' Mamba-2 shapes (batch 4, 8K, 32 heads of 64,
+   state 128, chunks of 256, bf16 inputs) and ``gated_delta_chunked`` at a Gated DeltaNet's
+   (batch 4, 8K, 16 heads of 128, chunks of 64): forward + backward, eager and through
+   ``torch.compile`` (both with ``STRATA_KERNELS=torch``) and as the Triton kernels
+   (``strata.nn.ssd_triton``, ``strata.nn.delta_rule_triton``); then the forward alone, the
+   same three ways.
 3. **Decode** (the hybrid paper's Table 13 protocol): the 1B llama, inter and intra presets,
    random weights, bf16, batch 4, at total lengths 2K-32K: a prompt of the length less 64
    tokens is prefilled, then 64 greedy steps are timed; tokens/s = 4 × 63 / their time.
@@ -45,6 +49,7 @@ from strata.cost.model import model_cost
 from strata.inference import model_cache
 from strata.nn.kernels import TRITON_INSTALLED
 from strata.nn.kernels import choice as kernels_choice
+from strata.nn.delta_rule import gated_delta_chunked
 from strata.nn.ssd import ssd_chunked
 from strata.train.distributed import World, parallelize
 
@@ -65,6 +70,7 @@ class Setting:
     decode_lengths: tuple[int, ...]
     decode_steps: int
     ssd_shape: dict
+    delta_shape: dict
 
 
 def setting(toy: bool) -> Setting:
@@ -72,13 +78,15 @@ def setting(toy: bool) -> Setting:
         tiny = {"llama": "transformer", "mamba2": "mamba2", "inter": "inter", "intra": "intra"}
         presets = [(f"tiny {name}", ROOT / f"configs/tiny/{tiny[name]}.yaml", ["model.context_length=256"]) for name in FAMILIES]
         return Setting(torch.device("cpu"), torch.float32, 128, (4, 2, 1), presets, presets[0:1] + presets[2:],
-                       (96, 160), 8, {"batch": 1, "seq": 128, "heads": 4, "head_dim": 16, "state": 16, "chunk": 32})
+                       (96, 160), 8, {"batch": 1, "seq": 128, "heads": 4, "head_dim": 16, "state": 16, "chunk": 32},
+                       {"batch": 1, "seq": 128, "heads": 2, "head_dim": 16, "chunk": 32})
     paper = ROOT / "configs/paper"
     train = [(f"{name}-{size}", paper / f"{name}-{size}.yaml", []) for size in ("100m", "350m") for name in FAMILIES]
     decode = [(f"{name}-1b", paper / f"{name}-1b.yaml", ["model.context_length=32768"]) for name in ("llama", "inter", "intra")]
     return Setting(torch.device("cuda"), torch.bfloat16, 8192, (32, 16, 8, 4, 2, 1), train, decode,
                    (2048, 4096, 8192, 16384, 32768), 64,
-                   {"batch": 4, "seq": 8192, "heads": 32, "head_dim": 64, "state": 128, "chunk": 256})
+                   {"batch": 4, "seq": 8192, "heads": 32, "head_dim": 64, "state": 128, "chunk": 256},
+                   {"batch": 4, "seq": 8192, "heads": 16, "head_dim": 128, "chunk": 64})
 
 
 class Clock:
@@ -177,42 +185,62 @@ def _training(s: Setting, path: Path, overrides: list[str], compile_blocks: bool
     return model, step
 
 
-def ssd_rows(s: Setting, clock: Clock) -> list[dict]:
-    shape = s.ssd_shape
+def scan_rows(s: Setting, clock: Clock, compile_paths: bool) -> list[dict]:
+    """The SSD scan and the gated delta rule, each forward + backward and forward alone, eager and
+    compiled PyTorch (STRATA_KERNELS=torch; compiled unless ``compile_paths`` is false) against
+    the Triton kernels (on CUDA)."""
     generator = torch.Generator(device=s.device).manual_seed(0)
 
     def tensor(*size, scale=1.0):
         return (torch.randn(*size, device=s.device, generator=generator) * scale).to(s.dtype).requires_grad_()
 
+    shape = s.ssd_shape
     b, t, h, p, n = shape["batch"], shape["seq"], shape["heads"], shape["head_dim"], shape["state"]
     x, dt = tensor(b, t, h, p), tensor(b, t, h, scale=0.5)
     A = (-torch.rand(h, device=s.device, generator=generator)).requires_grad_()
     B, C, D = tensor(b, t, 1, n), tensor(b, t, 1, n), tensor(h)
+    rows = _timed_paths(s, clock, compile_paths, "ssd", shape, ssd_chunked,
+                        lambda scan: scan(x, F.softplus(dt), A, B, C, shape["chunk"], D)[0])
 
-    def run(scan):
-        def work():
-            y, _ = scan(x, F.softplus(dt), A, B, C, shape["chunk"], D)
-            y.float().sum().backward()
-        return work
+    shape = s.delta_shape
+    b, t, h, k = shape["batch"], shape["seq"], shape["heads"], shape["head_dim"]
+    q, keys, v = (tensor(b, t, h, k) for _ in range(3))
+    g, beta = tensor(b, t, h), tensor(b, t, h)
+
+    def rule(scan):
+        return scan(F.normalize(q.float(), dim=-1).to(s.dtype) * k**-0.5, F.normalize(keys.float(), dim=-1).to(s.dtype), v,
+                    -F.softplus(g), torch.sigmoid(beta), shape["chunk"])[0]
+
+    return rows + _timed_paths(s, clock, compile_paths, "delta rule", shape, gated_delta_chunked, rule)
+
+
+def _timed_paths(s: Setting, clock: Clock, compile_paths: bool, section: str, shape: dict, function, call) -> list[dict]:
+    """``call(function)``'s output, timed forward + backward and forward alone, each way; the
+    ratios are to the compiled PyTorch path, or to the eager one when nothing is compiled."""
+    paths = [("PyTorch (eager)", "torch", function)]
+    if compile_paths:
+        paths.append(("PyTorch (torch.compile)", "torch", torch.compile(function)))
+    reference = paths[-1][0]
+    if s.device.type == "cuda" and TRITON_INSTALLED:
+        paths.append(("Triton", "triton", function))
+
+    def both(scan):
+        return lambda: call(scan).float().sum().backward()
 
     def forward_only(scan):
         def work():
             with torch.no_grad():
-                scan(x, F.softplus(dt), A, B, C, shape["chunk"], D)
+                call(scan)
         return work
 
-    compiled = torch.compile(ssd_chunked)
-    paths = [("PyTorch (eager)", "torch", ssd_chunked), ("PyTorch (torch.compile)", "torch", compiled)]
-    if s.device.type == "cuda" and TRITON_INSTALLED:
-        paths.append(("Triton", "triton", ssd_chunked))
     rows = []
-    for label, work in (("forward + backward", run), ("forward", forward_only)):
+    for label, work in (("forward + backward", both), ("forward", forward_only)):
         times = {}
         for name, kernels, scan in paths:
             with kernels_chosen(kernels):
                 times[name] = clock.time(work(scan), 5)
-        rows += [{"section": "ssd", "pass": label, "path": name, **shape, "ms": seconds * 1e3,
-                  "vs_compiled": times["PyTorch (torch.compile)"] / seconds} for name, seconds in times.items()]
+        rows += [{"section": "scan", "primitive": section, "pass": label, "path": name, **shape, "ms": seconds * 1e3,
+                  "reference": reference, "vs_reference": times[reference] / seconds} for name, seconds in times.items()]
     return rows
 
 
@@ -271,10 +299,11 @@ def markdown(device: str, peaks: dict, rows: list[dict], skipped: list[str]) -> 
             lines.append(f"| {row['model']} | {row['batch']} × {row['context']} | {row['compiled']} | {row['kernels']} | "
                          f"{row['tokens_per_s']:,.0f} | {mfu} | {row['mfu_measured_peak']:.1%} |")
         lines.append("")
-    ssd = [row for row in rows if row["section"] == "ssd"]
-    if ssd:
-        lines += ["| SSD scan | path | ms | vs torch.compile |", "|---|---|---:|---:|"]
-        lines += [f"| {row['pass']} | {row['path']} | {row['ms']:.2f} | {row['vs_compiled']:.2f}× |" for row in ssd]
+    scans = [row for row in rows if row["section"] == "scan"]
+    if scans:
+        lines += [f"| scan | pass | path | ms | vs {scans[0]['reference']} |", "|---|---|---|---:|---:|"]
+        lines += [f"| {row['primitive']} | {row['pass']} | {row['path']} | {row['ms']:.2f} | {row['vs_reference']:.2f}× |"
+                  for row in scans]
         lines.append("")
     decode = [row for row in rows if row["section"] == "decode"]
     if decode:
@@ -307,7 +336,7 @@ def main() -> None:
     print(f"{device}, torch {torch.__version__}; matmul peak {peaks['measured'] / 1e12:.2f} TFLOP/s", flush=True)
     rows, skipped = [], []
     # The short sections first: when the budget runs out, it is the training presets that go.
-    jobs = [("ssd scan", lambda: ssd_rows(s, clock))]
+    jobs = [("scans", lambda: scan_rows(s, clock, not args.no_compile))]
     jobs += [(f"decode {name}", lambda name=name, path=path, o=o: decode_rows(s, clock, name, path, o))
              for name, path, o in s.decode_presets]
     jobs += [(f"train {name}", lambda name=name, path=path, o=o: [training_row(s, clock, name, path, o, not args.no_compile, peaks)])

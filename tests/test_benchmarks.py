@@ -94,7 +94,7 @@ def test_the_gpu_benchmark_runs_its_sections_at_toy_size_on_the_cpu(tmp_path):
     run_benchmark("gpu", "--toy", "--no-compile", "--out", str(tmp_path))
     result = json.loads((tmp_path / "gpu.json").read_text())
     sections = {row["section"] for row in result["rows"]}
-    assert sections == {"training", "ssd", "decode"} and not result["skipped"]
+    assert sections == {"training", "scan", "decode"} and not result["skipped"]
     assert all(row[key] > 0 for row in result["rows"] for key in ("tokens_per_s", "ms") if key in row)
     assert {row["model"] for row in result["rows"] if row["section"] == "training"} == {
         "tiny llama", "tiny mamba2", "tiny inter", "tiny intra"}
