@@ -47,7 +47,7 @@ def training_measure(model, stream: np.ndarray, batch: int, seq: int):
     rng = np.random.default_rng(0)
     index = rng.integers(0, len(stream) - seq - 1, batch)[:, None] + np.arange(seq + 1)
     tokens = torch.from_numpy(stream[index])
-    levels = model_levels(model.config, stream)
+    levels = model_levels(model, stream)
     inputs = {"tokens": tokens[:, :-1]}
     if levels is not None:
         inputs["levels"] = torch.from_numpy(levels[index][:, :-1].astype(np.int64))

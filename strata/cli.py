@@ -30,7 +30,12 @@ def run_info(args: argparse.Namespace) -> int:
     else:
         config = load_config(args.config, args.overrides)
     if isinstance(config.model, AUNetConfig):
-        cost, rows, details = aunet_info(config, args.context, args.dtype, args.data)
+        splitter = None
+        if config.model.split.rule == "entropy" and args.data is not None:  # measured with its byte model
+            from strata.train.entropy import entropy_splitter
+
+            splitter = entropy_splitter(config.model, args.config if Path(args.config).is_dir() else None)
+        cost, rows, details = aunet_info(config, args.context, args.dtype, args.data, splitter)
     elif args.data is not None:
         raise ValueError(f"{args.config}: --data measures an AU-Net's contraction; this model reads tokens")
     else:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from entropy_presets import preset_overrides
 
 import strata
 from strata.config import validate_config
@@ -214,7 +215,7 @@ def test_moe_model_is_causal(top_k):
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
 def test_tiny_preset_builds_and_runs(path):
-    config = strata.load_config(path).model
+    config = strata.load_config(path, preset_overrides(path)).model
     model = build(config)
     tokens = torch.randint(0, config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -226,7 +227,7 @@ def test_tiny_preset_builds_and_runs(path):
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
 def test_tiny_preset_is_causal(path):
-    assert_causal(build(strata.load_config(path).model), positions=(0, 5, 16), length=17)
+    assert_causal(build(strata.load_config(path, preset_overrides(path)).model), positions=(0, 5, 16), length=17)
 
 
 def test_tiny_presets_cover_every_block_kind():

@@ -50,8 +50,9 @@ def test_all_presets_found():
     ablations = {"intra-hymba-1b.yaml", "intra-falconh1-1b.yaml"}
     aunets = {"aunet2-1b.yaml", "aunet3-1b.yaml", "aunet4-1b.yaml", "aunet2-7b.yaml"}
     assert {path.name for path in PAPER.glob("*.yaml")} == grid | ablations | aunets
-    assert len(list(TINY.glob("*.yaml"))) == 15  # 13 models, the sweeps' hybrid family and the MQAR model
-    assert len(LM_CONFIGS) == len(ALL_CONFIGS) - len(aunets) - 3  # tiny aunet2, aunet3, aunet2-hybrid
+    assert len(list(TINY.glob("*.yaml"))) == 18  # 16 models, the sweeps' hybrid family and the MQAR model
+    # tiny aunet2, aunet3, aunet2-hybrid, hnet2, aunet2-entropy
+    assert len(LM_CONFIGS) == len(ALL_CONFIGS) - len(aunets) - 5
 
 
 def test_hymba_and_falcon_h1_like_presets_carry_the_papers_axes():

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from entropy_presets import preset_overrides
 
 from strata import build_model, load_config
 from strata.models import init_weights
@@ -23,7 +24,7 @@ TINY = ROOT / "configs" / "tiny"
 H = "model.hybrid."
 # Every tiny config, and the designs of the hybrid and upsampling that draw or fill parameters of
 # their own: (file, overrides).
-CASES = {path.stem: (path.name, []) for path in sorted(TINY.glob("*.yaml"))} | {
+CASES = {path.stem: (path.name, preset_overrides(path)) for path in sorted(TINY.glob("*.yaml"))} | {
     "intra-lambda": ("intra.yaml", [H + "scale=lambda"]),
     "intra-gate": ("intra.yaml", [H + "scale=gate"]),
     "intra-vector": ("intra.yaml", [H + "scale=vector"]),
@@ -61,6 +62,13 @@ FINGERPRINTS = {
     # Added with the Gated DeltaNet presets (issue 24), from their first seeded build.
     "gdn": -18.2164407292,
     "inter-gdn": -7.6177094436,
+    # Added with learned splits (issue 27), from its first seeded build: aunet2's weights and the
+    # routers' identity matrices.
+    "hnet2": -0.4446753414,
+    # Added with the entropy rule, from their first seeded build. The AU-Net's own weights are
+    # aunet2's: its frozen byte model draws nothing, and its placeholder weights are zeros.
+    "byte-entropy": -0.8117773202,
+    "aunet2-entropy": 28.1670856304,
 }
 SEVEN_B = ROOT / "configs" / "paper" / "aunet2-7b.yaml"
 

@@ -26,6 +26,25 @@ any_bytes = st.one_of(st.binary(max_size=64), st.text(max_size=40).map(str.encod
 CONFIGS = [(rule, stages) for rule in RULES for stages in (2, 3, 4)]
 
 
+def toy_score(window: bytes) -> np.ndarray:
+    """A causal stand-in for the entropy rule's byte model (tests/test_entropy_split.py runs the
+    real one): each byte's "entropy", 0..8 bits, from the window's bytes up to it."""
+    state, entropies = 0, []
+    for byte in window:
+        state = (state * 31 + byte + 1) % 1009
+        entropies.append(8 * state / 1009)
+    return np.array(entropies)
+
+
+def splitter_of(rule: str, stages: int):
+    """The rule's splitter with its defaults; the entropy rule's with ``toy_score``, windows of 5
+    bytes (restarts within short texts), thresholds spread over 0..8 bits and a margin."""
+    if rule != "entropy":
+        return make_splitter(rule, stages)
+    thresholds = [8 * level / stages for level in range(1, stages)]
+    return make_splitter(rule, stages, score=toy_score, window=5, thresholds=thresholds, margin=3.0)
+
+
 def ruler(levels) -> str:
     """Levels as one character each, "." for 0, to line up under the text in a comment."""
     return "".join(str(level) if level else "." for level in levels.tolist())
@@ -39,7 +58,7 @@ def ruler(levels) -> str:
 @settings(max_examples=100, deadline=None)
 @given(data=any_bytes)
 def test_levels_of_every_prefix_are_a_prefix_of_the_levels(rule, stages, data):
-    splitter = make_splitter(rule, stages)
+    splitter = splitter_of(rule, stages)
     whole = splitter.levels(data)
     assert whole.dtype == np.int8 and whole.shape == (len(data),)
     assert 0 <= whole.min(initial=0) and whole.max(initial=0) < stages
@@ -51,7 +70,7 @@ def test_levels_of_every_prefix_are_a_prefix_of_the_levels(rule, stages, data):
 @settings(max_examples=100, deadline=None)
 @given(data=any_bytes, draw=st.data())
 def test_streaming_in_random_chunks_gives_the_batch_levels(rule, stages, data, draw):
-    splitter = make_splitter(rule, stages)
+    splitter = splitter_of(rule, stages)
     cuts = sorted(draw.draw(st.lists(st.integers(0, len(data)), max_size=12)))  # repeats feed b""
     stream = splitter.stream()
     fed = [stream.feed(data[start:end]) for start, end in itertools.pairwise([0, *cuts, len(data)])]
@@ -112,7 +131,7 @@ def test_invalid_utf8_never_crashes_and_undecodable_bytes_never_split():
     assert ruler(splitter.levels(b"ab\xff!! cd\xe2\x82 x")) == ".....1....2."
     assert ruler(splitter.levels(b"ab\xe2\x82")) == "...."
     for rule, stages in CONFIGS:
-        assert len(make_splitter(rule, stages).levels(bytes(range(256)) * 2)) == 512
+        assert len(splitter_of(rule, stages).levels(bytes(range(256)) * 2)) == 512
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,6 +189,11 @@ def test_defaults_double_per_level():
         ("stride", 3, {"strides": (16, 4)}, "strides must increase"),
         ("stride", 2, {"groups": (1,)}, "groups apply to the word and pretokenizer rules"),
         ("word", 2, {"strides": (4,)}, "strides apply to the stride rule"),
+        ("entropy", 2, {"window": 8, "thresholds": (3.0,)}, "the entropy rule needs score, window and thresholds"),
+        ("entropy", 3, {"score": toy_score, "window": 8, "thresholds": (3.0,)}, "thresholds must give one number per level"),
+        ("entropy", 3, {"score": toy_score, "window": 8, "thresholds": (3.0, 3.0)}, "thresholds must be finite and increase"),
+        ("entropy", 2, {"score": toy_score, "window": 0, "thresholds": (3.0,)}, "window must be an integer >= 1"),
+        ("word", 2, {"window": 8}, "window: for the entropy rule, not the word rule"),
     ],
 )
 def test_bad_configuration_names_the_parameter(rule, stages, options, message):

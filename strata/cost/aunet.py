@@ -17,6 +17,8 @@ counted the same way, < 0.01 % of the total). Stage 1 also runs the final norm. 
 6·d_1·vocab per byte is left out of ``flops_per_byte``, as ``ModelCost.flops_per_token`` leaves
 it out, and added in ``flops_per_byte_with_head``. Static stage lengths (``max_length``) are not in
 the figures: they count the real positions of the data, not the padding or the dropped splits.
+The entropy rule's byte model (``strata.models.entropy``) is not counted either: it is frozen, and
+its forward passes, one per window of bytes, belong to the data pipeline.
 Inference caches: stage i holds ⌈context / k_i⌉ positions, in its encoder's and decoder's blocks.
 
 The per-block formulas are those of ``strata.cost.model``; a test holds the parameter counts
@@ -40,6 +42,7 @@ from strata.cost.model import (
     mixer_sequence_flops,
 )
 from strata.data.levels import splitter_for
+from strata.data.splitter import Splitter
 
 # Bytes per position of stages 2, 3, 4, ... assumed for the text rules when no data is given: those
 # under which the 1B presets cost what the AU-Net paper says (AU-Net-2/3/4: 1.8e9, 2.3e9, 2.8e9 FLOPs per
@@ -111,13 +114,17 @@ class AUNetCost:
 # --- contraction ------------------------------------------------------------------------------
 
 
-def measure_contraction(config: AUNetConfig, documents: Iterable[bytes]) -> list[float]:
+def measure_contraction(config: AUNetConfig, documents: Iterable[bytes], splitter: Splitter | None = None) -> list[float]:
     """k_1..k_S on ``documents``, each read as the training stream holds it: a BOS (a split at
     every stage) then the document's bytes, whose stage-i positions are those of level >= i-1.
-    The learned rule places its splits by its weights, not the bytes: its targets."""
+    The learned rule places its splits by its weights, not the bytes: its targets. The entropy
+    rule's splitter scores with its byte model, which this layer cannot run: give ``splitter``
+    (an AU-Net's ``splitter``, or ``strata.models.entropy``'s), else ValueError."""
     if config.split.rule == "learned":
         return learned_contraction(config)
-    splitter = splitter_for(config)
+    if splitter is None and config.split.rule == "entropy":
+        raise ValueError("the entropy rule's contraction is measured with its byte model: pass splitter=")
+    splitter = splitter_for(config) if splitter is None else splitter
     counts = np.zeros(config.n_stages, dtype=np.int64)  # bytes per level
     for text in documents:
         counts += np.bincount(splitter.levels(text), minlength=config.n_stages)
@@ -145,7 +152,8 @@ def learned_contraction(config: AUNetConfig) -> list[float]:
 
 def default_contraction(config: AUNetConfig, context: int) -> tuple[list[float], str]:
     """Contraction without data: exact for the stride rule (it ignores the bytes), the learned
-    rule's targets, else assumed."""
+    rule's targets, else assumed (the entropy rule's too: its splits depend on its byte model's
+    weights as much as on the bytes)."""
     if config.split.rule == "learned":
         return learned_contraction(config), "the learned rule's targets (its ratio loss aims at them)"
     if config.split.rule == "stride":
@@ -153,6 +161,9 @@ def default_contraction(config: AUNetConfig, context: int) -> tuple[list[float],
     if config.n_stages - 1 > len(ASSUMED_CONTRACTION):
         raise ValueError(f"no assumed contraction for {config.n_stages} stages; give one or measure it on data (--data)")
     assumed = [1.0, *ASSUMED_CONTRACTION[: config.n_stages - 1]]
+    if config.split.rule == "entropy":
+        return assumed, ("assumed (the text rules' figure): the entropy rule's splits depend on its trained byte "
+                         f"model ({config.split.model}); measure them with --data once it is trained")
     return assumed, "assumed: reproduces the AU-Net paper's FLOPs/byte; measure yours with --data"
 
 

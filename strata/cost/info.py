@@ -15,6 +15,7 @@ from strata.config import Config, ModelConfig
 from strata.cost.aunet import AUNetCost, aunet_cost, measure_contraction
 from strata.cost.model import ModelCost, model_cost
 from strata.data import load_documents
+from strata.data.splitter import Splitter
 from strata.layout import BLOCK_SYMBOLS
 
 Rows = list[tuple[str, str]]
@@ -64,14 +65,18 @@ def lm_info(config: ModelConfig, context: int | None, dtype: str) -> tuple[Model
     return cost, rows, per_block
 
 
-def aunet_info(config: Config, context: int | None, dtype: str, data: str | None) -> tuple[AUNetCost, Rows, Table]:
+def aunet_info(config: Config, context: int | None, dtype: str, data: str | None,
+               splitter: Splitter | None = None) -> tuple[AUNetCost, Rows, Table]:
     """An AU-Net's cost (the AU-Net paper's compute accounting), its summary rows and its per-stage table. ``data`` (a
-    text file, folder, .jsonl or named corpus, read as training reads it) gives the contraction."""
+    text file, folder, .jsonl or named corpus, read as training reads it) gives the contraction. The
+    entropy rule measures with ``splitter`` (its byte model's, which the caller opens); without one
+    its contraction stays the assumed one."""
     contraction, source = None, "given"
     if data is not None:
         documents = load_documents([data], config.data.text_field)
-        contraction = measure_contraction(config.model, (document.text for document in documents))
-        source = f"measured on {data}"
+        if config.model.split.rule != "entropy" or splitter is not None:
+            contraction = measure_contraction(config.model, (document.text for document in documents), splitter)
+            source = f"measured on {data}"
     cost = aunet_cost(config.model, context, dtype, contraction, source)
     rows = [
         ("AU-Net stages", " ; ".join(runs(stage.layout) for stage in cost.stages) + f", {cost.upsample} upsampling"),

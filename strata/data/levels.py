@@ -10,6 +10,8 @@ batch row (``model_inputs``) or a few at a time during generation (``TokenLevels
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -21,7 +23,22 @@ BYTE_IDS = 256
 
 
 def splitter_for(config: AUNetConfig) -> Splitter:
+    """The split rule of an AU-Net config. The entropy rule's needs its byte model, which the
+    model holds: use the model's ``splitter`` (``model_levels(model, ...)``)."""
+    if config.split.rule == "entropy":
+        raise ValueError("the entropy rule's splitter scores bytes with its byte model: use the AU-Net's "
+                         "splitter (model.splitter, model_levels(model, tokens))")
     return make_splitter(**config.splitter_settings())
+
+
+def model_splitter(model) -> Splitter | None:
+    """The splitter of ``model`` (an AU-Net, whose ``splitter`` may hold its entropy model) or of
+    an AU-Net config (a rule that needs no model); None for a model that reads tokens."""
+    splitter = getattr(model, "splitter", None)
+    if splitter is not None:
+        return splitter
+    config = getattr(model, "config", model)
+    return splitter_for(config) if isinstance(config, AUNetConfig) else None
 
 
 def stream_levels(tokens: np.ndarray, splitter: Splitter) -> np.ndarray:
@@ -36,18 +53,19 @@ def stream_levels(tokens: np.ndarray, splitter: Splitter) -> np.ndarray:
     return levels
 
 
-def model_levels(config: ModelConfig | AUNetConfig, tokens: np.ndarray) -> np.ndarray | None:
-    """The levels of a stream of ids for a model that pools by them (AU-Net), else None."""
-    return stream_levels(tokens, splitter_for(config)) if isinstance(config, AUNetConfig) else None
+def model_levels(model: torch.nn.Module | ModelConfig | AUNetConfig, tokens: np.ndarray) -> np.ndarray | None:
+    """The levels of a stream of ids for a model that pools by them (AU-Net), else None. Give the
+    model itself (its ``splitter``); its config does for the rules that need no model."""
+    splitter = model_splitter(model)
+    return stream_levels(tokens, splitter) if splitter is not None else None
 
 
 def model_inputs(model: torch.nn.Module, tokens: torch.Tensor) -> dict:
     """What ``model(tokens, **model_inputs(model, tokens))`` needs beyond the ids: for an AU-Net
     the levels of each row (read as the start of a stream), for other models nothing."""
-    config = getattr(model, "config", None)
-    if not isinstance(config, AUNetConfig):
+    splitter = model_splitter(model) if isinstance(getattr(model, "config", None), AUNetConfig) else None
+    if splitter is None:
         return {}
-    splitter = splitter_for(config)
     rows = [stream_levels(row, splitter) for row in tokens.cpu().numpy()]
     levels = np.stack(rows) if rows else np.zeros(tuple(tokens.shape), np.int8)
     return {"levels": torch.from_numpy(levels).to(tokens.device)}
@@ -75,3 +93,10 @@ class TokenLevels:
                 self.stream, self.since_start = self.splitter.stream(), []
             start = special + 1
         return levels
+
+    def __deepcopy__(self, memo) -> TokenLevels:
+        """A copy that goes on on its own; the splitter (an entropy rule's holds a model) is shared."""
+        copied = TokenLevels.__new__(TokenLevels)
+        copied.splitter, copied.since_start = self.splitter, list(self.since_start)
+        copied.stream = copy.deepcopy(self.stream, memo)
+        return copied

@@ -62,6 +62,21 @@ Rules. ``groups`` and ``strides`` give one number per level 1..S-1.
 ``stride``, fixed stride over bytes (the paper's Hourglass-like baseline); strides default to
   4 x (1, 2, 4, ...). Byte i (0-based) gets the deepest level k with ``(i + 1) % strides[k-1] == 0``.
 
+``entropy``, BLT's entropy patching ("Byte Latent Transformer: Patches Scale Better Than Tokens",
+  Pagnoni et al., 2024), with AU-Net's convention that a split ends its segment. A small byte-level
+  language model gives each byte i the entropy H_i, in bits, of its distribution of the token
+  after byte i; byte i gets the deepest level k with ``H_i > thresholds[k-1]``, and with a
+  ``margin`` level 1 at least where ``H_i - H_(i-1) > margin`` (BLT's relative rule; not on a
+  document's first byte). H_i depends on bytes <= i only, so the levels are stable. The model
+  reads the bytes in windows of ``window`` from the start (positions [kW, (k+1)W) from the start
+  of theirs, BOS first), so a document and a stream compute the same function. Bytes are bytes
+  here: a split may fall inside a multi-byte character, as in BLT. The model is not the data
+  layer's: the splitter is given ``score(window_bytes) -> entropies`` (``strata.models.entropy``),
+  which must give each byte a value that depends only on the window's bytes up to it, the same
+  bits whatever follows (the scorer runs every window as one forward of one fixed shape). Whole
+  texts score each window once; a stream rescores its window's bytes so far at each call, O(window)
+  work per byte.
+
 Incremental form. ``Splitter.stream()`` returns a LevelStream whose ``feed(data)`` gives the levels
 of ``data`` as ``levels`` would on everything fed so far. It keeps an incremental decoder and, for
 the text rules, the rule written as a state machine (the run or piece in progress, words or pieces
@@ -75,27 +90,41 @@ import codecs
 import functools
 import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import regex
 
-RULES = ("word", "pretokenizer", "stride", "none")
+RULES = ("word", "pretokenizer", "stride", "none", "entropy")
 
 
 def make_splitter(
-    rule: str, stages: int, *, groups: Sequence[int] | None = None, strides: Sequence[int] | None = None
+    rule: str, stages: int, *, groups: Sequence[int] | None = None, strides: Sequence[int] | None = None,
+    score: Callable[[bytes], np.ndarray] | None = None, window: int | None = None,
+    thresholds: Sequence[float] | None = None, margin: float | None = None,
 ) -> Splitter:
-    """The splitter for ``rule`` ("word", "pretokenizer" or "stride") and ``stages`` stages.
+    """The splitter for ``rule`` ("word", "pretokenizer", "stride", "none" or "entropy") and
+    ``stages`` stages.
 
     ``groups`` (word, pretokenizer rules) default to 1, 2, 4, ... and ``strides`` (stride rule) to
-    4, 8, 16, ..., one per level 1..stages-1.
+    4, 8, 16, ..., one per level 1..stages-1. The entropy rule takes ``score``, ``window``,
+    ``thresholds`` and ``margin`` (``EntropySplitter``) and nothing else.
     """
     if rule not in RULES:
         raise ValueError(f"rule must be one of {', '.join(RULES)}; got {rule!r}")
     _check_stages(stages)
+    entropy_keys = {"score": score, "window": window, "thresholds": thresholds, "margin": margin}
+    if rule == "entropy":
+        if groups is not None or strides is not None:
+            raise ValueError("the entropy rule takes neither groups nor strides")
+        if score is None or window is None or thresholds is None:
+            raise ValueError("the entropy rule needs score, window and thresholds")
+        return EntropySplitter(stages, score, window, tuple(thresholds), margin)
+    given = [key for key, value in entropy_keys.items() if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: for the entropy rule, not the {rule} rule")
     doubling = tuple(2**level for level in range(stages - 1))
     if rule == "none":
         if groups is not None or strides is not None:
@@ -217,6 +246,92 @@ class _StrideStream(LevelStream):
         levels = _periodic_levels(np.arange(self.fed + 1, self.fed + len(data) + 1), self.strides)
         self.fed += len(data)
         return levels
+
+
+# ---------------------------------------------------------------------------------------------
+# Entropy rule
+
+
+@dataclass
+class EntropySplitter(Splitter):
+    """Byte i gets the deepest level k with H_i > thresholds[k-1], H_i = ``score``'s entropy of
+    the token after it; with ``margin``, level 1 at least where H_i - H_(i-1) > margin. ``score``
+    is called on one window of at most ``window`` bytes at a time (module docstring)."""
+
+    stages: int
+    score: Callable[[bytes], np.ndarray]
+    window: int
+    thresholds: tuple[float, ...]
+    margin: float | None = None
+
+    def __post_init__(self) -> None:
+        self.thresholds = tuple(float(value) for value in self.thresholds)
+        _check_stages(self.stages)
+        if isinstance(self.window, bool) or not isinstance(self.window, (int, np.integer)) or self.window < 1:
+            raise ValueError(f"window must be an integer >= 1; got {self.window!r}")
+        if len(self.thresholds) != self.stages - 1:
+            raise ValueError(f"thresholds must give one number per level, {self.stages - 1} for {self.stages} stages; "
+                             f"got {self.thresholds}")
+        if any(not np.isfinite(value) for value in self.thresholds) or any(
+                deep <= shallow for shallow, deep in itertools.pairwise(self.thresholds)):
+            raise ValueError(f"thresholds must be finite and increase from level to level; got {self.thresholds}")
+        if self.margin is not None and not self.margin >= 0:
+            raise ValueError(f"margin must be a number of bits >= 0; got {self.margin!r}")
+
+    def entropies(self, data: bytes) -> np.ndarray:
+        """H_i of every byte of ``data`` (float64), window by window."""
+        windows = [self._scored(data[start : start + self.window]) for start in range(0, len(data), self.window)]
+        return np.concatenate(windows) if windows else np.zeros(0, np.float64)
+
+    def levels(self, data: bytes) -> np.ndarray:
+        return self.levels_of(self.entropies(bytes(data)))
+
+    def levels_of(self, entropies: np.ndarray, previous: float | None = None) -> np.ndarray:
+        """The levels of bytes with these entropies; ``previous``: H of the byte before them (None
+        at a document's start)."""
+        entropies = np.asarray(entropies, dtype=np.float64)
+        # How many thresholds each entropy exceeds: the deepest level it reaches.
+        levels = np.searchsorted(np.asarray(self.thresholds), entropies, side="left").astype(np.int8)
+        if self.margin is not None and len(entropies):
+            before = np.concatenate([[np.nan if previous is None else previous], entropies[:-1]])
+            with np.errstate(invalid="ignore"):
+                rise = entropies - before > self.margin  # NaN (no byte before) compares False
+            levels[rise] = np.maximum(levels[rise], 1)
+        return levels
+
+    def stream(self) -> LevelStream:
+        return _EntropyStream(self)
+
+    def _scored(self, window: bytes) -> np.ndarray:
+        entropies = np.asarray(self.score(window), dtype=np.float64)
+        if entropies.shape != (len(window),):
+            raise ValueError(f"score gave {entropies.shape} entropies for {len(window)} bytes")
+        return entropies
+
+
+class _EntropyStream(LevelStream):
+    def __init__(self, splitter: EntropySplitter):
+        self.splitter = splitter
+        self.current = b""  # the bytes of the window in progress
+        self.previous: float | None = None  # H of the last byte fed
+
+    def feed(self, data: bytes) -> np.ndarray:
+        data, levels, window = bytes(data), [], self.splitter.window
+        while data:
+            if len(self.current) == window:  # the next byte opens a window
+                self.current = b""
+            taken, data = data[: window - len(self.current)], data[window - len(self.current) :]
+            start, self.current = len(self.current), self.current + taken
+            entropies = self.splitter._scored(self.current)[start:]
+            levels.append(self.splitter.levels_of(entropies, self.previous))
+            self.previous = float(entropies[-1])
+        return np.concatenate(levels) if levels else np.zeros(0, np.int8)
+
+    def __deepcopy__(self, memo) -> _EntropyStream:
+        """A copy that goes on on its own; the splitter (and its model) is shared, not copied."""
+        copied = _EntropyStream(self.splitter)
+        copied.current, copied.previous = self.current, self.previous
+        return copied
 
 
 # ---------------------------------------------------------------------------------------------

@@ -115,7 +115,7 @@ class StrataLM(LM):
         windows = []  # (request, the window's ids, their levels or None, how many of its last ids are targets)
         for index, request in enumerate(requests):
             tokens = np.array([self.tokenizer.bos_id, *self._encode(request.args[0])], dtype=np.int64)
-            levels = model_levels(self.model.config, tokens)
+            levels = model_levels(self.model, tokens)
             for start in range(1, len(tokens), self.max_length):
                 end = min(start + self.max_length, len(tokens))
                 window = slice(max(0, end - 1 - self.max_length), end)

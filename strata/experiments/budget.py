@@ -32,7 +32,7 @@ from strata.config import (
     set_key,
     validate_config,
 )
-from strata.cost.aunet import aunet_cost, contraction_of_levels, learned_contraction
+from strata.cost.aunet import aunet_cost, contraction_of_levels, default_contraction, learned_contraction
 from strata.cost.model import model_cost
 from strata.data import ByteTokenizer, check_vocab_size, planned_vocab_size
 from strata.experiments.sweep_spec import Budget, MQARTraining, RunSpec
@@ -120,10 +120,14 @@ def run_cost(config: Config, mqar: MQARTraining | None = None) -> RunCost:
 def measured_contraction(config: Config) -> list[float]:
     """An AU-Net's bytes per stage position on its training stream, as the trainer measures them
     (cached: the runs of a sweep often share their data and split rule); the learned rule's
-    targets, which its ratio loss holds the splits near."""
+    targets, which its ratio loss holds the splits near; for the entropy rule, measured with its
+    byte model once that is trained, assumed before (``default_contraction``)."""
     if config.model.split.rule == "learned":
         return learned_contraction(config.model)
     data = config.data
+    if config.model.split.rule == "entropy":
+        model = json.dumps(config.model.model_dump(mode="json"), sort_keys=True)
+        return _entropy_contraction(tuple(data.sources), data.text_field, data.valid_fraction, model)
     settings = json.dumps(config.model.splitter_settings(), sort_keys=True)
     return _contraction(tuple(data.sources), data.text_field, data.valid_fraction, settings)
 
@@ -138,6 +142,22 @@ def _contraction(sources: tuple, text_field: str, valid_fraction: float, splitte
     train, _ = split_documents(load_documents(list(sources), text_field), valid_fraction)
     levels = stream_levels(pack(train, ByteTokenizer()), make_splitter(**settings))
     return contraction_of_levels(levels, settings["stages"])
+
+
+@functools.lru_cache(maxsize=4)
+def _entropy_contraction(sources: tuple, text_field: str, valid_fraction: float, model: str) -> list[float]:
+    """The entropy rule's contraction, measured with its trained byte model (``split.model``) on
+    the training stream; the assumed one (``default_contraction``) while that model has no run."""
+    from strata.data import load_documents, pack, split_documents
+    from strata.data.levels import stream_levels
+    from strata.train.entropy import entropy_splitter
+
+    config = AUNetConfig.model_validate(json.loads(model))
+    splitter = entropy_splitter(config)
+    if splitter is None:
+        return default_contraction(config, config.context_length)[0]
+    train, _ = split_documents(load_documents(list(sources), text_field), valid_fraction)
+    return contraction_of_levels(stream_levels(pack(train, ByteTokenizer()), splitter), config.n_stages)
 
 
 def _validated(data: dict, source: str, text: bool) -> Config:

@@ -35,13 +35,12 @@ def bits_per_byte(model, tokenizer, documents, seq_len: int, batch_size: int = 8
     """
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    config = getattr(model, "config", None)
     windows, per_document = [], []  # windows: (index into per_document, token ids, levels or None)
     for document in documents:
         if not document.text:
             continue
         tokens = np.concatenate([[tokenizer.bos_id], tokenizer.encode(document.text)]).astype(np.int64)
-        levels = model_levels(config, tokens)
+        levels = model_levels(model, tokens)
         for start in range(0, len(tokens) - 1, seq_len):
             window = slice(start, start + seq_len + 1)
             windows.append((len(per_document), tokens[window], None if levels is None else levels[window]))

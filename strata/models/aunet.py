@@ -18,7 +18,10 @@ positions >= s only. Position 0 (BOS) is a split at every stage, so every positi
 ``levels`` [B, T] give each byte its depth: 0 = no split, k = a split for stages 2..k+1. The split
 rule gives them (``strata.data.levels``): ``model(tokens)`` runs it on each row's ids, as the data
 pipeline does on a stream that starts there; ``levels=`` passes them in (a training window cut
-from a longer stream has the levels of that stream).
+from a longer stream has the levels of that stream). ``model.splitter`` is the rule; the entropy
+rule's scores bytes with a frozen byte-level language model, ``model.entropy``
+(``strata.models.entropy``), so the data pipeline, evaluation and generation take the model's
+splitter, never one rebuilt from the config.
 
 One walk (``AUNet.descend``) runs the stages for the full forward and for decoding. With a cache
 (``strata.inference.aunet_cache``, state only) the byte stage advances as one batch and each row
@@ -40,6 +43,7 @@ from torch import nn
 from strata.config import AUNetConfig
 from strata.data.levels import splitter_for, stream_levels
 from strata.models.chunking import Chunking, Router
+from strata.models.entropy import EntropyModel
 from strata.models.init import whole_parameters
 from strata.models.lm import build_stack, run_stack, scaled_init
 from strata.models.state import AUNetCarriedState
@@ -163,10 +167,12 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 class AUNet(nn.Module):
+    # The entropy rule's byte model is filled after the AU-Net's own initialisation (and never by it).
+    built_after_reset = ("entropy",)
+
     def __init__(self, config: AUNetConfig):
         super().__init__()
         self.config = config
-        self.splitter = splitter_for(config)
         stages = config.stages
         eps = stages[0].norm_eps
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
@@ -184,6 +190,14 @@ class AUNet(nn.Module):
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         # The learned rule: a router per stage below the trunk, which places the next stage's splits.
         self.routers = nn.ModuleList(Router(stage.d_model) for stage in stages[:-1]) if config.split.rule == "learned" else None
+        # The entropy rule: a frozen byte-level language model that scores the bytes
+        # (``strata.models.entropy``); registered last, it draws nothing the rest would have drawn.
+        if config.split.rule == "entropy":
+            self.entropy = EntropyModel(config.split.entropy_model_config(), config.split.window)
+            self.splitter = self.entropy.splitter(config)
+        else:
+            self.entropy = None
+            self.splitter = splitter_for(config)
         # The learned rule's ratio loss and each stage's share of free positions chosen, of the
         # latest full forward (``auxiliary_loss``, ``split_rates``).
         self.ratio_loss: torch.Tensor | None = None
@@ -193,7 +207,7 @@ class AUNet(nn.Module):
     def reset_parameters(self) -> None:
         """The scaled normal initialisation of embedding and projections (``scaled_init``), then
         N(0, init_std²) for the offset matrices of multilinear upsampling."""
-        scaled_init(self, self.config.init_std, self.n_blocks)
+        scaled_init(self, self.config.init_std, self.n_blocks, skip=("entropy",))
         if self.config.upsample == "multilinear":
             for up in self.ups:
                 with torch.no_grad(), whole_parameters(up):
@@ -361,5 +375,8 @@ class AUNet(nn.Module):
         return self.head(self.norm(y))
 
     def update_balance_biases(self) -> None:
-        """Call after each optimiser step: aux-loss-free load balancing of every MoE layer."""
-        update_balance_biases(self)
+        """Call after each optimiser step: aux-loss-free load balancing of every MoE layer (the
+        frozen entropy model's excepted)."""
+        for name, child in self.named_children():
+            if name != "entropy":
+                update_balance_biases(child)

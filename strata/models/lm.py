@@ -113,12 +113,14 @@ def run_stack(blocks: nn.ModuleList, x: torch.Tensor, cache=None, lengths: torch
 
 
 @torch.no_grad()
-def scaled_init(model: nn.Module, std: float, n_blocks: int) -> None:
+def scaled_init(model: nn.Module, std: float, n_blocks: int, skip: tuple[str, ...] = ()) -> None:
     """Normal(0, std) for embeddings and projections; projections that write into a residual
     stream get std / sqrt(2 · n_blocks). A model's own ``reset_parameters``: it runs after every
-    module has reset its own (``strata.models.init``)."""
+    module has reset its own (``strata.models.init``). The children named in ``skip`` are left alone."""
     residual_std = std / math.sqrt(2 * n_blocks)
     for name, module in model.named_modules():
+        if name.split(".", 1)[0] in skip:
+            continue
         if isinstance(module, nn.Embedding):
             with whole_parameters(module):
                 nn.init.normal_(module.weight, std=std)

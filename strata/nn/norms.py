@@ -48,8 +48,9 @@ def _rms_norm_fp32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32 (the mean square of a wide vector loses bits in bf16)."""
-    if x.dtype == weight.dtype == torch.float32:
+    """RMSNorm computed in fp32 (the mean square of a wide vector loses bits in bf16), or in fp64
+    for fp64 inputs and weights."""
+    if x.dtype == weight.dtype and x.dtype in (torch.float32, torch.float64):
         return _rms_norm_fp32(x, weight, eps)
     return _rms_norm_fp32(x.float(), weight.float(), eps).to(x.dtype)
 

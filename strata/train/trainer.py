@@ -57,6 +57,7 @@ from strata.train.distributed import (
     session,
 )
 from strata.train.distributed_checkpoint import load_sharded, load_whole, save_sharded
+from strata.train.entropy import copy_byte_model, uses_entropy_model, with_byte_model
 from strata.train.memory import check_training_memory
 from strata.train.metrics import MetricsLog, Progress
 from strata.train.optim import build_optimizer
@@ -126,6 +127,11 @@ class Trainer:
             prepare_run_dir(self.run_dir)
         if not resume:
             self._refuse_to_overwrite()
+        if uses_entropy_model(config):
+            if self.world.parallel == "fsdp":
+                raise TrainingError("model.split: the entropy rule copies its byte model into a whole model; FSDP is "
+                                    "not supported with it yet, use parallel: ddp (or one process)")
+            config = with_byte_model(config)  # the run's config names its byte model's architecture
         train = config.train
 
         # Data first: every bad input is reported before a model is built.
@@ -148,13 +154,17 @@ class Trainer:
         self.model = build_model(config, device="meta" if self.world.parallel == "fsdp" else self.device)
         if train.init_from and not resume:
             self._initialise_from(train.init_from)
+        elif uses_entropy_model(config) and not resume:  # on resume, the checkpoint holds them
+            copy_byte_model(self.model.entropy, config.model.split.model)
         # self.model stays the plain module (state, validation, sampling); the step trains through
         # what parallelize returns.
         forward = parallelize(self.model, self.world, train, self.autocast)
         self.optimizer = build_optimizer(self.model, train)  # after FSDP has replaced the parameters
+        # A resumed run's weights before its data: an entropy rule's levels come from its byte model.
+        checkpoint = self._load_weights() if resume else None
 
         stream = pack(self.train_documents, self.tokenizer)
-        levels = model_levels(config.model, stream)
+        levels = model_levels(self.model, stream)
         if train.carry_state:
             if self.world.distributed:
                 raise TrainingError("train.carry_state: carrying a state between windows runs in one process for now")
@@ -170,7 +180,7 @@ class Trainer:
 
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         if resume:
-            self._restore()
+            self._restore(checkpoint)
         elif self.world.is_main:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
             self.tokenizer.save(self.run_dir)
@@ -205,7 +215,9 @@ class Trainer:
         self.world.barrier()
         return load_tokenizer(self.run_dir)
 
-    def _restore(self) -> None:
+    def _load_weights(self):
+        """The newest checkpoint's weights and optimiser state into the model and optimiser; the
+        checkpoint, for ``_restore``."""
         checkpoint = latest_checkpoint(self.run_dir)
         if checkpoint is None:
             raise TrainingError(f"{self.run_dir}: no readable checkpoint to resume from")
@@ -217,6 +229,11 @@ class Trainer:
         else:
             load_model_weights(self.model, checkpoint.model, checkpoint.path)
             self.optimizer.load_state_dict(checkpoint.optimizer)
+        return checkpoint
+
+    def _restore(self, checkpoint) -> None:
+        """The rest of the checkpoint's state (``_load_weights`` took the weights): random
+        generators, data position, counters, a carried state."""
         restore_rng(checkpoint.rng)
         state = checkpoint.state
         self.loader.load_state_dict(state["loader"])
