@@ -11,6 +11,12 @@ from pathlib import Path
 # other tests import it first (through torch and transformers), so the switch is set here, before
 # anything is imported. Only kernels chosen with STRATA_KERNELS=triton ever run under it.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Under ``pytest -n N`` (pytest-xdist) each worker has a core to itself: one thread for it and for
+# the processes its tests start, instead of N workers each spreading over every core. Set before
+# torch is imported, which reads it once.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
