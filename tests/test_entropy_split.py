@@ -22,7 +22,7 @@ from test_aunet import aunet_config, build
 from strata import load_config
 from strata.config import AUNetConfig, ConfigError, TrainConfig, validate_config
 from strata.cost.aunet import aunet_cost, default_contraction, measure_contraction
-from strata.data import ByteTokenizer, corpus_path
+from strata.data import ByteTokenizer, corpus_path, entropy_store
 from strata.data.levels import TokenLevels, model_levels, splitter_for, stream_levels
 from strata.data.splitter import make_splitter
 from strata.inference.generate import generate
@@ -278,3 +278,64 @@ def test_the_contraction_is_measured_with_the_models_splitter():
     levels = model.splitter.levels(TEXT)
     measured = measure_contraction(model.config, [TEXT], model.splitter)
     assert measured == [1.0, (len(TEXT) + 1) / (1 + (levels >= 1).sum()), (len(TEXT) + 1) / (1 + (levels >= 2).sum())]
+
+
+# ---------------------------------------------------------------------------------------------
+# (f) the entropies of large texts, kept on disk
+
+
+def test_a_stream_is_scored_once_and_every_threshold_reads_its_entropies_back(tmp_path, monkeypatch):
+    """The levels from the store equal the levels scored afresh, for the thresholds that saved
+    them and for others; new weights, another window or a damaged file are scored again."""
+    monkeypatch.setenv("STRATA_CACHE", str(tmp_path))
+    monkeypatch.setattr(entropy_store, "STORE_MIN_BYTES", 200)  # TEXT's 340 bytes are "large"
+    ids = np.array([ByteTokenizer.bos_id, *TEXT[:150], ByteTokenizer.bos_id, *TEXT[150:]])
+    entropy = entropy_model()
+    scored = []
+
+    def counting(window: bytes) -> np.ndarray:
+        scored.append(len(window))
+        return entropy.score(window)
+
+    def splitter(thresholds=THRESHOLDS, window=WINDOW):
+        return make_splitter("entropy", 3, score=counting, window=window, thresholds=thresholds, margin=MARGIN,
+                             identity=entropy.fingerprint)
+
+    def afresh(thresholds=THRESHOLDS, window=WINDOW):  # no identity: nothing stored or read
+        fresh = make_splitter("entropy", 3, score=entropy.score, window=window, thresholds=thresholds, margin=MARGIN)
+        return stream_levels(ids, fresh).tolist()
+
+    first = stream_levels(ids, splitter()).tolist()
+    assert first == afresh() and sum(scored) == len(TEXT)
+    assert len(list((tmp_path / "entropies").glob("*.npy"))) == 1
+    scored.clear()
+    assert stream_levels(ids, splitter()).tolist() == first and not scored
+    other = (5.9, 6.3)
+    assert stream_levels(ids, splitter(other)).tolist() == afresh(other) != first and not scored
+
+    assert stream_levels(ids, splitter(window=8)).tolist() == afresh(window=8) and sum(scored) == len(TEXT)
+    scored.clear()
+    with torch.no_grad():
+        entropy.lm.embed.weight[ord("e")] += 1.0  # new weights: a new fingerprint
+    assert stream_levels(ids, splitter()).tolist() == afresh() != first and sum(scored) == len(TEXT)
+    assert len(list((tmp_path / "entropies").glob("*.npy"))) == 3
+
+    for stored in (tmp_path / "entropies").glob("*.npy"):
+        stored.write_bytes(stored.read_bytes()[:100])  # cut short
+    scored.clear()
+    assert stream_levels(ids, splitter()).tolist() == afresh() and sum(scored) == len(TEXT)
+    assert not list((tmp_path / "entropies").glob("*.partial"))
+
+
+def test_short_texts_and_splitters_without_an_identity_are_not_stored(tmp_path, monkeypatch):
+    monkeypatch.setenv("STRATA_CACHE", str(tmp_path))
+    ids = np.array([ByteTokenizer.bos_id, *TEXT])
+    entropy = entropy_model()
+    with_identity = make_splitter("entropy", 3, score=entropy.score, window=WINDOW, thresholds=THRESHOLDS,
+                                  margin=MARGIN, identity=entropy.fingerprint)
+    stream_levels(ids, with_identity)  # 340 bytes: under STORE_MIN_BYTES
+    monkeypatch.setattr(entropy_store, "STORE_MIN_BYTES", 200)
+    stream_levels(ids, entropy_splitter())  # no identity
+    assert not (tmp_path / "entropies").exists()
+    assert model_levels(with_random_entropy_model(build(entropy_aunet(3))), ids) is not None
+    assert len(list((tmp_path / "entropies").glob("*.npy"))) == 1  # an AU-Net's splitter has one

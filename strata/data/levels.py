@@ -47,9 +47,11 @@ def stream_levels(tokens: np.ndarray, splitter: Splitter) -> np.ndarray:
     levels = np.zeros(len(tokens), dtype=np.int8)
     special = np.flatnonzero(tokens >= BYTE_IDS)
     levels[special[tokens[special] == ByteTokenizer.bos_id]] = splitter.stages - 1
-    for start, end in zip(np.concatenate([[0], special + 1]), np.concatenate([special, [len(tokens)]])):
-        if end > start:
-            levels[start:end] = splitter.levels(tokens[start:end].astype(np.uint8).tobytes())
+    spans = [(start, end) for start, end in zip(np.concatenate([[0], special + 1]), np.concatenate([special, [len(tokens)]]))
+             if end > start]
+    documents = [tokens[start:end].astype(np.uint8).tobytes() for start, end in spans]
+    for (start, end), document_levels in zip(spans, splitter.document_levels(documents), strict=True):
+        levels[start:end] = document_levels
     return levels
 
 

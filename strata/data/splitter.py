@@ -97,6 +97,8 @@ from typing import Protocol
 import numpy as np
 import regex
 
+from strata.data import entropy_store
+
 RULES = ("word", "pretokenizer", "stride", "none", "entropy")
 
 
@@ -104,24 +106,26 @@ def make_splitter(
     rule: str, stages: int, *, groups: Sequence[int] | None = None, strides: Sequence[int] | None = None,
     score: Callable[[bytes], np.ndarray] | None = None, window: int | None = None,
     thresholds: Sequence[float] | None = None, margin: float | None = None,
+    identity: Callable[[], str] | None = None,
 ) -> Splitter:
     """The splitter for ``rule`` ("word", "pretokenizer", "stride", "none" or "entropy") and
     ``stages`` stages.
 
     ``groups`` (word, pretokenizer rules) default to 1, 2, 4, ... and ``strides`` (stride rule) to
     4, 8, 16, ..., one per level 1..stages-1. The entropy rule takes ``score``, ``window``,
-    ``thresholds`` and ``margin`` (``EntropySplitter``) and nothing else.
+    ``thresholds``, ``margin`` and ``identity`` (``EntropySplitter``) and nothing else.
     """
     if rule not in RULES:
         raise ValueError(f"rule must be one of {', '.join(RULES)}; got {rule!r}")
     _check_stages(stages)
-    entropy_keys = {"score": score, "window": window, "thresholds": thresholds, "margin": margin}
+    entropy_keys = {"score": score, "window": window, "thresholds": thresholds, "margin": margin,
+                    "identity": identity}
     if rule == "entropy":
         if groups is not None or strides is not None:
             raise ValueError("the entropy rule takes neither groups nor strides")
         if score is None or window is None or thresholds is None:
             raise ValueError("the entropy rule needs score, window and thresholds")
-        return EntropySplitter(stages, score, window, tuple(thresholds), margin)
+        return EntropySplitter(stages, score, window, tuple(thresholds), margin, identity)
     given = [key for key, value in entropy_keys.items() if value is not None]
     if given:
         raise ValueError(f"{', '.join(given)}: for the entropy rule, not the {rule} rule")
@@ -152,6 +156,10 @@ class Splitter(ABC):
     @abstractmethod
     def stream(self) -> LevelStream:
         """A fresh incremental form of this splitter, for bytes that arrive a few at a time."""
+
+    def document_levels(self, documents: Sequence[bytes]) -> list[np.ndarray]:
+        """``levels`` of each document (a training stream's documents, all at once)."""
+        return [self.levels(document) for document in documents]
 
 
 class LevelStream(ABC):
@@ -256,13 +264,16 @@ class _StrideStream(LevelStream):
 class EntropySplitter(Splitter):
     """Byte i gets the deepest level k with H_i > thresholds[k-1], H_i = ``score``'s entropy of
     the token after it; with ``margin``, level 1 at least where H_i - H_(i-1) > margin. ``score``
-    is called on one window of at most ``window`` bytes at a time (module docstring)."""
+    is called on one window of at most ``window`` bytes at a time (module docstring).
+    ``identity()``, when given, names the scorer (a digest of its weights): ``document_levels``
+    then keeps the entropies of large texts on disk under it (``strata.data.entropy_store``)."""
 
     stages: int
     score: Callable[[bytes], np.ndarray]
     window: int
     thresholds: tuple[float, ...]
     margin: float | None = None
+    identity: Callable[[], str] | None = None
 
     def __post_init__(self) -> None:
         self.thresholds = tuple(float(value) for value in self.thresholds)
@@ -285,6 +296,14 @@ class EntropySplitter(Splitter):
 
     def levels(self, data: bytes) -> np.ndarray:
         return self.levels_of(self.entropies(bytes(data)))
+
+    def document_levels(self, documents: Sequence[bytes]) -> list[np.ndarray]:
+        if self.identity is None or sum(map(len, documents)) < entropy_store.STORE_MIN_BYTES:
+            return super().document_levels(documents)
+        identity = f"{self.identity()} window={self.window}"
+        documents = [bytes(document) for document in documents]
+        return [self.levels_of(entropies)
+                for entropies in entropy_store.stored_entropies(identity, documents, self.entropies)]
 
     def levels_of(self, entropies: np.ndarray, previous: float | None = None) -> np.ndarray:
         """The levels of bytes with these entropies; ``previous``: H of the byte before them (None

@@ -17,6 +17,7 @@ in one thread, in float64, by a copy of the weights that is refreshed whenever t
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 
@@ -66,7 +67,12 @@ class EntropyModel(nn.Module):
     def splitter(self, config: AUNetConfig) -> Splitter:
         """The entropy rule's splitter for ``config`` (``split.thresholds``, ``margin``, ``window``),
         scoring with this model."""
-        return make_splitter(**config.splitter_settings(), score=self.score)
+        return make_splitter(**config.splitter_settings(), score=self.score, identity=self.fingerprint)
+
+    def fingerprint(self) -> str:
+        """A digest of the scorer: the byte model's architecture and its weights as they are now
+        (the entropies of large texts are kept on disk under it, ``strata.data.entropy_store``)."""
+        return self._scoring_copy_and_digest()[1]
 
     @torch.no_grad()
     def score(self, window: bytes) -> np.ndarray:
@@ -78,7 +84,7 @@ class EntropyModel(nn.Module):
         tokens = torch.full((1, self.window + 1), PAD_BYTE, dtype=torch.long)
         tokens[0, 0] = ByteTokenizer.bos_id
         tokens[0, 1 : len(window) + 1] = torch.tensor(list(window), dtype=torch.long)
-        scorer = self._scoring_copy()
+        scorer = self._scoring_copy_and_digest()[0]
         with _ONE_THREAD:  # the same sums whatever threads the process runs (and faster at this size)
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
@@ -89,8 +95,9 @@ class EntropyModel(nn.Module):
                 torch.set_num_threads(threads)
         return entropies.numpy()
 
-    def _scoring_copy(self) -> LanguageModel:
-        """A CPU float64 copy of ``lm``, rebuilt when its weights were replaced or changed."""
+    def _scoring_copy_and_digest(self) -> tuple[LanguageModel, str]:
+        """A CPU float64 copy of ``lm`` and ``fingerprint``, both made again when the weights were
+        replaced or changed."""
         state = self.lm.state_dict()
         # Inference tensors (weights loaded under torch.inference_mode) count no versions.
         key = tuple((tensor.device, tensor.data_ptr(), -1 if tensor.is_inference() else tensor._version)
@@ -98,9 +105,15 @@ class EntropyModel(nn.Module):
         if self._scoring.get("key") != key:
             with torch.inference_mode(False), torch.device("cpu"), torch.random.fork_rng(devices=[]):
                 scorer = LanguageModel(self.lm.config).double().eval()
-                scorer.load_state_dict({name: tensor.detach().to("cpu", torch.float64) for name, tensor in state.items()})
-            self._scoring.update(key=key, scorer=scorer)
-        return self._scoring["scorer"]
+                weights = {name: tensor.detach().to("cpu", torch.float64) for name, tensor in state.items()}
+                scorer.load_state_dict(weights)
+            # torch's version too: another one may round the float64 sums differently.
+            digest = hashlib.sha256(f"torch {torch.__version__} {self.lm.config.model_dump_json()}".encode())
+            for name, tensor in weights.items():
+                digest.update(name.encode())
+                digest.update(tensor.contiguous().numpy().tobytes())
+            self._scoring.update(key=key, scorer=scorer, digest=digest.hexdigest())
+        return self._scoring["scorer"], self._scoring["digest"]
 
 
 def _cuda_devices() -> list[int]:
