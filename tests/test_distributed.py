@@ -110,6 +110,20 @@ def test_resuming_at_another_world_size_continues_the_same_curve(runs, tmp_path,
     assert max(differences(single, continued, range(6, STEPS + 1))) < 1e-4
 
 
+def test_fine_tuning_under_fsdp_starts_from_the_pretrained_weights_as_one_process_does(runs, tmp_path, shakespeare):
+    """``--init-from`` the 10-step run: under 2-process FSDP every rank keeps its shards of the
+    pretrained weights, and the steps are those of one process; both start near where the
+    pretrained run ended, far below a random model's first loss."""
+    common = ["train", TINY / "transformer.yaml", "--init-from", runs["single"], "--data", shakespeare, "--steps", 3,
+              *FAST, "train.seed=1"]
+    strata(*common, "--out", tmp_path / "single")
+    strata(*common, "--out", tmp_path / "fsdp", "train.parallel=fsdp", processes=2)
+    single, sharded, pretrained = losses(tmp_path / "single"), losses(tmp_path / "fsdp"), losses(runs["single"])
+    assert sorted(sharded) == [1, 2, 3]
+    assert max(differences(single, sharded, [1, 2, 3])) < 1e-5
+    assert single[1] < pretrained[1] - 0.5 and abs(single[1] - pretrained[STEPS]) < 0.5
+
+
 @pytest.mark.parametrize("family", ["intra-moe", "aunet2"])
 def test_moe_and_aunet_train_under_ddp_as_in_one_process(tmp_path, shakespeare, family):
     common = ["train", TINY / f"{family}.yaml", "--data", shakespeare, "--steps", 2, *FAST,

@@ -97,9 +97,7 @@ def load_sharded(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.opti
 def load_whole(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load a single-process checkpoint (whole weights, ``optimizer.pt`` numbered by parameter)
     into a distributed run's model and optimiser; every rank reads the files and keeps its part."""
-    weights = get_model_state_dict(model)
-    check_shapes({name: tensor.shape for name, tensor in weights.items()},
-                 {name: tensor.shape for name, tensor in checkpoint.model.items()}, checkpoint.path)
+    load_whole_weights(model, checkpoint.model, checkpoint.path)
     # optimizer.pt numbers parameters in the order of the optimiser's groups, which are built the
     # same way from the same model in every run; the state-dict API wants them by name.
     names = {id(parameter): name for name, parameter in model.named_parameters()}
@@ -109,9 +107,15 @@ def load_whole(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.
         "state": {order[index]: value for index, value in saved["state"].items()},
         "param_groups": [{**group, "params": [order[index] for index in group["params"]]} for group in saved["param_groups"]],
     }
-    whole = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, checkpoint.model, options=whole)
-    set_optimizer_state_dict(model, optimizer, by_name, options=whole)
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
+def load_whole_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
+    """Whole weights (every rank holds them all) into a distributed run's model, each rank keeping
+    its part; a one-line error naming ``source`` when they are another architecture's."""
+    check_shapes({name: tensor.shape for name, tensor in get_model_state_dict(model).items()},
+                 {name: tensor.shape for name, tensor in weights.items()}, source)
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
 
 
 class _MetadataUnpickler(pickle.Unpickler):

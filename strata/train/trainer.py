@@ -56,7 +56,7 @@ from strata.train.distributed import (
     resolve_device,
     session,
 )
-from strata.train.distributed_checkpoint import load_sharded, load_whole, save_sharded
+from strata.train.distributed_checkpoint import load_sharded, load_whole, load_whole_weights, save_sharded
 from strata.train.entropy import copy_byte_model, uses_entropy_model, with_byte_model
 from strata.train.memory import check_training_memory
 from strata.train.metrics import MetricsLog, Progress
@@ -152,13 +152,13 @@ class Trainer:
         torch.manual_seed(train.seed)  # the same on every rank: every rank builds the same model
         # Under FSDP on meta: parallelize gives each rank storage for its shards only and fills them.
         self.model = build_model(config, device="meta" if self.world.parallel == "fsdp" else self.device)
-        if train.init_from and not resume:
-            self._initialise_from(train.init_from)
-        elif uses_entropy_model(config) and not resume:  # on resume, the checkpoint holds them
+        if uses_entropy_model(config) and not (resume or train.init_from):  # else the checkpoint holds them
             copy_byte_model(self.model.entropy, config.model.split.model)
         # self.model stays the plain module (state, validation, sampling); the step trains through
         # what parallelize returns.
         forward = parallelize(self.model, self.world, train, self.autocast)
+        if train.init_from and not resume:
+            self._initialise_from(train.init_from)
         self.optimizer = build_optimizer(self.model, train)  # after FSDP has replaced the parameters
         # A resumed run's weights before its data: an entropy rule's levels come from its byte model.
         checkpoint = self._load_weights() if resume else None
@@ -193,12 +193,11 @@ class Trainer:
             )
 
     def _initialise_from(self, source: str) -> None:
-        """The weights of ``train.init_from`` in place of the random ones (fine-tuning)."""
-        if self.world.parallel == "fsdp":
-            raise TrainingError("train.init_from: starting FSDP from pretrained weights is not supported yet; "
-                                "use parallel: ddp (or one process)")
+        """The weights of ``train.init_from`` in place of the random ones (fine-tuning), once the
+        model is parallelised: under FSDP every rank reads them whole and keeps its shards."""
         pretrained = from_pretrained(source, dtype=torch.float32)
-        load_model_weights(self.model, pretrained.model.state_dict(), pretrained.checkpoint)
+        load = load_whole_weights if self.world.parallel == "fsdp" else load_model_weights
+        load(self.model, pretrained.model.state_dict(), pretrained.checkpoint)
 
     def _tokenizer(self, config: Config, resume: bool):
         """The run's own tokenizer on resume; the pretrained model's for a run that starts from one
