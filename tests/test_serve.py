@@ -25,6 +25,7 @@ from strata.data import ByteTokenizer, load_hf_tokenizer
 from strata.data import corpus_path
 from strata.inference.generate import generate
 from strata.serve.chat import TemplateError, load_chat_template
+from strata.serve.metrics import Histogram
 from strata.serve.prefix_cache import PrefixCache
 from strata.train.runs import TrainedModel, from_pretrained, save_as_run
 from tokenizer_files import BOS, EOS, llama_like, save_with_config
@@ -215,6 +216,18 @@ def test_32_concurrent_greedy_requests_equal_strata_generate_alone(tmp_path, sha
     assert [a.text for a in answers] == [e.text for e in expected]
     assert [a.finish_reason for a in answers] == [{"eos": "stop"}.get(e.finish_reason, e.finish_reason) for e in expected]
     assert metrics["strata_decoded_rows_total"] / metrics["strata_decode_steps_total"] > 4  # batched, not one by one
+    for name in ("time_to_first_token_seconds", "request_duration_seconds"):
+        buckets = [value for key, value in metrics.items() if key.startswith(f"strata_{name}_bucket")]
+        assert buckets == sorted(buckets) and buckets[-1] == metrics[f"strata_{name}_count"] == 32
+    assert metrics["strata_request_duration_seconds_sum"] > metrics["strata_time_to_first_token_seconds_sum"] > 0
+
+
+def test_latency_histograms_count_each_observation_in_its_cumulative_buckets():
+    histogram = Histogram((0.1, 1.0))
+    for seconds in (0.05, 0.1, 0.5, 1.0, 3.0):  # a bound belongs to its bucket (le: less or equal)
+        histogram.observe(seconds)
+    assert histogram.samples("x") == [('x_bucket{le="0.1"}', 2), ('x_bucket{le="1.0"}', 4), ('x_bucket{le="+Inf"}', 5),
+                                      ("x_sum", 4.65), ("x_count", 5)]
 
 
 @pytest.mark.parametrize("family", ["swa", "intra", "gdn", "aunet2"])

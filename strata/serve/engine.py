@@ -28,9 +28,10 @@ import codecs
 import itertools
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,6 +42,7 @@ from strata.inference.cache import StackCache
 from strata.inference.generate import Continuation
 from strata.inference.sampling import choose_tokens, penalize_repetition
 from strata.inference.stop import StopStrings
+from strata.serve.metrics import Histogram
 from strata.serve.prefix_cache import PrefixCache
 
 # Steps the joined batch's KV caches have room for before they grow (they grow by themselves).
@@ -104,6 +106,7 @@ class Request:
     cancelled: bool = False  # set from any thread; the engine drops the request at its next step
     cached: int = 0  # prompt tokens restored from the prefix cache (set by the engine)
     generated: int = 0  # tokens emitted so far, all continuations (set by the engine)
+    arrived: float = field(default_factory=time.perf_counter)
 
 
 class QueueFull(Exception):
@@ -191,6 +194,7 @@ class Engine:
         self._pending: dict[int, int] = {}  # id(request) -> its continuations still running
         self._lock = threading.Lock()
         self._queued = 0
+        self.latency = {"time_to_first_token": Histogram(), "request_duration": Histogram()}
         self.counters = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "prefix_hits": 0, "prefix_hit_tokens": 0, "failed": 0, "decode_steps": 0, "decoded_rows": 0}
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -302,6 +306,7 @@ class Engine:
         rows = [_Row(request, choice, self.tokenizer, self.vocab_size, self.device, self.counters) for choice in range(n)]
         self._pending[id(request)] = n
         alive = [row.advance(logits, int(logits.argmax())) for row in rows]
+        self.latency["time_to_first_token"].observe(time.perf_counter() - request.arrived)
         self._finish_rows(request, alive.count(False))
         rows = [row for row, keep in zip(rows, alive, strict=True) if keep]
         if not rows:
@@ -342,6 +347,7 @@ class Engine:
         self._pending[id(request)] -= finished
         if self._pending[id(request)] == 0:
             del self._pending[id(request)]
+            self.latency["request_duration"].observe(time.perf_counter() - request.arrived)
             request.emit(Done(len(request.ids), request.generated, request.cached))
 
     def _drop_cancelled(self) -> None:
