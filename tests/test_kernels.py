@@ -13,6 +13,8 @@ import torch.nn.functional as F
 if sys.platform != "linux":
     pytest.skip("triton (the test extra) installs on Linux only", allow_module_level=True)
 
+from test_gated_deltanet import rule_inputs  # noqa: E402
+
 import strata  # noqa: E402
 from strata.nn import kernels  # noqa: E402
 from strata.nn.conv import causal_conv1d, causal_conv1d_reference  # noqa: E402
@@ -159,22 +161,11 @@ def test_the_ssd_scan_keeps_the_pytorch_path_for_chunks_the_kernels_do_not_take(
 # --- the gated delta rule (strata.nn.delta_rule_triton) --------------------------------------------
 
 
-def delta_inputs(length, key_width=16, value_width=32, heads=2, strong=False, seed=0):
-    """As the Gated DeltaNet mixer makes them: q, k L2-normalised (q scaled), β in (0, 1) by a
-    sigmoid, log-decays g <= 0 (``strong``: e^-5 to e^-20 a step), and an initial state."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=generator)
-
-    q = F.normalize(rand(2, length, heads, key_width), dim=-1) * key_width**-0.5
-    k = F.normalize(rand(2, length, heads, key_width), dim=-1)
-    v = rand(2, length, heads, value_width)
-    decay = torch.rand(2, length, heads, generator=generator)
-    g = -(5 + 15 * decay) if strong else -decay
-    beta = torch.sigmoid(rand(2, length, heads))
-    initial = rand(2, heads, key_width, value_width)
-    return q, k, v, g, beta, initial
+def delta_inputs(length, key_width=16, value_width=32, strong=False):
+    """``rule_inputs`` as these tests take them: two heads, no gradient, log-decays of 0 to -1 a step
+    (``strong``: -5 to -20)."""
+    return rule_inputs(length, heads=2, key_width=key_width, value_width=value_width,
+                       log_decay=(5.0, 20.0) if strong else (0.0, 1.0), requires_grad=False)
 
 
 @pytest.mark.parametrize("length, chunk, key_width, value_width", [
