@@ -21,11 +21,11 @@ import torch
 
 from strata import build_model, load_config
 from strata.config import ConfigError
-from strata.data import TokenLoader, corpus_path
+from strata.data import ByteTokenizer, TokenLoader, corpus_path
 from strata.train.checkpoint import CheckpointError
 from strata.train.distributed import World, parallelize, session
 from strata.train.distributed_checkpoint import read_metadata
-from strata.train.runs import open_run
+from strata.train.runs import TrainedModel, open_run, save_as_run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny"
@@ -132,6 +132,31 @@ def test_moe_and_aunet_train_under_ddp_as_in_one_process(tmp_path, shakespeare, 
     strata(*common, "--out", tmp_path / "ddp", processes=2)
     single, ddp = losses(tmp_path / "single"), losses(tmp_path / "ddp")
     assert sorted(ddp) == [1, 2] and max(differences(single, ddp, [1, 2])) < 1e-5
+
+
+def test_an_entropy_aunet_trains_and_resumes_under_fsdp_as_in_one_process(tmp_path, shakespeare):
+    """The entropy rule's frozen byte model stays whole on every rank under FSDP (its scores place
+    the splits): 2-process FSDP takes the steps of one process, saves shards that hold the byte
+    model, and resumes from them to the straight run's next loss."""
+    text = tmp_path / "text.txt"
+    text.write_bytes(shakespeare.read_bytes()[:150_000])  # a short corpus: every process scores it
+    byte_config = load_config(TINY / "byte-entropy.yaml")
+    torch.manual_seed(0)
+    byte_model = build_model(byte_config).eval()
+    byte_run = save_as_run(TrainedModel(byte_config, byte_model, ByteTokenizer(), tmp_path), tmp_path / "byte")
+    common = ["train", TINY / "aunet2-entropy.yaml", "--data", text, "--steps", 4, *FAST, "train.batch_size=4",
+              "train.save_every=2", f"model.split.model={byte_run}"]
+    strata(*common, "--out", tmp_path / "single")
+    strata(*common, "--out", tmp_path / "fsdp", "train.parallel=fsdp", processes=2)
+    resumed = rewind(tmp_path / "fsdp", tmp_path / "resumed", 2)
+    strata("train", "--resume", resumed, "--quiet", "train.parallel=fsdp", processes=2)
+    single, sharded, continued = losses(tmp_path / "single"), losses(tmp_path / "fsdp"), losses(resumed)
+    assert sorted(sharded) == sorted(continued) == [1, 2, 3, 4]
+    assert max(differences(single, sharded, [1, 2, 3, 4])) < 1e-5
+    assert max(differences(single, continued, [3, 4])) < 1e-4
+    saved = open_run(resumed).model.entropy.lm.state_dict()
+    for name, tensor in byte_model.state_dict().items():
+        torch.testing.assert_close(saved[name], tensor, rtol=0, atol=0, msg=name)
 
 
 FSDP_INIT = """

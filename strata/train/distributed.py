@@ -150,7 +150,11 @@ def parallelize(model: nn.Module, world: World, train: TrainConfig, bf16: bool) 
     FSDP this happens after sharding, so a rank allocates only its shards (and one whole tensor
     at a time while drawing it: ``strata.models.init``)."""
     on_meta = any(param.is_meta for param in model.parameters())
-    blocks = [module for module in model.modules() if isinstance(module, Block)]
+    # Frozen weights (an AU-Net's entropy model) never train: they are neither wrapped nor sharded,
+    # so every rank holds them whole, as the code that scores with them reads them.
+    frozen = {param for param in model.parameters() if not param.requires_grad}
+    blocks = [module for module in model.modules()
+              if isinstance(module, Block) and any(param.requires_grad for param in module.parameters())]
     for block in blocks:
         _wrap_training_forward(block, train.activation_checkpointing, train.compile)
     if on_meta and world.parallel != "fsdp":
@@ -169,7 +173,7 @@ def parallelize(model: nn.Module, world: World, train: TrainConfig, bf16: bool) 
                   if bf16 and world.device.type == "cuda" else MixedPrecisionPolicy())
         for block in blocks:
             fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
+        fully_shard(model, mp_policy=policy, ignored_params=frozen or None)
         if on_meta:
             _materialize(model, world.device)
     return model

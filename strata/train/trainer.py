@@ -128,9 +128,6 @@ class Trainer:
         if not resume:
             self._refuse_to_overwrite()
         if uses_entropy_model(config):
-            if self.world.parallel == "fsdp":
-                raise TrainingError("model.split: the entropy rule copies its byte model into a whole model; FSDP is "
-                                    "not supported with it yet, use parallel: ddp (or one process)")
             config = with_byte_model(config)  # the run's config names its byte model's architecture
         train = config.train
 
@@ -152,13 +149,14 @@ class Trainer:
         torch.manual_seed(train.seed)  # the same on every rank: every rank builds the same model
         # Under FSDP on meta: parallelize gives each rank storage for its shards only and fills them.
         self.model = build_model(config, device="meta" if self.world.parallel == "fsdp" else self.device)
-        if uses_entropy_model(config) and not (resume or train.init_from):  # else the checkpoint holds them
-            copy_byte_model(self.model.entropy, config.model.split.model)
         # self.model stays the plain module (state, validation, sampling); the step trains through
-        # what parallelize returns.
+        # what parallelize returns. Weights from elsewhere come after it: under FSDP the model is on
+        # meta until then.
         forward = parallelize(self.model, self.world, train, self.autocast)
         if train.init_from and not resume:
             self._initialise_from(train.init_from)
+        elif uses_entropy_model(config) and not resume:  # on resume, the checkpoint holds them
+            copy_byte_model(self.model.entropy, config.model.split.model)
         self.optimizer = build_optimizer(self.model, train)  # after FSDP has replaced the parameters
         # A resumed run's weights before its data: an entropy rule's levels come from its byte model.
         checkpoint = self._load_weights() if resume else None
