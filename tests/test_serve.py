@@ -24,7 +24,7 @@ from strata import build_model, load_config
 from strata.data import ByteTokenizer, load_hf_tokenizer
 from strata.data import corpus_path
 from strata.inference.generate import generate
-from strata.serve.chat import TemplateError, load_chat_template
+from strata.serve.chat import TemplateError, chat_template
 from strata.serve.metrics import Histogram
 from strata.serve.prefix_cache import PrefixCache
 from strata.train.runs import TrainedModel, from_pretrained, save_as_run
@@ -275,13 +275,35 @@ def test_a_chat_template_from_tokenizer_config_and_its_errors(tmp_path, shakespe
         "{% for", "{% if messages[0].role != 'system' %}{{ raise_exception('a system message comes first') }}{% endif %}"
         "{% for")}]
     save_with_config(tokenizer, tmp_path, bos_token=BOS, eos_token=EOS, chat_template=named)
-    template = load_chat_template(tmp_path, load_hf_tokenizer(tmp_path))
+    template = chat_template(load_hf_tokenizer(tmp_path))
     ids = template.encode([{"role": "system", "content": "Be brief."}])
     assert ids[0] == tokenizer.token_to_id(BOS) and ids[1] == tokenizer.token_to_id("<|im_start|>")
     assert ids.count(tokenizer.token_to_id("<|im_end|>")) == 1
     with pytest.raises(TemplateError, match="a system message comes first"):
         template.encode([{"role": "user", "content": "hi"}])
-    assert load_chat_template(tmp_path / "nothing", ByteTokenizer()) is None
+    assert chat_template(ByteTokenizer()) is None
+
+
+def test_the_chat_template_travels_with_the_tokenizer_through_convert_and_fine_tuning(chat_run, tmp_path, shakespeare):
+    """A run's template and end token go with its tokenizer: exported to Hugging Face (which reads
+    the template), converted back, and fine-tuned from, each serves chat as the original."""
+    from transformers import AutoTokenizer
+
+    from strata.cli import main
+
+    run, end = chat_run
+    messages = [{"role": "user", "content": "Who goes there?"}]
+    expected = chat_template(from_pretrained(run).tokenizer).encode(messages)
+    assert main(["convert", str(run), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert main(["convert", str(tmp_path / "hf"), "--to", "strata", "--out", str(tmp_path / "back")]) == 0
+    (tmp_path / "text.txt").write_text(shakespeare[:20_000])
+    assert main(["train", str(TINY / "transformer.yaml"), "--init-from", str(tmp_path / "back"), "--data",
+                 str(tmp_path / "text.txt"), "--steps", "1", "--out", str(tmp_path / "tuned"), "--quiet",
+                 "train.batch_size=2", "train.eval_bytes=1024"]) == 0
+    for folder in ("hf", "back", "tuned"):
+        template = chat_template(from_pretrained(tmp_path / folder).tokenizer)
+        assert template.encode(messages) == expected and template.end_tokens == {end}, folder
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf").chat_template == CHAT_TEMPLATE
 
 
 @pytest.mark.parametrize("family", ["transformer", "mamba2", "intra"])

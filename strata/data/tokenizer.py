@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from strata.config import ConfigError
+from strata.data.chat_files import ChatFiles, read_chat_files, write_chat_files
 from strata.data.errors import DataError
 
 FILE_NAME = "tokenizer.json"
@@ -106,14 +107,16 @@ class HFTokenizer(Tokenizer):
 
     kind = "hf"
 
-    def __init__(self, tokenizer, specials: tuple[str, str, str], source: bytes | None = None):
-        """``specials``: the BOS, EOS and PAD tokens; ``source``: the file's bytes, saved verbatim."""
+    def __init__(self, tokenizer, specials: tuple[str, str, str], source: bytes | None = None,
+                 chat: ChatFiles | None = None):
+        """``specials``: the BOS, EOS and PAD tokens; ``source``: the file's bytes, saved verbatim;
+        ``chat``: the chat template that came with it (``strata.data.chat_files``), saved with it."""
         ids = [tokenizer.token_to_id(token) for token in specials]
         if None in ids:
             raise DataError(f"the tokenizer lacks the special token {specials[ids.index(None)]}")
         # Text that happens to spell "<bos>" must stay text, or decode(encode(b)) would lose it.
         tokenizer.encode_special_tokens = True
-        self._tokenizer, self._source, self.specials = tokenizer, source, tuple(specials)
+        self._tokenizer, self._source, self.specials, self.chat = tokenizer, source, tuple(specials), chat
         self.bos_id, self.eos_id, self.pad_id = ids
         self.vocab_size = _vocab_size(tokenizer)
         self._bytes = _token_bytes(tokenizer, self.vocab_size, set(ids))  # None unless byte-level
@@ -160,8 +163,8 @@ class HFTokenizer(Tokenizer):
         return self._tokenizer.decode([i for i in ids if i not in specials], skip_special_tokens=True).encode("utf-8")
 
     def save(self, directory: Path) -> None:
-        """The file as it was read, and a tokenizer_config.json naming BOS, EOS and PAD (which both
-        ``load_tokenizer`` and transformers' AutoTokenizer read)."""
+        """The file as it was read, a tokenizer_config.json naming BOS, EOS and PAD (which both
+        ``load_tokenizer`` and transformers' AutoTokenizer read), and the chat template if any."""
         directory = Path(directory)
         if self._source is not None:
             (directory / FILE_NAME).write_bytes(self._source)
@@ -170,6 +173,8 @@ class HFTokenizer(Tokenizer):
         names = dict(zip(("bos_token", "eos_token", "pad_token"), self.specials))
         config = {**names, "tokenizer_class": "PreTrainedTokenizerFast"}
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if self.chat is not None:
+            write_chat_files(directory, self.chat)
 
 
 class BPETokenizer(HFTokenizer):
@@ -359,7 +364,8 @@ def load_hf_tokenizer(path: str | Path) -> HFTokenizer:
                         f"in {file.parent / CONFIG_NAME}")
     chosen["eos"] = chosen["eos"] or chosen["bos"]
     chosen["pad"] = chosen["pad"] or chosen["eos"]
-    return HFTokenizer(tokenizer, (chosen["bos"], chosen["eos"], chosen["pad"]), source)
+    chat = read_chat_files(file.parent, _vocab_size(tokenizer))
+    return HFTokenizer(tokenizer, (chosen["bos"], chosen["eos"], chosen["pad"]), source, chat)
 
 
 def _tokenizer_file(path: str | Path) -> Path:

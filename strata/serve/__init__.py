@@ -11,9 +11,9 @@ import torch
 
 from strata.inference.generate import prompt_context
 from strata.serve.app import Served, create_app
-from strata.serve.chat import load_chat_template
+from strata.serve.chat import chat_template
 from strata.serve.engine import Engine
-from strata.train.runs import from_pretrained, tokenizer_folder
+from strata.train.runs import from_pretrained
 
 
 def load_served(path: str | Path, *, name: str | None = None, dtype: torch.dtype | str | None = None,
@@ -25,7 +25,7 @@ def load_served(path: str | Path, *, name: str | None = None, dtype: torch.dtype
         raise ValueError(f"{path}: has no tokenizer.json; the server needs the model's tokenizer beside it")
     engine = Engine(trained.model, trained.tokenizer, max_batch=max_batch, max_queue=max_queue, block=snapshot_every,
                     cache_memory=cache_memory)
-    chat = load_chat_template(tokenizer_folder(path), trained.tokenizer)
+    chat = chat_template(trained.tokenizer)
     return Served(engine, name or Path(path).resolve().name, trained.tokenizer, prompt_context(trained.config.model), chat)
 
 

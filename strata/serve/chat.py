@@ -1,25 +1,20 @@
 """Chat templates: how a checkpoint turns a conversation into the text its model was tuned on.
 
-A Hugging Face checkpoint keeps its template in ``chat_template.jinja`` or under ``chat_template``
-in ``tokenizer_config.json`` (a string, or a list of named templates of which "default" is used),
-beside the tokenizer. It is a Jinja template, rendered here in Jinja's immutable sandbox, since
-a template is code that came with a download. The special tokens it spells (``<|im_start|>``,
-``<|eot_id|>``, ...) become those tokens. A checkpoint without a template has no chat endpoint:
-the server says so rather than invent a format the model never saw.
+The template comes with the tokenizer (``strata.data.chat_files``: ``chat_template.jinja``, or
+``chat_template`` in ``tokenizer_config.json``; the turn's end tokens from
+``generation_config.json``). It is a Jinja template, rendered here in Jinja's immutable sandbox,
+since a template is code that came with a download. The special tokens it spells
+(``<|im_start|>``, ``<|eot_id|>``, ...) become those tokens. A checkpoint without a template has
+no chat endpoint: the server says so rather than invent a format the model never saw.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from strata.data.tokenizer import HFTokenizer, Tokenizer
-
-TEMPLATE_FILE = "chat_template.jinja"
-TOKENIZER_CONFIG = "tokenizer_config.json"
-GENERATION_CONFIG = "generation_config.json"
 
 
 class TemplateError(ValueError):
@@ -58,42 +53,9 @@ class ChatTemplate:
         return [int(token) for token in ids]
 
 
-def load_chat_template(folder: Path, tokenizer: Tokenizer) -> ChatTemplate | None:
-    """The template stored beside the tokenizer in ``folder``, or None when there is none."""
-    folder = Path(folder)
-    source = None
-    if (folder / TEMPLATE_FILE).is_file():
-        source = (folder / TEMPLATE_FILE).read_text(encoding="utf-8")
-    elif (folder / TOKENIZER_CONFIG).is_file():
-        source = _template_in_config(folder / TOKENIZER_CONFIG)
-    if source is None:
+def chat_template(tokenizer: Tokenizer) -> ChatTemplate | None:
+    """The template that came with ``tokenizer`` (``strata.data.chat_files``), or None when none did."""
+    chat = getattr(tokenizer, "chat", None)
+    if chat is None:
         return None
-    if not isinstance(tokenizer, HFTokenizer):
-        raise ValueError(f"{folder}: has a chat template but a byte tokenizer, which has no special tokens to spell it with")
-    return ChatTemplate(source, tokenizer, _end_tokens(folder, tokenizer), folder)
-
-
-def _template_in_config(path: Path) -> str | None:
-    try:
-        template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
-    except (json.JSONDecodeError, AttributeError):
-        raise ValueError(f"{path}: is not a JSON object") from None
-    if isinstance(template, list):  # named templates
-        template = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}.get("default")
-    if template is not None and not isinstance(template, str):
-        raise ValueError(f"{path}: chat_template must be a string or a list of named templates")
-    return template
-
-
-def _end_tokens(folder: Path, tokenizer: HFTokenizer) -> frozenset[int]:
-    """Tokens that end the assistant's turn besides EOS: generation_config.json's eos_token_id
-    (Llama 3's <|eot_id|>, Qwen's <|im_end|>)."""
-    path = folder / GENERATION_CONFIG
-    if not path.is_file():
-        return frozenset()
-    try:
-        ends = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-    except (json.JSONDecodeError, AttributeError):
-        raise ValueError(f"{path}: is not a JSON object") from None
-    ends = [ends] if isinstance(ends, int) else ends or []
-    return frozenset(int(token) for token in ends if isinstance(token, int) and 0 <= token < tokenizer.vocab_size)
+    return ChatTemplate(chat.template, tokenizer, frozenset(chat.end_tokens), chat.where)

@@ -88,13 +88,6 @@ def pretrained_tokenizer(path: str | Path) -> Tokenizer:
     return load_tokenizer(_run_dir(path))
 
 
-def tokenizer_folder(path: str | Path) -> Path:
-    """The folder beside whose tokenizer ``from_pretrained(path)`` finds the rest of what came with
-    it (a chat template): the Hugging Face directory, or the run directory."""
-    path = Path(path).expanduser()
-    return path if is_hf_directory(path) else _run_dir(path)
-
-
 def _run_dir(path: Path) -> Path:
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path
     if not (run_dir / "config.yaml").is_file():
