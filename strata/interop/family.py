@@ -40,6 +40,7 @@ class Family:
     config_to_hf: Callable[[ModelConfig], dict] | None = None
     weights_to_hf: Callable[[ModelConfig, Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
     exportable: Callable[[ModelConfig], str | None] = lambda config: None
+    ignored: tuple[str, ...] = ()  # prefixes of checkpoint weights that are not the language model's
 
     def config_class(self):
         """The transformers config class of this family."""

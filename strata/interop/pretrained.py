@@ -36,6 +36,8 @@ from strata.models import build_model
 # Export tries the families in this order and takes the first that expresses the layout.
 FAMILIES: tuple[Family, ...] = (llama.FAMILY, mamba2.FAMILY, bamba.FAMILY, granite_hybrid.FAMILY,
                                 nemotron_h.FAMILY, falcon_h1.FAMILY, qwen3_next.FAMILY, olmo_hybrid.FAMILY)
+# Families strata reads but does not write (a model of theirs exports as a family above).
+IMPORT_ONLY: tuple[Family, ...] = (qwen3_next.QWEN3_5, qwen3_next.QWEN3_5_MULTIMODAL)
 # Block options younger than most families: a family exports a model using one only if it is
 # listed here as expressing it (the others' ``exportable`` predates the option, and their export
 # would drop its weights or change what it computes).
@@ -104,8 +106,8 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None, device: str | to
     tensors = open_checkpoint_tensors(path)
     model = build_model(config, device="meta")
     materialize(model, family.weights_to_strata(config.model, tensors), dtype, str(path))
-    unread = [name for name in tensors.unread() if not name.endswith(NOT_WEIGHTS) and not name.startswith(NOT_MODEL)
-              and not (config.model.tie_embeddings and name == TIED_HEAD)]
+    unread = [name for name in tensors.unread() if not name.endswith(NOT_WEIGHTS)
+              and not name.startswith(NOT_MODEL + family.ignored) and not (config.model.tie_embeddings and name == TIED_HEAD)]
     if unread:
         raise PretrainedError(f"{path}: weight {unread[0]} has no place in the {family.architecture} strata builds"
                               + (f" (and {len(unread) - 1} more)" if len(unread) > 1 else ""))
@@ -115,11 +117,11 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None, device: str | to
 
 def _family_of(raw: dict, where: Path) -> Family:
     architectures = raw.get("architectures") or []
-    for family in (*FAMILIES, mamba2.MAMBA_SSM):
+    for family in (*FAMILIES, *IMPORT_ONLY, mamba2.MAMBA_SSM):
         if family.architecture in architectures or (not architectures and raw.get("model_type") == family.model_type):
             return family
     named = ", ".join(architectures) or raw.get("model_type") or "nothing"
-    known = ", ".join(family.architecture for family in FAMILIES)
+    known = ", ".join(family.architecture for family in (*FAMILIES, *IMPORT_ONLY))
     raise PretrainedError(f"{where}: architectures names {named}; strata loads {known} and mamba_ssm directories")
 
 

@@ -1,5 +1,7 @@
-"""Qwen's Qwen3-Next (``Qwen3NextForCausalLM``): an inter-layer hybrid of Gated DeltaNet and gated
-attention blocks, each with a sparse MoE (or a dense SwiGLU) FFN.
+"""Qwen's Qwen3-Next (``Qwen3NextForCausalLM``) and Qwen3.5 (``Qwen3_5ForCausalLM``, and the text
+model of ``Qwen3_5ForConditionalGeneration``, as its checkpoints are published): inter-layer
+hybrids of Gated DeltaNet and gated attention blocks, each with a sparse MoE (Qwen3-Next) or a
+dense SwiGLU FFN.
 
 Every layer is a strata block: ``G`` where ``layer_types`` says linear_attention, ``A`` where it
 says full_attention. Their pieces are strata options:
@@ -14,6 +16,14 @@ says full_attention. Their pieces are strata options:
 Qwen3-Next's RMSNorms (not the Gated DeltaNet's gated one) are zero-centred: they apply (1 + w) and
 store w, so strata's weight is the stored one plus one.
 
+Qwen3.5's text model is Qwen3-Next's with two differences: its Gated DeltaNet projects
+``in_proj_qkv`` ([q; k; v] over all heads), ``in_proj_z``, ``in_proj_b`` and ``in_proj_a``
+separately, which strata's ``in_proj`` concatenates as they are, and every FFN is dense. Its RoPE
+is Qwen3-VL's multimodal one (``mrope_section``); for text every position is the same on its
+three axes, which is plain (partial) RoPE. The vision tower of a ``Qwen3_5ForConditionalGeneration``
+checkpoint is left unread: strata imports the language model. A strata model exports as Qwen3-Next,
+which expresses every Qwen3.5 text model.
+
 Expert weights come under the per-expert names checkpoints hold and save_pretrained writes
 (``mlp.experts.{e}.gate_proj.weight``) or transformers 5's in-memory fused ones
 (``mlp.experts.gate_up_proj`` [E, 2I, H], ``mlp.experts.down_proj``); import reads either, export
@@ -26,6 +36,8 @@ Left unmapped because they change nothing at inference: ``attention_dropout``,
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -51,6 +63,7 @@ DEFAULT_ROPE_FRACTION = 0.25  # what transformers assumes when partial_rotary_fa
 # Expert weights relative to ``mlp.experts.``: per expert (checkpoints) or fused (transformers 5's modules).
 EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
 FUSED_GATE_UP, FUSED_DOWN = "gate_up_proj", "down_proj"
+SPLIT_PROJECTIONS = ("qkv", "z", "b", "a")  # Qwen3.5's Gated DeltaNet inputs, in strata's in_proj order
 
 
 # --- config --------------------------------------------------------------------------------------
@@ -87,10 +100,13 @@ def _ffn_section(hf) -> dict:
     return {"kind": "moe", "d_ffn": 2 * hf.moe_intermediate_size, "moe": moe}
 
 
-def config_to_strata(hf) -> dict:
+def config_to_strata(hf, dense: bool = False, tie: bool | None = None) -> dict:
+    """``dense``: Qwen3.5, whose every FFN is a SwiGLU of ``intermediate_size``; ``tie``: tied
+    embeddings as a multimodal checkpoint's outer config says (default: ``hf``'s)."""
     refuse_unless_default(hf, "hidden_act", "silu", "the MLP, expert and conv activation")
     layout = _layout(hf)
-    section = {**model_section(hf, layout), "ffn": _ffn_section(hf)}
+    ffn = {"kind": "swiglu", "d_ffn": hf.intermediate_size} if dense else _ffn_section(hf)
+    section = {**model_section(hf, layout, tie=tie), "ffn": ffn}
     if "A" in layout:
         fraction = (hf.rope_parameters or {}).get("partial_rotary_factor", DEFAULT_ROPE_FRACTION)
         rope = rope_section(hf, hf.head_dim, fraction)
@@ -209,7 +225,8 @@ def _experts_to_strata(config: ModelConfig, hf, theirs: str, ours: str):
             yield f"{ours}{expert}.{part}.weight", hf[f"{theirs}{expert}.{name}.weight"]
 
 
-def weights_to_strata(config: ModelConfig, hf):
+def weights_to_strata(config: ModelConfig, hf, split_projections: bool = False):
+    """``split_projections``: Qwen3.5's Gated DeltaNet projections (module docstring)."""
     yield from renamed(hf, _model_pairs(config))
     yield "norm.weight", _centred(hf["model.norm.weight"])
     for index, symbol in enumerate(config.layout):
@@ -222,8 +239,11 @@ def weights_to_strata(config: ModelConfig, hf):
                 yield f"{ours}mixer.qkv_proj.{kind}", _qkv_to_strata(config, hf, theirs + "self_attn.", kind)
         else:
             attn = theirs + "linear_attn."
-            yield ours + "mixer.in_proj.weight", _in_proj_to_strata(config, hf[attn + "in_proj_qkvz.weight"],
-                                                                    hf[attn + "in_proj_ba.weight"])
+            if split_projections:
+                yield ours + "mixer.in_proj.weight", torch.cat([hf[f"{attn}in_proj_{part}.weight"] for part in SPLIT_PROJECTIONS])
+            else:
+                yield ours + "mixer.in_proj.weight", _in_proj_to_strata(config, hf[attn + "in_proj_qkvz.weight"],
+                                                                        hf[attn + "in_proj_ba.weight"])
         if config.ffn.kind == "moe":
             yield from _experts_to_strata(config, hf, theirs + "mlp.experts.", ours + "ffn.experts.")
 
@@ -314,3 +334,30 @@ def weights_to_hf(config: ModelConfig, state) -> dict:
 
 FAMILY = Family("Qwen3NextForCausalLM", "qwen3_next", config_to_strata, weights_to_strata, config_to_hf, weights_to_hf,
                 exportable)
+
+
+class _Renamed:
+    """``tensors`` read with ``prefix`` in names standing for ``stored``."""
+
+    def __init__(self, tensors, prefix: str, stored: str):
+        self.tensors, self.prefix, self.stored = tensors, prefix, stored
+
+    def _name(self, name: str) -> str:
+        return self.stored + name.removeprefix(self.prefix) if name.startswith(self.prefix) else name
+
+    def __getitem__(self, name: str):
+        return self.tensors[self._name(name)]
+
+    def __contains__(self, name: str) -> bool:
+        return self._name(name) in self.tensors
+
+
+QWEN3_5 = Family("Qwen3_5ForCausalLM", "qwen3_5_text", functools.partial(config_to_strata, dense=True),
+                 functools.partial(weights_to_strata, split_projections=True))
+# Published Qwen3.5 checkpoints: the language model under model.language_model., a vision tower beside it.
+QWEN3_5_MULTIMODAL = Family(
+    "Qwen3_5ForConditionalGeneration", "qwen3_5",
+    lambda hf: config_to_strata(hf.text_config, dense=True, tie=bool(hf.tie_word_embeddings)),
+    lambda config, tensors: weights_to_strata(config, _Renamed(tensors, "model.", "model.language_model."),
+                                              split_projections=True),
+    ignored=("model.visual.",))
