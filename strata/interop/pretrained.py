@@ -37,7 +37,7 @@ from strata.models import build_model
 FAMILIES: tuple[Family, ...] = (llama.FAMILY, mamba2.FAMILY, bamba.FAMILY, granite_hybrid.FAMILY,
                                 nemotron_h.FAMILY, falcon_h1.FAMILY, qwen3_next.FAMILY, olmo_hybrid.FAMILY)
 # Families strata reads but does not write (a model of theirs exports as a family above).
-IMPORT_ONLY: tuple[Family, ...] = (qwen3_next.QWEN3_5, qwen3_next.QWEN3_5_MULTIMODAL)
+IMPORT_ONLY: tuple[Family, ...] = qwen3_next.QWEN3_5_FAMILIES
 # Block options younger than most families: a family exports a model using one only if it is
 # listed here as expressing it (the others' ``exportable`` predates the option, and their export
 # would drop its weights or change what it computes).

@@ -1,7 +1,7 @@
-"""Qwen's Qwen3-Next (``Qwen3NextForCausalLM``) and Qwen3.5 (``Qwen3_5ForCausalLM``, and the text
-model of ``Qwen3_5ForConditionalGeneration``, as its checkpoints are published): inter-layer
-hybrids of Gated DeltaNet and gated attention blocks, each with a sparse MoE (Qwen3-Next) or a
-dense SwiGLU FFN.
+"""Qwen's Qwen3-Next (``Qwen3NextForCausalLM``) and Qwen3.5 (``Qwen3_5ForCausalLM``,
+``Qwen3_5MoeForCausalLM``, and the language model of their ``...ForConditionalGeneration``
+checkpoints, as they are published): inter-layer hybrids of Gated DeltaNet and gated attention
+blocks, each with a sparse MoE or a dense SwiGLU FFN.
 
 Every layer is a strata block: ``G`` where ``layer_types`` says linear_attention, ``A`` where it
 says full_attention. Their pieces are strata options:
@@ -18,7 +18,8 @@ store w, so strata's weight is the stored one plus one.
 
 Qwen3.5's text model is Qwen3-Next's with two differences: its Gated DeltaNet projects
 ``in_proj_qkv`` ([q; k; v] over all heads), ``in_proj_z``, ``in_proj_b`` and ``in_proj_a``
-separately, which strata's ``in_proj`` concatenates as they are, and every FFN is dense. Its RoPE
+separately, which strata's ``in_proj`` concatenates as they are, and its FFNs are all dense (or,
+in Qwen3.5-MoE, all Qwen3-Next's MoE with the top-k weights renormalised). Its RoPE
 is Qwen3-VL's multimodal one (``mrope_section``); for text every position is the same on its
 three axes, which is plain (partial) RoPE. The vision tower of a ``Qwen3_5ForConditionalGeneration``
 checkpoint is left unread: strata imports the language model. A strata model exports as Qwen3-Next,
@@ -85,28 +86,38 @@ def _sparse_layers(hf) -> list[bool]:
 
 
 def _ffn_section(hf) -> dict:
+    """Qwen3-Next's FFNs: sparse MoE where transformers' rule says, else dense; one kind a stack."""
     sparse = _sparse_layers(hf)
     if not any(sparse):
-        return {"kind": "swiglu", "d_ffn": hf.intermediate_size}
+        return _dense_ffn(hf)
     if not all(sparse):
         key = "mlp_only_layers" if hf.mlp_only_layers else "decoder_sparse_step"
         dense = [i for i, is_sparse in enumerate(sparse) if not is_sparse]
         require(False, key, f"makes layers {dense} dense among sparse MoE ones; a strata stack has one kind of FFN")
+    return _moe_ffn(hf, renormalised=hf.norm_topk_prob)
+
+
+def _dense_ffn(hf) -> dict:
+    return {"kind": "swiglu", "d_ffn": hf.intermediate_size}
+
+
+def _moe_ffn(hf, renormalised: bool = True) -> dict:
+    """The sparse MoE block: softmax router (its top-k weights renormalised, or not), one shared
+    expert with a sigmoid gate. Qwen3.5-MoE's every layer, always renormalised."""
     require(hf.shared_expert_intermediate_size > 0, "shared_expert_intermediate_size",
             f"{hf.shared_expert_intermediate_size}: strata needs the shared expert (a width above 0)")
-    moe = {"router": "softmax", "softmax_over": "chosen" if hf.norm_topk_prob else "all", "n_experts": hf.num_experts,
+    moe = {"router": "softmax", "softmax_over": "chosen" if renormalised else "all", "n_experts": hf.num_experts,
            "top_k": hf.num_experts_per_tok, "n_shared": 1, "shared_gate": True, "d_expert": hf.moe_intermediate_size,
            "d_shared": hf.shared_expert_intermediate_size}
     return {"kind": "moe", "d_ffn": 2 * hf.moe_intermediate_size, "moe": moe}
 
 
-def config_to_strata(hf, dense: bool = False, tie: bool | None = None) -> dict:
-    """``dense``: Qwen3.5, whose every FFN is a SwiGLU of ``intermediate_size``; ``tie``: tied
-    embeddings as a multimodal checkpoint's outer config says (default: ``hf``'s)."""
+def config_to_strata(hf, ffn_section=_ffn_section, tie: bool | None = None) -> dict:
+    """``ffn_section``: the family's FFN rule (Qwen3.5's are ``_dense_ffn`` and ``_moe_ffn``);
+    ``tie``: tied embeddings as a multimodal checkpoint's outer config says (default: ``hf``'s)."""
     refuse_unless_default(hf, "hidden_act", "silu", "the MLP, expert and conv activation")
     layout = _layout(hf)
-    ffn = {"kind": "swiglu", "d_ffn": hf.intermediate_size} if dense else _ffn_section(hf)
-    section = {**model_section(hf, layout, tie=tie), "ffn": ffn}
+    section = {**model_section(hf, layout, tie=tie), "ffn": ffn_section(hf)}
     if "A" in layout:
         fraction = (hf.rope_parameters or {}).get("partial_rotary_factor", DEFAULT_ROPE_FRACTION)
         rope = rope_section(hf, hf.head_dim, fraction)
@@ -352,12 +363,25 @@ class _Renamed:
         return self._name(name) in self.tensors
 
 
-QWEN3_5 = Family("Qwen3_5ForCausalLM", "qwen3_5_text", functools.partial(config_to_strata, dense=True),
-                 functools.partial(weights_to_strata, split_projections=True))
-# Published Qwen3.5 checkpoints: the language model under model.language_model., a vision tower beside it.
-QWEN3_5_MULTIMODAL = Family(
-    "Qwen3_5ForConditionalGeneration", "qwen3_5",
-    lambda hf: config_to_strata(hf.text_config, dense=True, tie=bool(hf.tie_word_embeddings)),
-    lambda config, tensors: weights_to_strata(config, _Renamed(tensors, "model.", "model.language_model."),
-                                              split_projections=True),
-    ignored=("model.visual.",))
+def _qwen3_5(architecture: str, model_type: str, ffn_section) -> Family:
+    return Family(architecture, model_type, functools.partial(config_to_strata, ffn_section=ffn_section),
+                  functools.partial(weights_to_strata, split_projections=True))
+
+
+def _qwen3_5_multimodal(architecture: str, model_type: str, ffn_section) -> Family:
+    """A published Qwen3.5 checkpoint: the language model under model.language_model., a vision
+    tower beside it."""
+    return Family(
+        architecture, model_type,
+        lambda hf: config_to_strata(hf.text_config, ffn_section, tie=bool(hf.tie_word_embeddings)),
+        lambda config, tensors: weights_to_strata(config, _Renamed(tensors, "model.", "model.language_model."),
+                                                  split_projections=True),
+        ignored=("model.visual.",))
+
+
+QWEN3_5_FAMILIES = (
+    _qwen3_5("Qwen3_5ForCausalLM", "qwen3_5_text", _dense_ffn),
+    _qwen3_5("Qwen3_5MoeForCausalLM", "qwen3_5_moe_text", _moe_ffn),
+    _qwen3_5_multimodal("Qwen3_5ForConditionalGeneration", "qwen3_5", _dense_ffn),
+    _qwen3_5_multimodal("Qwen3_5MoeForConditionalGeneration", "qwen3_5_moe", _moe_ffn),
+)
