@@ -310,6 +310,8 @@ class AUNet(nn.Module):
                 learned.append((chunking.ratio_loss(self.learned_ratio(depth)), chunking.rate()))
         if trace is not None:
             trace.append((depth, positions, levels >= depth))
+            if depth == self.n_stages - 1:  # the trunk places no splits: boundary_levels needs no more
+                return torch.zeros_like(hidden)
         max_length = self.config.stages[depth].max_length if stage is None else None
         path = route(levels, depth, max_length, None if carried is None else carried[1])
         coarse = None if carried is None else carried[0]
