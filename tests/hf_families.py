@@ -34,6 +34,22 @@ def randomized(hf_model, seed: int = 0, std: float = 0.08):
     return hf_model.eval()
 
 
+# Qwen's zero-centred RMSNorms (Qwen3-Next, Qwen3.5), which apply 1 + w: their weights' names end so.
+QWEN_ZERO_CENTRED = ("input_layernorm.weight", "post_attention_layernorm.weight", "q_norm.weight", "k_norm.weight",
+                     "model.norm.weight", "language_model.norm.weight")
+
+
+def qwen_norms_near_zero(hf_model):
+    """``hf_model``'s zero-centred norms near 0, as trained ones are: a norm imported without its + 1
+    would scale by ~0."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in hf_model.named_parameters():
+            if name.endswith(QWEN_ZERO_CENTRED):
+                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+    return hf_model
+
+
 def saved(hf_model, directory: Path) -> Path:
     hf_model.save_pretrained(str(directory))
     return directory

@@ -21,7 +21,13 @@ from transformers import (  # noqa: E402
     Qwen3_5TextConfig,
 )
 
-from hf_families import assert_imports, assert_same_greedy, assert_same_logits, randomized  # noqa: E402
+from hf_families import (  # noqa: E402
+    assert_imports,
+    assert_same_greedy,
+    assert_same_logits,
+    qwen_norms_near_zero,
+    randomized,
+)
 from strata.cost.model import model_cost  # noqa: E402
 from strata.interop.pretrained import save_hf  # noqa: E402
 
@@ -32,21 +38,6 @@ TEXT = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_laye
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=40)
 VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4,
               temporal_patch_size=2, spatial_merge_size=2)
-ZERO_CENTRED = ("input_layernorm.weight", "post_attention_layernorm.weight", "q_norm.weight", "k_norm.weight",
-                "model.norm.weight", "language_model.norm.weight")
-
-
-def centred_near_zero(model):
-    """The zero-centred norms (which apply 1 + w) near 0, as trained ones are: a norm imported
-    without its + 1 would scale by ~0."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(ZERO_CENTRED):
-                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
-    return model
-
-
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 @pytest.mark.parametrize("overrides", [
     {},
@@ -56,7 +47,7 @@ def centred_near_zero(model):
 def test_qwen3_5_imports_with_hf_logits_and_greedy_tokens_and_exports_as_qwen3_next(tmp_path, overrides, moe):
     settings = TEXT | (MOE if moe else {}) | overrides
     config = Qwen3_5MoeTextConfig(**settings) if moe else Qwen3_5TextConfig(**settings)
-    hf_model = centred_near_zero(randomized((Qwen3_5MoeForCausalLM if moe else Qwen3_5ForCausalLM)(config)))
+    hf_model = qwen_norms_near_zero(randomized((Qwen3_5MoeForCausalLM if moe else Qwen3_5ForCausalLM)(config)))
     loaded = assert_imports(hf_model, tmp_path / "qwen3_5", layout="GGGA")
     model = loaded.config.model
     assert loaded.family == type(hf_model).__name__
@@ -92,7 +83,7 @@ class TextOnly(torch.nn.Module):
 def test_a_published_multimodal_checkpoint_imports_its_language_model(tmp_path, tied, moe):
     text = TEXT | (MOE if moe else {}) | {"tie_word_embeddings": tied}
     config = (Qwen3_5MoeConfig if moe else Qwen3_5Config)(text_config=text, vision_config=VISION, tie_word_embeddings=tied)
-    hf_model = centred_near_zero(randomized((Qwen3_5MoeForConditionalGeneration if moe else Qwen3_5ForConditionalGeneration)(config)))
+    hf_model = qwen_norms_near_zero(randomized((Qwen3_5MoeForConditionalGeneration if moe else Qwen3_5ForConditionalGeneration)(config)))
     hf_model.save_pretrained(str(tmp_path / "vl"))
     from strata import from_pretrained
 

@@ -11,15 +11,13 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import Qwen3NextConfig, Qwen3NextForCausalLM  # noqa: E402
 
-from hf_families import assert_exports, assert_imports, assert_same_logits, randomized  # noqa: E402
+from hf_families import assert_exports, assert_imports, assert_same_logits, qwen_norms_near_zero, randomized  # noqa: E402
 from strata import from_pretrained  # noqa: E402
 from strata.config import validate_config  # noqa: E402
 from strata.cost.model import model_cost  # noqa: E402
 from strata.interop.pretrained import PretrainedError, hf_family  # noqa: E402
 
 ARCHITECTURE = "Qwen3NextForCausalLM"
-ZERO_CENTRED = ("input_layernorm.weight", "post_attention_layernorm.weight", "q_norm.weight", "k_norm.weight",
-                "model.norm.weight")
 
 
 def qwen_config(**overrides):
@@ -31,15 +29,8 @@ def qwen_config(**overrides):
 
 
 def qwen_model(**overrides):
-    """Every weight redrawn; the zero-centred norms (which apply 1 + w) near 0, as trained ones are,
-    so a norm imported without its + 1 would scale by ~0."""
-    model = randomized(Qwen3NextForCausalLM(qwen_config(**overrides)))
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(ZERO_CENTRED):
-                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
-    return model
+    """Every weight redrawn; the zero-centred norms near 0, as trained ones are."""
+    return qwen_norms_near_zero(randomized(Qwen3NextForCausalLM(qwen_config(**overrides))))
 
 
 @pytest.mark.parametrize("overrides", [
