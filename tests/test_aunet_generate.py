@@ -71,10 +71,15 @@ def test_greedy_generation_of_the_tiny_presets_with_caches_equals_recomputing(pr
     # A wider init than the presets' 0.02 keeps greedy choices clear of near-ties.
     torch.manual_seed(1)
     model = build_model(load_config(TINY / f"{preset}.yaml", ["model.init_std=0.1"])).eval()
-    prompts = [TEXTS[0][:1], TEXTS[1][:33], TEXTS[2][:64]]
+    assert_cached_and_chunked_generation_recompute(model, [TEXTS[0][:1], TEXTS[1][:33], TEXTS[2][:64]], 9)
+
+
+def assert_cached_and_chunked_generation_recompute(model, prompts, prefill_chunk: int):
+    """24 greedy bytes of each prompt through the caches, with the prompt prefilled whole and in
+    pieces of ``prefill_chunk``, equal those of recomputing every step (logits within TOLERANCE)."""
     tokenizer = ByteTokenizer()
     cached = generate(model, prompts, 24, tokenizer=tokenizer, return_logits=True)
-    chunked = generate(model, prompts, 24, tokenizer=tokenizer, return_logits=True, prefill_chunk=9)
+    chunked = generate(model, prompts, 24, tokenizer=tokenizer, return_logits=True, prefill_chunk=prefill_chunk)
     full = generate(model, prompts, 24, tokenizer=tokenizer, return_logits=True, use_cache=False)
     for a, b, c in zip(cached, chunked, full, strict=True):
         assert a.tokens == b.tokens == c.tokens

@@ -18,6 +18,7 @@ import pytest
 import torch
 from cli_runner import REPRODUCIBLE_BLAS, ROOT, strata
 from test_aunet import aunet_config, build
+from test_aunet_generate import assert_cached_and_chunked_generation_recompute
 
 from strata import load_config
 from strata.config import AUNetConfig, ConfigError, TrainConfig, validate_config
@@ -167,14 +168,8 @@ def test_an_entropy_aunet_decodes_through_its_caches_as_its_full_forward_runs():
     assert levels[1:].tolist() == model.entropy.splitter(model.config).levels(TEXT[:120]).tolist()
     assert torch.equal(model.boundary_levels(tokens), model.split_levels(tokens))
     assert levels.tolist() == model_levels(model, tokens[0].numpy()).tolist()
-    prompts = [TEXT[:1], TEXT[:33], TEXT[200:264]]  # 264 - 200 = 4 windows: the next byte opens one
-    tokenizer = ByteTokenizer()
-    cached = generate(model, prompts, 24, tokenizer=tokenizer, return_logits=True)
-    chunked = generate(model, prompts, 24, tokenizer=tokenizer, return_logits=True, prefill_chunk=5)
-    full = generate(model, prompts, 24, tokenizer=tokenizer, return_logits=True, use_cache=False)
-    for a, b, c in zip(cached, chunked, full, strict=True):
-        assert a.tokens == b.tokens == c.tokens
-        assert (a.logits - c.logits).abs().max() < 1e-4 and (b.logits - c.logits).abs().max() < 1e-4
+    # 264 - 200 = 4 windows: the next byte opens one
+    assert_cached_and_chunked_generation_recompute(model, [TEXT[:1], TEXT[:33], TEXT[200:264]], 5)
 
 
 def test_the_entropy_model_is_frozen_and_keeps_its_dtype():

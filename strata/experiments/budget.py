@@ -134,30 +134,32 @@ def measured_contraction(config: Config) -> list[float]:
 
 @functools.lru_cache(maxsize=16)
 def _contraction(sources: tuple, text_field: str, valid_fraction: float, splitter_settings: str) -> list[float]:
-    from strata.data import load_documents, pack, split_documents
-    from strata.data.levels import stream_levels
     from strata.data.splitter import make_splitter
 
     settings = json.loads(splitter_settings)
+    return _stream_contraction(sources, text_field, valid_fraction, make_splitter(**settings))
+
+
+def _stream_contraction(sources: tuple, text_field: str, valid_fraction: float, splitter) -> list[float]:
+    """k_1..k_S of the training stream (BOS before each document) as ``splitter`` levels it."""
+    from strata.data import load_documents, pack, split_documents
+    from strata.data.levels import stream_levels
+
     train, _ = split_documents(load_documents(list(sources), text_field), valid_fraction)
-    levels = stream_levels(pack(train, ByteTokenizer()), make_splitter(**settings))
-    return contraction_of_levels(levels, settings["stages"])
+    return contraction_of_levels(stream_levels(pack(train, ByteTokenizer()), splitter), splitter.stages)
 
 
 @functools.lru_cache(maxsize=4)
 def _entropy_contraction(sources: tuple, text_field: str, valid_fraction: float, model: str) -> list[float]:
     """The entropy rule's contraction, measured with its trained byte model (``split.model``) on
     the training stream; the assumed one (``default_contraction``) while that model has no run."""
-    from strata.data import load_documents, pack, split_documents
-    from strata.data.levels import stream_levels
     from strata.train.entropy import entropy_splitter
 
     config = AUNetConfig.model_validate(json.loads(model))
     splitter = entropy_splitter(config)
     if splitter is None:
         return default_contraction(config, config.context_length)[0]
-    train, _ = split_documents(load_documents(list(sources), text_field), valid_fraction)
-    return contraction_of_levels(stream_levels(pack(train, ByteTokenizer()), splitter), config.n_stages)
+    return _stream_contraction(sources, text_field, valid_fraction, splitter)
 
 
 def _validated(data: dict, source: str, text: bool) -> Config:

@@ -92,8 +92,9 @@ def _chunk_terms(q, k, cum, beta, start, head, H, K, Q: tl.constexpr, BLOCK_K: t
 
 
 @triton.jit
-def _chunked_forward(q, k, v, cum, beta, initial, o, final, entering, T, H, K, V, CHUNKS, Q: tl.constexpr,
-                     KEEP_ENTERING: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+def _program_tile(H, K, V, Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+    """What a program of the rule's kernels works on: (row, head) and a block of value columns,
+    the chunk's steps, its key and value indices, and where its [BLOCK_K, BLOCK_V] state tile is."""
     row_head, tile_v = tl.program_id(0), tl.program_id(1)
     row, head = row_head // H, row_head % H
     steps = tl.arange(0, Q)
@@ -102,6 +103,14 @@ def _chunked_forward(q, k, v, cum, beta, initial, o, final, entering, T, H, K, V
     key_ok, value_ok = keys < K, values < V
     state_at = (row_head.to(tl.int64) * K + keys)[:, None] * V + values[None, :]
     state_ok = key_ok[:, None] & value_ok[None, :]
+    return row_head, tile_v, row, head, steps, keys, values, key_ok, value_ok, state_at, state_ok
+
+
+@triton.jit
+def _chunked_forward(q, k, v, cum, beta, initial, o, final, entering, T, H, K, V, CHUNKS, Q: tl.constexpr,
+                     KEEP_ENTERING: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+    row_head, tile_v, row, head, steps, keys, values, key_ok, value_ok, state_at, state_ok = _program_tile(
+        H, K, V, Q, BLOCK_K, BLOCK_V)
     state = tl.load(initial + state_at, mask=state_ok, other=0.0)  # S₀ [BLOCK_K, BLOCK_V]
     for chunk in range(CHUNKS):
         if KEEP_ENTERING:  # [b, h, c, k, v]
@@ -129,14 +138,8 @@ def _chunked_backward(q, k, v, cum, beta, entering, do, d_final, dv, dq_parts, d
     """The chunks from last to first, carrying dS; dv and d_initial for the program's value columns,
     and its columns' shares of dq, dk, dβ and dγ into part ``tile_v`` of the buffers (STEPS = b·T·h
     steps of heads a part)."""
-    row_head, tile_v = tl.program_id(0), tl.program_id(1)
-    row, head = row_head // H, row_head % H
-    steps = tl.arange(0, Q)
-    keys = tl.arange(0, BLOCK_K)
-    values = tile_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    key_ok, value_ok = keys < K, values < V
-    state_at = (row_head.to(tl.int64) * K + keys)[:, None] * V + values[None, :]
-    state_ok = key_ok[:, None] & value_ok[None, :]
+    row_head, tile_v, row, head, steps, keys, values, key_ok, value_ok, state_at, state_ok = _program_tile(
+        H, K, V, Q, BLOCK_K, BLOCK_V)
     part = tile_v.to(tl.int64) * STEPS
     d_state = tl.load(d_final + state_at, mask=state_ok, other=0.0)  # dS [BLOCK_K, BLOCK_V]
     for reversed_chunk in range(CHUNKS):
