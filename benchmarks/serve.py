@@ -2,7 +2,8 @@
 cold prompts, and transformers' own server on the same weights.
 
     python benchmarks/serve.py [--requests 64] [--max-tokens 64] [--clients 1 8 32] [--shared 2048]
-                               [--trials 5] [--no-peer] [--json results.jsonl]
+                               [--trials 5] [--prefill-tokens 1024 [256 ...]] [--no-peer]
+                               [--json results.jsonl]
 
 The model is the tiny inter-layer hybrid (1 attention + 5 Mamba-2 blocks) with random weights,
 a 2,000-token byte-level BPE trained on Shakespeare and a 4K context, saved as a strata run and
@@ -184,6 +185,8 @@ def main() -> None:
     parser.add_argument("--shared", type=int, default=2048, help="tokens of the shared prefix (default 2048)")
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--vocab", type=int, default=2000)
+    parser.add_argument("--prefill-tokens", type=int, nargs="+", default=[1024],
+                        help="strata serve's --prefill-tokens; several: a server for each (default 1024)")
     parser.add_argument("--no-peer", action="store_true", help="skip transformers serve")
     parser.add_argument("--device", default="cpu", help="where both servers run the model: cpu (default) or cuda")
     parser.add_argument("--json", type=Path, default=None)
@@ -199,30 +202,42 @@ def main() -> None:
         print(f"{where}, torch {torch.__version__}; "
               f"tiny inter (random weights), {args.requests} requests of 40-300 tokens, {args.max_tokens} new tokens each")
         rows = []
-        port = free_port()
-        strata = Server([sys.executable, "-m", "strata.cli", "serve", str(run), "--port", str(port), "--quiet",
-                         "--device", args.device, *(["--dtype", "bfloat16"] if args.device != "cpu" else []),
-                         "--model-name", "inter"], port, folder / "strata.log", "/health")
-        try:
-            rows += serve_all("strata serve", strata, "inter", prompts, args, {"ignore_eos": True})
-            prefix = {"server": "strata serve", **prefix_trials(strata, "inter", text, tokenizer, args.shared, args.trials)}
-        finally:
-            strata.stop()
-        print(f"prefix hit on a {args.shared}-token shared prompt: TTFT {prefix['cold_ttft_s'] * 1e3:.0f} ms cold, "
-              f"{prefix['hit_ttft_s'] * 1e3:.0f} ms hit, {prefix['speedup']:.1f}x (target 5x)")
-        rows.append(prefix)
-        sequential = rows[0]["tokens_per_s"] if rows[0]["clients"] == 1 else None
-        for row in rows[: len(args.clients)]:
-            if sequential:
-                row["vs_sequential"] = row["tokens_per_s"] / sequential
-        if sequential and 32 in args.clients:
-            ratio = next(row for row in rows if row.get("clients") == 32)["vs_sequential"]
-            print(f"32 clients against sequential: {ratio:.1f}x the throughput (target 4x)")
+        for budget in args.prefill_tokens:
+            name = "strata serve" if len(args.prefill_tokens) == 1 else f"strata serve --prefill-tokens {budget}"
+            rows += strata_rows(name, run, budget, prompts, text, tokenizer, args, folder,
+                                with_prefix=budget == args.prefill_tokens[0])
         if not args.no_peer:
             rows += peer_rows(hf_dir, prompts, args, folder)
         append_json_lines(args.json, rows)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def strata_rows(name: str, run: Path, budget: int, prompts, text: str, tokenizer, args, folder: Path,
+                with_prefix: bool) -> list[dict]:
+    """strata serve's load rows (each with its ratio to the 1-client row) and, ``with_prefix``, its
+    prefix-hit row."""
+    port = free_port()
+    strata = Server([sys.executable, "-m", "strata.cli", "serve", str(run), "--port", str(port), "--quiet",
+                     "--device", args.device, *(["--dtype", "bfloat16"] if args.device != "cpu" else []),
+                     "--prefill-tokens", str(budget), "--model-name", "inter"], port, folder / "strata.log", "/health")
+    try:
+        rows = serve_all(name, strata, "inter", prompts, args, {"ignore_eos": True})
+        prefix = prefix_trials(strata, "inter", text, tokenizer, args.shared, args.trials) if with_prefix else None
+    finally:
+        strata.stop()
+    sequential = rows[0]["tokens_per_s"] if rows[0]["clients"] == 1 else None
+    for row in rows:
+        row["prefill_tokens"] = budget
+        if sequential:
+            row["vs_sequential"] = row["tokens_per_s"] / sequential
+        if sequential and row["clients"] == 32:
+            print(f"{name}: 32 clients against sequential: {row['vs_sequential']:.2f}x the throughput (target 4x)")
+    if prefix:
+        print(f"prefix hit on a {args.shared}-token shared prompt: TTFT {prefix['cold_ttft_s'] * 1e3:.0f} ms cold, "
+              f"{prefix['hit_ttft_s'] * 1e3:.0f} ms hit, {prefix['speedup']:.1f}x (target 5x)")
+        rows.append({"server": name, **prefix})
+    return rows
 
 
 def peer_rows(hf_dir: Path, prompts, args, folder: Path) -> list[dict]:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from strata.config import GatedDeltaNetConfig, validate_config
 from strata.cost.model import gdn_sequence_flops, model_cost
 from strata.models import build_model
-from strata.nn.delta_rule import gated_delta_chunked, gated_delta_recurrent
+from strata.nn.delta_rule import gated_delta_chunked, gated_delta_recurrent, gated_delta_step
 from strata.nn.gated_deltanet import GatedDeltaNet
 
 
@@ -65,6 +65,21 @@ def test_resets_start_each_segment_from_a_zero_state(chunk):
     torch.testing.assert_close(chunked[:, 21:64], alone, atol=1e-5, rtol=0)
     (grad_g,) = torch.autograd.grad((chunked * torch.randn_like(chunked)).sum(), g)
     assert grad_g[:, [20, 21, 64]].abs().max() < 1e-12  # a reset step's own decay is never used (0 up to float64 rounding)
+
+
+def test_a_step_in_place_equals_the_step_that_copies():
+    """Decoding's in-place step writes into the given fp32 state the state the copying step
+    returns (and the same output), and refuses a state it could not hold in fp32."""
+    q, k, v, g, beta, state = rule_inputs(1, max_beta=2.0, requires_grad=False)
+    step = [x[:, 0] for x in (q, k, v, g, beta)]
+    o, new_state = gated_delta_step(state, *step)
+    held = state.clone()
+    o_in_place, returned = gated_delta_step(held, *step, in_place=True)
+    torch.testing.assert_close(o_in_place, o, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(held, new_state, atol=1e-6, rtol=1e-6)
+    assert returned.data_ptr() == held.data_ptr()
+    with pytest.raises(ValueError, match="fp32 state"):
+        gated_delta_step(state.bfloat16(), *step, in_place=True)
 
 
 def test_strong_decay_stays_finite_and_exact():

@@ -25,6 +25,7 @@ from strata.data import ByteTokenizer, load_hf_tokenizer
 from strata.data import corpus_path
 from strata.inference.generate import generate
 from strata.serve.chat import TemplateError, chat_template
+from strata.serve.engine import Done, Engine, Request, Sampling, Token
 from strata.serve.metrics import Histogram
 from strata.serve.prefix_cache import PrefixCache
 from strata.train.runs import TrainedModel, from_pretrained, save_as_run
@@ -228,6 +229,46 @@ def test_latency_histograms_count_each_observation_in_its_cumulative_buckets():
         histogram.observe(seconds)
     assert histogram.samples("x") == [('x_bucket{le="0.1"}', 2), ('x_bucket{le="1.0"}', 4), ('x_bucket{le="+Inf"}', 5),
                                       ("x_sum", 4.65), ("x_count", 5)]
+
+
+def test_a_step_prefills_waiting_prompts_up_to_its_token_budget(tmp_path):
+    """Six prompts wait at once. Each step reads whole blocks, oldest prompt first, until its
+    ``prefill_tokens`` are spent (one block at least), then decodes: one block a step at the
+    smallest budget, every prompt before the first decoding step at a large one. The greedy
+    answers are the same at every budget, and what ``strata generate`` gives each prompt alone."""
+    trained = from_pretrained(random_run("inter", tmp_path / "inter"))
+    prompts = [("Now is the winter of our discontent made glorious summer " * 2)[: 19 + 9 * i] for i in range(6)]
+    ids = [[trained.tokenizer.bos_id, *trained.tokenizer.encode(prompt.encode()).tolist()] for prompt in prompts]
+    expected = [generate(trained.model, prompt, 12, tokenizer=trained.tokenizer)[0].tokens for prompt in prompts]
+    block, total = 16, sum(len(prompt) for prompt in ids)  # 20 .. 65 tokens: 2 .. 5 blocks each
+    for budget in (block, 64, 10 * total):
+        engine = Engine(trained.model, trained.tokenizer, block=block, prefill_tokens=budget)
+        steps: list[list[int]] = []  # the prompt tokens each step reads
+        iterate = engine._iterate
+        engine._iterate = lambda: (steps.append([]), iterate())
+        hook = trained.model.register_forward_pre_hook(
+            lambda _model, args: None if args[1] is engine._cache else steps[-1].append(args[0].shape[1]))
+        answers, done = [[] for _ in ids], []
+
+        def listen(index):
+            return lambda event: (answers[index].append(event.token) if isinstance(event, Token) else
+                                  done.append(index) if isinstance(event, Done) else None)
+
+        for index, prompt in enumerate(ids):
+            engine.submit(Request(prompt, Sampling(max_tokens=12, temperature=0), listen(index)))
+        try:
+            engine.run(until=lambda: len(done) == len(ids))
+        finally:
+            hook.remove()
+        read = [sum(step) for step in steps if step]
+        assert read == [sum(step) for step in steps[: len(read)]]  # no step reads nothing while prompts wait
+        assert sum(read) == total and all(size <= max(budget, block) for size in read)
+        assert all(size + block > budget for size in read[:-1])  # a step stops only when the next block would not fit
+        if budget == block:
+            assert len(read) == sum(-(-len(prompt) // block) for prompt in ids)
+        if budget > total:
+            assert read == [total]
+        assert [[token for token in answer if token is not None] for answer in answers] == expected, budget
 
 
 @pytest.mark.parametrize("family", ["swa", "intra", "gdn", "aunet2"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from strata.nn.ssd import decay_matrix, ssd_chunked, ssd_recurrent
+from strata.nn.ssd import decay_matrix, ssd_chunked, ssd_recurrent, ssd_step
 
 
 def random_inputs(batch, length, heads, head_dim, groups, state, seed=0, requires_grad=False):
@@ -92,6 +92,22 @@ def test_strong_decay_stays_exact():
     y_fast, _ = ssd_chunked(chunk_size=256, **inputs)
     y_ref, _ = ssd_recurrent(**inputs)
     torch.testing.assert_close(y_fast, y_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_step_in_place_equals_the_step_that_copies(groups):
+    """Decoding's in-place step writes into the given fp32 state the state the copying step
+    returns (and the same output), and refuses a state it could not hold in fp32."""
+    inputs = random_inputs(3, 1, 4, 8, groups, 16, seed=8 + groups)
+    args = [inputs[name][:, 0] for name in ("x", "dt")] + [inputs["A"]] + [inputs[name][:, 0] for name in ("B", "C")]
+    y, state = ssd_step(inputs["initial_state"], *args, inputs["D"])
+    held = inputs["initial_state"].clone()
+    y_in_place, returned = ssd_step(held, *args, inputs["D"], in_place=True)
+    torch.testing.assert_close(y_in_place, y, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(held, state, atol=1e-6, rtol=1e-6)
+    assert returned.data_ptr() == held.data_ptr()
+    with pytest.raises(ValueError, match="fp32 state"):
+        ssd_step(inputs["initial_state"].bfloat16(), *args, inputs["D"], in_place=True)
 
 
 def test_decay_matrix():

@@ -24,6 +24,9 @@ def add_parsers(commands) -> None:
     served.add_argument("--snapshot-every", type=positive_int, default=256, metavar="TOKENS",
                         help="prompts are prefilled in blocks of this many tokens, each block's end kept in the "
                              "prefix cache (default 256)")
+    served.add_argument("--prefill-tokens", type=positive_int, default=1024, metavar="TOKENS",
+                        help="prompt tokens read between two decoding steps, in whole blocks: more fills the batch "
+                             "sooner, less keeps running requests' tokens coming evenly (default 1024)")
     served.add_argument("--cache-memory", type=whole_number(0), default=1024, metavar="MIB",
                         help="memory the prefix cache may hold, least recently used first out (default 1024 MiB; "
                              "0 turns it off)")
@@ -36,6 +39,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     served = load_served(args.run, name=args.model_name, dtype=args.dtype, device=args.device, max_batch=args.max_batch,
                          max_queue=args.max_queue, snapshot_every=args.snapshot_every,
+                         prefill_tokens=args.prefill_tokens,
                          cache_memory=args.cache_memory * 2**20)
     chat = "with a chat template" if served.chat else "no chat template: /v1/completions only"
     print(f"strata: serving {served.name} ({chat}) on http://{args.host}:{args.port}/v1", file=sys.stderr)

@@ -145,14 +145,24 @@ def gated_delta_step(
     v: torch.Tensor,
     g: torch.Tensor,
     beta: torch.Tensor,
+    in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One recurrence step: q, k [b, h, k], v [b, h, v], g, beta [b, h], state [b, h, k, v];
-    returns (o [b, h, v], the new fp32 state)."""
-    state = state.float() * torch.exp(g.float())[..., None, None]
+    returns (o [b, h, v], the new fp32 state). ``in_place``: written over ``state`` (fp32) and
+    returned, as ``ssd_step`` does for decoding; not for autograd."""
+    if in_place:
+        if state.dtype != torch.float32:
+            raise ValueError(f"gated_delta_step(in_place=True) updates an fp32 state, not {state.dtype}")
+        state.mul_(torch.exp(g.float())[..., None, None])
+    else:
+        state = state.float() * torch.exp(g.float())[..., None, None]
     k32 = k.float()
     remembered = (k32[..., None, :] @ state).squeeze(-2)  # Sᵀk [b, h, v]
     delta = beta.float()[..., None] * (v.float() - remembered)
-    state = state + k32[..., :, None] * delta[..., None, :]
+    if in_place:
+        state.addcmul_(k32[..., :, None], delta[..., None, :])
+    else:
+        state = state + k32[..., :, None] * delta[..., None, :]
     o = (q.float()[..., None, :] @ state).squeeze(-2)
     return o.to(v.dtype), state
 

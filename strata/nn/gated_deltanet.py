@@ -136,12 +136,14 @@ class GatedDeltaNet(nn.Module):
         q, k, v, g, beta = self._rule_inputs(conv.to(qkv.dtype), b, a, weights["A"], weights["dt_bias"])
         if pad is not None:
             g, beta = g.masked_fill(pad[..., None], 0), beta.masked_fill(pad[..., None], 0)
+        in_place = qkv.shape[1] == 1 and cache.ssm.dtype == torch.float32
         if qkv.shape[1] == 1:
-            o, state = gated_delta_step(cache.ssm, q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0])
+            o, state = gated_delta_step(cache.ssm, q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], in_place)
             o = o[:, None]
         else:
             o, state = gated_delta_chunked(q, k, v, g, beta, self.chunk_size, initial_state=cache.ssm)
-        cache.ssm.copy_(state)
+        if not in_place:
+            cache.ssm.copy_(state)
         return o
 
     def forward(self, u: torch.Tensor, cache=None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:

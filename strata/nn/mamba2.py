@@ -161,12 +161,14 @@ class Mamba2(nn.Module):
                                     self.conv1d.bias, cache.sequence.lengths)
         steps = xbc.shape[1]
         xs, B, C = self.split_conv_output(F.silu(conv.to(xbc.dtype)))
+        in_place = steps == 1 and cache.ssm.dtype == torch.float32  # no copy of the state per step
         if steps == 1:
-            y, state = ssd_step(cache.ssm, xs[:, 0], dt[:, 0], weights["A"], B[:, 0], C[:, 0], weights["D"])
+            y, state = ssd_step(cache.ssm, xs[:, 0], dt[:, 0], weights["A"], B[:, 0], C[:, 0], weights["D"], in_place)
             y = y[:, None]
         else:
             y, state = ssd_chunked(xs, dt, weights["A"], B, C, self.chunk_size, weights["D"], initial_state=cache.ssm)
-        cache.ssm.copy_(state)
+        if not in_place:
+            cache.ssm.copy_(state)
         return y
 
     def forward(self, u: torch.Tensor, cache=None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:

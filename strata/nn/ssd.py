@@ -244,20 +244,35 @@ def ssd_step(
     B: torch.Tensor,
     C: torch.Tensor,
     D: torch.Tensor | None = None,
+    in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One recurrence step: x [b, h, p], dt [b, h], B, C [b, g, n], state [b, h, p, n]; returns
-    (y [b, h, p], the new fp32 state). A group's heads share its B and C by broadcasting."""
+    (y [b, h, p], the new fp32 state). A group's heads share its B and C by broadcasting.
+
+    ``in_place``: the new state is written over ``state`` (which must be fp32) and returned, for
+    decoding, which keeps the state in its cache: the step then reads and writes the state once
+    instead of making three new tensors of its size and copying the last back. Not for autograd,
+    which needs the old state."""
     batch, heads, head_dim = x.shape
     groups, state_size = B.shape[1], B.shape[2]
     per_group = heads // groups
     dt32, x32 = dt.float(), x.float()
     decay = torch.exp(dt32 * A.float()).view(batch, groups, per_group, 1, 1)
-    update = (dt32[..., None] * x32).view(batch, groups, per_group, head_dim, 1) * B.float().view(batch, groups, 1, 1, state_size)
-    state = state.float().view(batch, groups, per_group, head_dim, state_size) * decay + update
-    y = (state @ C.float().view(batch, groups, 1, state_size, 1)).view(batch, heads, head_dim)
+    inputs = (dt32[..., None] * x32).view(batch, groups, per_group, head_dim, 1)
+    B32 = B.float().view(batch, groups, 1, 1, state_size)
+    if in_place:
+        if state.dtype != torch.float32:
+            raise ValueError(f"ssd_step(in_place=True) updates an fp32 state, not {state.dtype}")
+        grouped = state.view(batch, groups, per_group, head_dim, state_size)
+        grouped.mul_(decay).addcmul_(inputs, B32)
+    else:
+        grouped = state.float().view(batch, groups, per_group, head_dim, state_size) * decay + inputs * B32
+    # [b, g, heads_per_group * p, n] @ [b, g, n, 1]: a batched product with no broadcast copy of the state.
+    y = (grouped.view(batch, groups, per_group * head_dim, state_size) @ C.float().view(batch, groups, state_size, 1))
+    y = y.view(batch, heads, head_dim)
     if D is not None:
         y = y + D.float()[:, None] * x32
-    return y.to(x.dtype), state.view(batch, heads, head_dim, state_size)
+    return y.to(x.dtype), grouped.view(batch, heads, head_dim, state_size)
 
 
 def ssd_recurrent(

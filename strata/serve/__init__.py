@@ -12,19 +12,19 @@ import torch
 from strata.inference.generate import prompt_context
 from strata.serve.app import Served, create_app
 from strata.serve.chat import chat_template
-from strata.serve.engine import Engine
+from strata.serve.engine import PREFILL_TOKENS, Engine
 from strata.train.runs import from_pretrained
 
 
 def load_served(path: str | Path, *, name: str | None = None, dtype: torch.dtype | str | None = None,
                 device: str = "cpu", max_batch: int = 32, max_queue: int = 128, snapshot_every: int = 256,
-                cache_memory: int = 1 << 30) -> Served:
+                prefill_tokens: int = PREFILL_TOKENS, cache_memory: int = 1 << 30) -> Served:
     """The model at ``path`` (as ``strata.from_pretrained`` opens it) behind an engine, not yet started."""
     trained = from_pretrained(path, dtype=dtype, device=device)
     if trained.tokenizer is None:
         raise ValueError(f"{path}: has no tokenizer.json; the server needs the model's tokenizer beside it")
     engine = Engine(trained.model, trained.tokenizer, max_batch=max_batch, max_queue=max_queue, block=snapshot_every,
-                    cache_memory=cache_memory)
+                    prefill_tokens=prefill_tokens, cache_memory=cache_memory)
     chat = chat_template(trained.tokenizer)
     return Served(engine, name or Path(path).resolve().name, trained.tokenizer, prompt_context(trained.config.model), chat)
 

@@ -5,12 +5,15 @@ Each iteration of the engine's loop
   2. starts prefilling waiting requests while the batch has free slots (``max_batch`` rows, a
      request holding ``n`` of them), each in a cache of its own, restored from the prefix cache
      as far as its prompt's whole blocks were seen before (``strata.serve.prefix_cache``),
-  3. prefills one block (``block`` tokens) of the oldest request being prefilled, snapshotting
-     the cache at the block's end; a request whose prompt is done chooses its first tokens and
-     its rows join the decoding batch (``StackCache.join``: rows keep their own KV entries, ring
-     buffers, conv and SSM states, AU-Net stage caches, right-aligned in one batch),
+  3. prefills blocks (``block`` tokens each, the oldest request's first) until the step's
+     ``prefill_tokens`` are spent, snapshotting each request's cache at its blocks' ends; requests
+     whose prompts are done choose their first tokens and their rows join the decoding batch,
+     all in one ``StackCache.join`` (rows keep their own KV entries, ring buffers, conv and SSM
+     states, AU-Net stage caches, right-aligned in one batch),
   4. runs one decoding step for every row of the batch; rows that finish leave it.
-So a long prompt delays the others by one block per step, never by its whole prefill.
+So a long prompt delays the others by at most ``prefill_tokens`` (or one block, if larger) per
+step, never by its whole prefill; and a burst of short prompts is read in a few steps, so the
+batch fills before it is decoded, rather than one newcomer per (mostly empty) decoding step.
 
 Every prompt is prefilled alone in the same blocks, whether its prefix was cached or not, so a
 prefix hit gives the cold run's logits exactly. Decoding runs the rows as one batch; a row's
@@ -47,6 +50,8 @@ from strata.serve.prefix_cache import PrefixCache
 
 # Steps the joined batch's KV caches have room for before they grow (they grow by themselves).
 JOIN_ROOM = 256
+# Prompt tokens a step prefills before its decoding step (``strata serve --prefill-tokens``).
+PREFILL_TOKENS = 1024
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # strata's -> OpenAI's
 
 
@@ -180,9 +185,9 @@ class _Row:
 
 class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, *, max_batch: int = 32, max_queue: int = 128,
-                 block: int = 256, cache_memory: int = 1 << 30):
+                 block: int = 256, prefill_tokens: int = PREFILL_TOKENS, cache_memory: int = 1 << 30):
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
         self.device = next(model.parameters()).device
         self.vocab_size = model.config.vocab_size
         self.prefix = PrefixCache(block, cache_memory)
@@ -261,8 +266,7 @@ class Engine:
     def _iterate(self) -> None:
         self._drop_cancelled()
         self._admit()
-        if self._prefilling:
-            self._prefill_block(self._prefilling[0])
+        self._prefill()
         if self._rows:
             self._decode_step()
 
@@ -288,35 +292,59 @@ class Engine:
             self.counters["prefix_hit_tokens"] += cache.length
             self._prefilling.append(_Prefill(request, cache))
 
-    def _prefill_block(self, prefill: _Prefill) -> None:
-        ids, start, block = prefill.request.ids, prefill.cache.length, self.prefix.block
-        end = min((start // block + 1) * block, len(ids))
+    def _prefill(self) -> None:
+        """Prefill blocks, oldest request first, until this step's ``prefill_tokens`` are spent
+        (at least one block); the requests whose prompts are done start decoding."""
+        done, spent = [], 0
+        while self._prefilling:
+            prefill = self._prefilling[0]
+            end = self._block_end(prefill)
+            if spent and spent + end - prefill.cache.length > self.prefill_tokens:
+                break
+            spent += end - prefill.cache.length
+            logits = self._prefill_block(prefill, end)
+            if end == len(prefill.request.ids):
+                self._prefilling.pop(0)
+                done.append((prefill, logits))
+        if done:
+            self._start_decoding(done)
+
+    def _block_end(self, prefill: _Prefill) -> int:
+        """Where the next block of ``prefill``'s prompt ends: blocks end at multiples of ``block``."""
+        block = self.prefix.block
+        return min((prefill.cache.length // block + 1) * block, len(prefill.request.ids))
+
+    def _prefill_block(self, prefill: _Prefill, end: int) -> torch.Tensor:
+        """Read the prompt up to ``end`` into ``prefill``'s cache, keeping it in the prefix cache
+        if wanted; the last position's logits [1, V]."""
+        ids, start = prefill.request.ids, prefill.cache.length
         tokens = torch.tensor([ids[start:end]], device=self.device)
         logits = self.model(tokens, prefill.cache, last_only=True)[:, -1].float()
         if self.prefix.wants(ids[:end]):
             snapshot = prefill.cache.snapshot(start)
             self.prefix.insert(ids[:end], snapshot, snapshot.nbytes)
-        if end == len(ids):
-            self._prefilling.remove(prefill)
-            self._start_decoding(prefill, logits)
+        return logits
 
-    def _start_decoding(self, prefill: _Prefill, logits: torch.Tensor) -> None:
-        """The request's first tokens; its rows (the cache forked ``n`` times) join the batch."""
-        request, n = prefill.request, prefill.request.sampling.n
-        rows = [_Row(request, choice, self.tokenizer, self.vocab_size, self.device, self.counters) for choice in range(n)]
-        self._pending[id(request)] = n
-        alive = [row.advance(logits, int(logits.argmax())) for row in rows]
-        self.latency["time_to_first_token"].observe(time.perf_counter() - request.arrived)
-        self._finish_rows(request, alive.count(False))
-        rows = [row for row, keep in zip(rows, alive, strict=True) if keep]
-        if not rows:
-            return
-        cache = prefill.cache.fork(torch.zeros(len(rows), dtype=torch.long, device=self.device), room=0) if len(rows) > 1 \
-            else prefill.cache
-        caches = [self._cache, cache] if self._cache is not None else [cache]
-        join = AUNetCache.join if isinstance(cache, AUNetCache) else StackCache.join
-        self._cache = join(caches, room=JOIN_ROOM)
-        self._rows += rows
+    def _start_decoding(self, done: list[tuple[_Prefill, torch.Tensor]]) -> None:
+        """The first tokens of requests whose prompts are read; their rows (each cache forked
+        ``n`` times) join the batch together."""
+        caches = [self._cache] if self._cache is not None else []
+        for prefill, logits in done:
+            request, n = prefill.request, prefill.request.sampling.n
+            rows = [_Row(request, choice, self.tokenizer, self.vocab_size, self.device, self.counters) for choice in range(n)]
+            self._pending[id(request)] = n
+            alive = [row.advance(logits, int(logits.argmax())) for row in rows]
+            self.latency["time_to_first_token"].observe(time.perf_counter() - request.arrived)
+            self._finish_rows(request, alive.count(False))
+            rows = [row for row, keep in zip(rows, alive, strict=True) if keep]
+            if not rows:
+                continue
+            caches.append(prefill.cache if len(rows) == 1
+                          else prefill.cache.fork(torch.zeros(len(rows), dtype=torch.long, device=self.device), room=0))
+            self._rows += rows
+        if caches and caches[-1] is not self._cache:
+            join = AUNetCache.join if isinstance(caches[-1], AUNetCache) else StackCache.join
+            self._cache = join(caches, room=JOIN_ROOM)
 
     def _decode_step(self) -> None:
         tokens = torch.tensor([row.last for row in self._rows], device=self.device)
