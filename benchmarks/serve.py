@@ -1,7 +1,7 @@
 """strata serve under load: continuous batching against one request at a time, prefix hits against
 cold prompts, and transformers' own server on the same weights.
 
-    python benchmarks/serve.py [--requests 64] [--max-tokens 64] [--clients 1 8 32] [--shared 2048]
+    python benchmarks/serve.py [--requests 64] [--max-tokens 64] [--clients 1 8 32] [--rounds 3] [--shared 2048]
                                [--trials 5] [--prefill-tokens 1024 [256 ...]] [--no-peer]
                                [--json results.jsonl]
 
@@ -13,7 +13,9 @@ for every server: Shakespeare passages of 40-300 tokens, greedy, ``--max-tokens`
 throughput counts the tokens each server reports in ``usage``). ``--clients`` threads send them
 through the official ``openai`` client, each waiting for its answer before sending the next:
 1 client is sequential serving. Throughput is generated tokens over the wall time of all requests;
-latency is per request (p50, p99).
+latency is per request (p50, p99). Each server runs ``--rounds`` rounds of every client count in
+turn and reports the medians, and the median of each round's ratio to its 1-client run: the
+machine's slow spells then fall on sequential and concurrent serving alike.
 
 Prefix caching: ``--trials`` times, a ``--shared``-token passage (a new one each trial, so the
 first request is cold) is sent with one ending, then with another; time to first token is read
@@ -167,12 +169,26 @@ def passages(text: str, tokenizer, count: int) -> list[str]:
 
 
 def serve_all(name: str, server: Server, model: str, prompts, args, extra: dict) -> list[dict]:
-    rows = []
+    """``--rounds`` rounds of every client count in turn (so a slow spell of the machine lands on
+    all of them alike); a row per client count with the medians of its rounds, and, where 1 client
+    ran, the median over rounds of each round's ratio to it."""
     load(server, model, prompts[:2], 4, 1, extra)  # warm-up
-    for clients in args.clients:
-        row = {"server": name, **load(server, model, prompts, args.max_tokens, clients, extra)}
+    rounds: dict[int, list[dict]] = {clients: [] for clients in args.clients}
+    for index in range(args.rounds):
+        for clients in args.clients:
+            row = load(server, model, prompts, args.max_tokens, clients, extra)
+            rounds[clients].append(row)
+            print(f"{name:32} {clients:3} clients: {row['tokens_per_s']:8.1f} tok/s, p50 {row['p50_s']:6.2f} s, "
+                  f"p99 {row['p99_s']:6.2f} s (round {index + 1} of {args.rounds})", flush=True)
+    rows = []
+    for clients, measured in rounds.items():
+        row = {"server": name, "clients": clients, "rounds": len(measured), "requests": len(prompts),
+               **{key: statistics.median(run[key] for run in measured) for key in ("tokens", "wall_s", "tokens_per_s", "p50_s", "p99_s")}}
+        if 1 in rounds:
+            ratios = [run["tokens_per_s"] / alone["tokens_per_s"] for run, alone in zip(measured, rounds[1], strict=True)]
+            row["vs_sequential"], row["vs_sequential_rounds"] = statistics.median(ratios), ratios
         print(f"{name:32} {clients:3} clients: {row['tokens_per_s']:8.1f} tok/s, p50 {row['p50_s']:6.2f} s, "
-              f"p99 {row['p99_s']:6.2f} s", flush=True)
+              f"p99 {row['p99_s']:6.2f} s (median of {len(measured)})", flush=True)
         rows.append(row)
     return rows
 
@@ -182,6 +198,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of every client count, in turn; medians are reported (default 3)")
     parser.add_argument("--shared", type=int, default=2048, help="tokens of the shared prefix (default 2048)")
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--vocab", type=int, default=2000)
@@ -226,13 +244,12 @@ def strata_rows(name: str, run: Path, budget: int, prompts, text: str, tokenizer
         prefix = prefix_trials(strata, "inter", text, tokenizer, args.shared, args.trials) if with_prefix else None
     finally:
         strata.stop()
-    sequential = rows[0]["tokens_per_s"] if rows[0]["clients"] == 1 else None
     for row in rows:
         row["prefill_tokens"] = budget
-        if sequential:
-            row["vs_sequential"] = row["tokens_per_s"] / sequential
-        if sequential and row["clients"] == 32:
-            print(f"{name}: 32 clients against sequential: {row['vs_sequential']:.2f}x the throughput (target 4x)")
+        if row["clients"] == 32 and "vs_sequential" in row:
+            each = ", ".join(f"{ratio:.2f}" for ratio in row["vs_sequential_rounds"])
+            print(f"{name}: 32 clients against sequential: {row['vs_sequential']:.2f}x the throughput, median of "
+                  f"{row['rounds']} rounds ({each}; target 4x)")
     if prefix:
         print(f"prefix hit on a {args.shared}-token shared prompt: TTFT {prefix['cold_ttft_s'] * 1e3:.0f} ms cold, "
               f"{prefix['hit_ttft_s'] * 1e3:.0f} ms hit, {prefix['speedup']:.1f}x (target 5x)")

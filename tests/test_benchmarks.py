@@ -19,7 +19,7 @@ TINY_RUNS = {
     "train_step": ["--batch", "1", "--seq", "32", "--repeats", "1"],
     "hf_models": ["--families", "bamba", "falconh1", "llama", "mamba2", "granite", "nemotronh", "--d-model", "32",
                   "--layers", "2", "--batch", "1", "--seq", "16", "--contexts", "32", "--new", "4", "--repeats", "1"],
-    "serve": ["--requests", "4", "--max-tokens", "4", "--clients", "1", "2", "--shared", "300", "--trials", "1", "--no-peer"],
+    "serve": ["--requests", "4", "--max-tokens", "4", "--clients", "1", "2", "--rounds", "2", "--shared", "300", "--trials", "1", "--no-peer"],
 }
 # The measured figures of a row (a row holds one of the groups); the rest echoes the settings.
 MEASURED = {
