@@ -1,8 +1,9 @@
 """The layout language: one symbol per block, and the papers' placements from a ratio.
 
 A stack is a string such as ``MMMAMMMAMMMMM``: ``A`` attention, ``W`` sliding-window attention,
-``M`` Mamba-2, ``G`` Gated DeltaNet, ``H`` intra-layer hybrid, ``F`` a feed-forward block of its own (Nemotron-H's
-design, where every block holds one sublayer: a layout with ``F`` blocks gives the others none).
+``M`` Mamba-2, ``G`` Gated DeltaNet, ``K`` Kimi Delta Attention, ``H`` intra-layer hybrid, ``F`` a
+feed-forward block of its own (Nemotron-H's design, where every block holds one sublayer: a layout
+with ``F`` blocks gives the others none).
 This module is pure string logic (no torch) so that config validation, the cost model and the
 model builder all read layouts the same way.
 """
@@ -16,6 +17,7 @@ BLOCK_SYMBOLS = {
     "W": "sliding-window attention",
     "M": "Mamba-2",
     "G": "Gated DeltaNet",
+    "K": "Kimi Delta Attention (Gated DeltaNet with a decay per key channel)",
     "H": "intra-layer hybrid (attention + Mamba-2 or Gated DeltaNet heads)",
     "F": "feed-forward only (then no other block has a feed-forward half)",
 }

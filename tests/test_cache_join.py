@@ -9,7 +9,7 @@ from strata.inference.aunet_cache import AUNetCache
 from strata.inference.cache import StackCache
 from test_generate import prompts, tiny
 
-FAMILIES = ["transformer", "swa", "mamba2", "inter", "intra", "gdn", "aunet2"]
+FAMILIES = ["transformer", "swa", "mamba2", "inter", "intra", "gdn", "kda", "aunet2"]
 
 
 def join(model, caches):

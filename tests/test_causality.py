@@ -232,7 +232,7 @@ def test_tiny_preset_is_causal(path):
 
 def test_tiny_presets_cover_every_block_kind():
     layouts = "".join(strata.load_config(path).model.layout.replace(";", "") for path in PRESETS)
-    assert set(layouts) == {"A", "W", "M", "G", "H"}
+    assert set(layouts) == {"A", "W", "M", "G", "K", "H"}
 
 
 # ---------------------------------------------------------------------------------------------

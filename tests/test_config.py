@@ -40,7 +40,7 @@ def test_every_preset_loads(path):
     # An AU-Net is a list of stacks (its stages), every other model one stack.
     for stack in config.model.stages if isinstance(config.model, AUNetConfig) else [config.model]:
         assert isinstance(stack.layout, str) and stack.layout
-        assert set(stack.layout) <= set("AWMGH")
+        assert set(stack.layout) <= set("AWMGKH")
         assert stack.n_layers == len(stack.layout)
         if "A" in stack.layout or "W" in stack.layout:
             assert stack.attention.head_dim is not None  # resolved

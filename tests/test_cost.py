@@ -50,7 +50,7 @@ def test_all_presets_found():
     ablations = {"intra-hymba-1b.yaml", "intra-falconh1-1b.yaml"}
     aunets = {"aunet2-1b.yaml", "aunet3-1b.yaml", "aunet4-1b.yaml", "aunet2-7b.yaml"}
     assert {path.name for path in PAPER.glob("*.yaml")} == grid | ablations | aunets
-    assert len(list(TINY.glob("*.yaml"))) == 18  # 16 models, the sweeps' hybrid family and the MQAR model
+    assert len(list(TINY.glob("*.yaml"))) == 19  # 17 models, the sweeps' hybrid family and the MQAR model
     # tiny aunet2, aunet3, aunet2-hybrid, hnet2, aunet2-entropy
     assert len(LM_CONFIGS) == len(ALL_CONFIGS) - len(aunets) - 5
 

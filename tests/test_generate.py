@@ -17,7 +17,7 @@ from strata.inference.sampling import choose_tokens, filter_logits, penalize_rep
 from strata.inference.stop import StopStrings
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
-FAMILIES = ["transformer", "swa", "mamba2", "inter", "intra", "intra-moe", "gdn", "inter-gdn"]
+FAMILIES = ["transformer", "swa", "mamba2", "inter", "intra", "intra-moe", "gdn", "inter-gdn", "kda"]
 # Around the SSD chunk (32) and the sliding window (64 + 8 sinks), plus a one-token prompt.
 PROMPT_LENGTHS = [1, 31, 32, 33, 63, 65, 72, 73]
 NEW = 24
@@ -90,7 +90,7 @@ def test_cache_memory_matches_the_cost_model(family):
     cache = StackCache(model.blocks, batch_size=batch, capacity=context)
     expected = batch * model_cost(model.config, context, "fp32").cache_bytes
     assert abs(cache.nbytes - expected) <= 0.05 * expected
-    if family in ("inter", "intra", "mamba2", "transformer", "gdn", "inter-gdn"):
+    if family in ("inter", "intra", "mamba2", "transformer", "gdn", "inter-gdn", "kda"):
         assert cache.nbytes == expected
 
 

@@ -69,6 +69,8 @@ FINGERPRINTS = {
     # aunet2's: its frozen byte model draws nothing, and its placeholder weights are zeros.
     "byte-entropy": -0.8117773202,
     "aunet2-entropy": 28.1670856304,
+    # Added with Kimi Delta Attention, from its first seeded build.
+    "kda": -5.3056499394,
 }
 SEVEN_B = ROOT / "configs" / "paper" / "aunet2-7b.yaml"
 

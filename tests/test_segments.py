@@ -15,7 +15,7 @@ from test_ssd import random_inputs
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 LENGTHS = (100, 37, 90)  # the sliding-window family's window is 64 + 8 sinks: two documents exceed it
-FAMILIES = ["transformer", "swa", "mamba2", "inter", "intra", "intra-moe", "gdn", "inter-gdn"]
+FAMILIES = ["transformer", "swa", "mamba2", "inter", "intra", "intra-moe", "gdn", "inter-gdn", "kda"]
 
 
 def segment_ids(lengths, batch=1):

@@ -5,7 +5,7 @@ dotted path. Sizes that must agree (heads dividing widths, a section per layout 
 here, once, instead of failing deep inside a module.
 
     base      the sections' base class and the errors
-    blocks    attention, Mamba-2, Gated DeltaNet, the intra-layer hybrid, FFN and MoE
+    blocks    attention, Mamba-2, Gated DeltaNet, Kimi Delta Attention, the intra-layer hybrid, FFN, MoE
     model     a stack of blocks from its layout: a language model, an AU-Net stage
     aunet     the AU-Net and where it splits
     run       a whole file: model, data, training
@@ -19,6 +19,7 @@ from strata.config.blocks import (
     FFNConfig,
     GatedDeltaNetConfig,
     HybridConfig,
+    KimiDeltaConfig,
     Mamba2Config,
     MoEConfig,
     RopeConfig,
@@ -38,7 +39,7 @@ from strata.config.run import Config, DataConfig, HFTokenizerConfig, TrainConfig
 
 __all__ = [
     "AUNetConfig", "AttentionConfig", "Config", "ConfigError", "DataConfig", "FFNConfig", "GatedDeltaNetConfig",
-    "HFTokenizerConfig", "HybridConfig", "LayoutSpec", "Mamba2Config", "MoEConfig", "ModelConfig", "RopeConfig",
+    "HFTokenizerConfig", "HybridConfig", "KimiDeltaConfig", "LayoutSpec", "Mamba2Config", "MoEConfig", "ModelConfig", "RopeConfig",
     "RopeScaling", "SlidingWindowConfig", "SplitConfig", "StackConfig", "StageConfig", "Strict", "TrainConfig",
     "apply_override", "config_to_dict", "load_config", "read_yaml", "set_key", "validate_config",
 ]

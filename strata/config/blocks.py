@@ -130,6 +130,15 @@ class Mamba2Config(Strict):
         return self.width(d_model) // self.head_dim
 
 
+def _check_decay_init(config: GatedDeltaNetConfig | KimiDeltaConfig) -> None:
+    """The delta-rule mixers' decay initialisation: A from 0 < low <= high, dt_min <= dt_max."""
+    low, high = config.a_init_range
+    if not 0 < low <= high:
+        raise _KeyedError("a_init_range", f"must satisfy 0 < low <= high, got {config.a_init_range}")
+    if config.dt_min > config.dt_max:
+        raise _KeyedError("dt_min", f"({config.dt_min}) must not exceed dt_max ({config.dt_max})")
+
+
 class GatedDeltaNetConfig(Strict):
     """The Gated DeltaNet mixer (``G`` blocks), as Qwen3-Next defines it: short causal convs on q,
     k and v, L2-normalised q and k, the gated delta rule with per-head decay α and step size β,
@@ -160,11 +169,7 @@ class GatedDeltaNetConfig(Strict):
 
     @model_validator(mode="after")
     def _shape(self):
-        low, high = self.a_init_range
-        if not 0 < low <= high:
-            raise _KeyedError("a_init_range", f"must satisfy 0 < low <= high, got {self.a_init_range}")
-        if self.dt_min > self.dt_max:
-            raise _KeyedError("dt_min", f"({self.dt_min}) must not exceed dt_max ({self.dt_max})")
+        _check_decay_init(self)
         if self.n_v_heads is None:
             self.n_v_heads = self.n_heads
         if self.v_head_dim is None:
@@ -180,6 +185,41 @@ class GatedDeltaNetConfig(Strict):
     @property
     def value_width(self) -> int:
         return self.n_v_heads * self.v_head_dim
+
+
+class KimiDeltaConfig(Strict):
+    """The Kimi Delta Attention mixer (``K`` blocks; Kimi Linear, Kimi Team 2025): Gated DeltaNet
+    whose decay is a vector, one α per key channel, so each row of the state forgets at its own
+    rate. ``n_heads`` heads of ``head_dim`` channels for q, k and v alike; short causal convs on
+    q, k and v, L2-normalised q and k, β_t = sigmoid(b_t), and
+    α_t = exp(−exp(A_log)·softplus(f_t + dt_bias)) with f_t from a low-rank projection
+    (d_model → head_dim → n_heads·head_dim) and A one per head, dt_bias one per channel; the output
+    goes through a per-head RMSNorm gated by sigmoid of a second low-rank projection, then out.
+    The state is n_heads × head_dim × head_dim, whatever the context. Initialisation as Gated
+    DeltaNet's (``a_init_range``, ``dt_min``, ``dt_max``, ``dt_init_floor``); ``norm_eps``: the
+    output norm's epsilon (the stack's ``norm_eps`` by default).
+    """
+
+    n_heads: int = Field(gt=0)
+    head_dim: int = Field(128, gt=0)
+    conv_kernel: int = Field(4, gt=0)
+    conv_bias: bool = False
+    chunk_size: int = Field(64, gt=0)
+    a_init_range: tuple[float, float] = (1.0, 16.0)
+    dt_min: float = Field(1e-3, gt=0)
+    dt_max: float = Field(1e-1, gt=0)
+    dt_init_floor: float = Field(1e-4, gt=0)
+    norm_eps: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _shape(self):
+        _check_decay_init(self)
+        return self
+
+    @property
+    def width(self) -> int:
+        """Channels of q, k and v each (n_heads · head_dim)."""
+        return self.n_heads * self.head_dim
 
 
 class HybridConfig(Strict):

@@ -14,6 +14,7 @@ from strata.config.blocks import (
     FFNConfig,
     GatedDeltaNetConfig,
     HybridConfig,
+    KimiDeltaConfig,
     Mamba2Config,
     SlidingWindowConfig,
 )
@@ -64,6 +65,7 @@ class StackConfig(Strict):
     sliding_window: SlidingWindowConfig | None = None
     mamba: Mamba2Config | None = None
     gdn: GatedDeltaNetConfig | None = None
+    kda: KimiDeltaConfig | None = None
     hybrid: HybridConfig | None = None
     ffn: FFNConfig = FFNConfig(kind="none")
     residual_multiplier: float = Field(1.0, gt=0)
@@ -96,7 +98,7 @@ class StackConfig(Strict):
     @model_validator(mode="after")
     def _consistent(self):
         symbols = set(self.layout)
-        needs = {"A": "attention", "W": "attention", "M": "mamba", "G": "gdn", "H": "hybrid"}
+        needs = {"A": "attention", "W": "attention", "M": "mamba", "G": "gdn", "K": "kda", "H": "hybrid"}
         for symbol, section in needs.items():
             if symbol in symbols and getattr(self, section) is None:
                 raise _KeyedError(section, f"layout uses {symbol!r} blocks but the '{section}' section is missing")

@@ -29,6 +29,7 @@ from strata.config import (
     FFNConfig,
     GatedDeltaNetConfig,
     HybridConfig,
+    KimiDeltaConfig,
     Mamba2Config,
     ModelConfig,
     StackConfig,
@@ -107,6 +108,14 @@ def gdn_params(d_model: int, gdn: GatedDeltaNetConfig, output_projection: bool =
     return in_proj + conv + 2 * gdn.n_v_heads + gdn.v_head_dim + out_proj  # + A_log, dt_bias, norm
 
 
+def kda_params(d_model: int, kda: KimiDeltaConfig) -> int:
+    width, head_dim = kda.width, kda.head_dim
+    in_proj = d_model * (3 * width + 2 * head_dim + kda.n_heads)  # q, k, v, the two low-rank inputs, b
+    low_rank = 2 * head_dim * width  # f_b_proj, g_b_proj
+    conv = 3 * width * (kda.conv_kernel + kda.conv_bias)
+    return in_proj + low_rank + conv + kda.n_heads + width + head_dim + width * d_model  # + A_log, dt_bias, norm, out
+
+
 def hybrid_params(d_model: int, hybrid: HybridConfig) -> int:
     """The two branches (a, b) of ``hybrid.branches``, each shaped by its kind's section."""
     attention, mamba, gdn = hybrid.attention, hybrid.mamba, hybrid.gdn
@@ -157,6 +166,8 @@ def mixer_params(symbol: str, config: StackConfig) -> int:
         return mamba_params(config.d_model, config.mamba)
     if symbol == "G":
         return gdn_params(config.d_model, config.gdn)
+    if symbol == "K":
+        return kda_params(config.d_model, config.kda)
     return hybrid_params(config.d_model, config.hybrid)
 
 
@@ -188,9 +199,14 @@ def mamba_sequence_flops(d_ssm: int, d_state: int, length: int) -> float:
     return 3 * length * (9 * d_ssm * d_state + 2 * d_ssm)
 
 
-def gdn_sequence_flops(gdn: GatedDeltaNetConfig, length: int) -> float:
-    heads, d_k, d_v = gdn.n_v_heads, gdn.head_dim, gdn.v_head_dim
+def delta_rule_sequence_flops(heads: int, d_k: int, d_v: int, length: int) -> float:
+    """The gated delta rule's state work over a sequence, counted as Mamba-2's scan is: a state of
+    heads × d_k × d_v read and written per step (a per-channel decay costs as much as a scalar)."""
     return 3 * length * (9 * heads * d_k * d_v + 2 * heads * d_v)
+
+
+def gdn_sequence_flops(gdn: GatedDeltaNetConfig, length: int) -> float:
+    return delta_rule_sequence_flops(gdn.n_v_heads, gdn.head_dim, gdn.v_head_dim, length)
 
 
 def mixer_sequence_flops(symbol: str, config: StackConfig, length: int) -> float:
@@ -206,6 +222,8 @@ def mixer_sequence_flops(symbol: str, config: StackConfig, length: int) -> float
         return mamba_sequence_flops(config.mamba.width(config.d_model), config.mamba.d_state, length)
     if symbol == "G":
         return gdn_sequence_flops(config.gdn, length)
+    if symbol == "K":
+        return delta_rule_sequence_flops(config.kda.n_heads, config.kda.head_dim, config.kda.head_dim, length)
     hybrid = config.hybrid
     return sum(
         attention_sequence_flops(hybrid.attention, length) if kind == "attention"
@@ -243,6 +261,8 @@ def mixer_cache_elements(symbol: str, config: StackConfig, length: int) -> int:
         return mamba_cache_elements(config.d_model, config.mamba)
     if symbol == "G":
         return gdn_cache_elements(config.gdn)
+    if symbol == "K":
+        return config.kda.n_heads * config.kda.head_dim**2 + config.kda.conv_kernel * 3 * config.kda.width
     hybrid = config.hybrid
     return sum(
         attention_cache_elements(hybrid.attention, length) if kind == "attention"

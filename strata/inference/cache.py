@@ -36,7 +36,7 @@ import torch
 
 from strata.inference.sequence import SequenceState
 from strata.nn.attention import Attention
-from strata.nn.gated_deltanet import GatedDeltaNet
+from strata.nn.gated_deltanet import DeltaRuleMixer
 from strata.nn.hybrid import IntraLayerHybrid
 from strata.nn.mamba2 import Mamba2
 
@@ -228,14 +228,14 @@ class RecurrentCache(_FixedSize):
     """A recurrent mixer's (Mamba-2's, Gated DeltaNet's) last ``conv_kernel`` conv inputs
     [B, K, conv_dim] and its state [B, *mixer.state_shape]; the same size whatever the context."""
 
-    def __init__(self, mixer: Mamba2 | GatedDeltaNet, state: SequenceState, dtype: torch.dtype):
+    def __init__(self, mixer: Mamba2 | DeltaRuleMixer, state: SequenceState, dtype: torch.dtype):
         self.sequence = state
         batch, device, kernel = state.batch_size, state.device, mixer.conv1d.kernel_size[0]
         self.conv = torch.zeros(batch, kernel, mixer.conv_dim, dtype=dtype, device=device)
         self.ssm = torch.zeros(batch, *mixer.state_shape, dtype=dtype, device=device)
         self._step_weights: dict | None = None
 
-    def step_weights(self, mixer: Mamba2 | GatedDeltaNet) -> dict[str, torch.Tensor]:
+    def step_weights(self, mixer: Mamba2 | DeltaRuleMixer) -> dict[str, torch.Tensor]:
         """The mixer's derived step parameters, computed on first use (see ``Mamba2.step_weights``)."""
         if self._step_weights is None:
             self._step_weights = mixer.step_weights()
@@ -294,7 +294,7 @@ def mixer_cache(mixer, state: SequenceState, capacity: int, dtype: torch.dtype):
         if mixer.rotary is not None:
             mixer.rotary.reserve(capacity, state.device)
         return KVCache(mixer, state, capacity, dtype) if mixer.window is None else WindowCache(mixer, state, dtype)
-    if isinstance(mixer, (Mamba2, GatedDeltaNet)):
+    if isinstance(mixer, (Mamba2, DeltaRuleMixer)):
         return RecurrentCache(mixer, state, dtype)
     if isinstance(mixer, IntraLayerHybrid):
         return HybridCache(*(mixer_cache(branch, state, capacity, dtype) for branch in mixer.branch_modules()))

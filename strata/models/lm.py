@@ -12,6 +12,7 @@ from strata.models.init import whole_parameters
 from strata.models.state import CarriedState
 from strata.nn.attention import Attention
 from strata.nn.gated_deltanet import GatedDeltaNet
+from strata.nn.kimi_delta import KimiDeltaAttention
 from strata.nn.hybrid import OUTPUT_PROJECTIONS as HYBRID_OUTPUT_PROJECTIONS, IntraLayerHybrid
 from strata.nn.mamba2 import Mamba2
 from strata.nn.mlp import build_ffn, update_balance_biases
@@ -36,6 +37,8 @@ def build_mixer(symbol: str, config: StackConfig, layer: int = 1) -> nn.Module:
         return Mamba2(d_model, config.mamba, config.norm_eps)
     if symbol == "G":
         return GatedDeltaNet(d_model, config.gdn, config.norm_eps)
+    if symbol == "K":
+        return KimiDeltaAttention(d_model, config.kda, config.norm_eps)
     if symbol == "H":
         return IntraLayerHybrid(d_model, config.hybrid, config.norm_eps, layer)
     raise ValueError(f"unknown layout symbol {symbol!r}")

@@ -29,7 +29,7 @@ from torch import nn
 from strata.data.levels import TokenLevels
 
 from strata.nn.attention import Attention
-from strata.nn.gated_deltanet import GatedDeltaNet
+from strata.nn.gated_deltanet import DeltaRuleMixer
 from strata.nn.hybrid import IntraLayerHybrid
 from strata.nn.mamba2 import Mamba2
 
@@ -138,7 +138,7 @@ def carried_layer(mixer: nn.Module | None, sequence: CarriedPositions, max_conte
         return None
     if isinstance(mixer, Attention):
         return CarriedKV(mixer, sequence, max_context)
-    if isinstance(mixer, (Mamba2, GatedDeltaNet)):
+    if isinstance(mixer, (Mamba2, DeltaRuleMixer)):
         return CarriedRecurrent(sequence)
     if isinstance(mixer, IntraLayerHybrid):
         return CarriedHybrid(*(carried_layer(branch, sequence, max_context) for branch in mixer.branch_modules()))

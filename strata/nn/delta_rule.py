@@ -3,7 +3,8 @@ exact step-by-step recurrence.
 
 Shapes (b batch, t time, h heads, k key width, v value width):
     q, k [b, t, h, k] (k L2-normalised; q normalised and scaled by the caller)   v [b, t, h, v]
-    g [b, t, h] log-decays (<= 0)   beta [b, t, h]   state [b, h, k, v]
+    g [b, t, h] log-decays (<= 0), or [b, t, h, k]: one per key channel (Kimi Delta Attention)
+    beta [b, t, h]   state [b, h, k, v]
 
 Recurrence per head, with α_t = exp(g_t):
     S_t = α_t S_{t-1} + β_t k_t (v_t − α_t S_{t-1}ᵀ k_t)ᵀ = α_t (I − β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ
@@ -25,6 +26,13 @@ Where the chunks are a power of two of at least 16 steps and ``strata.nn.kernels
 (on CUDA by default), the rule runs instead as the Triton kernels of ``delta_rule_triton``,
 forward and backward (training, prefill and evaluation alike); this path is the CPU path and the
 kernels' oracle.
+
+Per-channel decays (Kimi Delta Attention, Kimi Team 2025: α_t a vector, S_{t-1} decayed row by
+row, Diag(α_t) S_{t-1}) change only what depends on γ: e^γ and e^{γ_Q − γ} scale channels, the
+chunk's decay is a diagonal matrix, and Γ has a value per channel, so K Kᵀ ∘ Γ and Q Kᵀ ∘ Γ become
+Σ_c k_i[c] k_j[c] e^{γ_i[c] − γ_j[c]} (and with q_i). ``_channel_pairs`` computes these without an
+exponent above 0: within sub-chunks of SUBCHUNK steps from the differences themselves, and across
+them as a product of two decays each at most 1, through the first step of the later sub-chunk.
 
 Packed documents: ``resets`` [b, t] marks the steps that start a new segment. They get the
 log-decay −RESET_LOG_DECAY (``strata.nn.ssd``'s device): their decay is exactly 0, so no state
@@ -61,9 +69,42 @@ class _UnitLowerInverse(torch.autograd.Function):
         return -(transposed @ d_inverse @ transposed).tril_(-1)
 
 
+# Steps per sub-chunk of the per-channel pairwise decays (``_channel_pairs``).
+SUBCHUNK = 16
+
+
 def _reset_log_decay(g: torch.Tensor, resets: torch.Tensor | None) -> torch.Tensor:
     g = g.float()
-    return g if resets is None else g - RESET_LOG_DECAY * resets[..., None].float()
+    if resets is None:
+        return g
+    return g - RESET_LOG_DECAY * resets.view(*resets.shape, *(1,) * (g.dim() - 2)).float()
+
+
+def _channel_pairs(left: torch.Tensor, right: torch.Tensor, cumulative64: torch.Tensor, strict: bool) -> torch.Tensor:
+    """P[i, j] = Σ_c left_i[c] right_j[c] exp(γ_i[c] − γ_j[c]) for j < i (``strict``) or j <= i,
+    0 above: left, right [..., Q, k] fp32, cumulative64 γ [..., Q, k] (float64, non-increasing in
+    i). Within a sub-chunk from the differences ([.., S, S, k]); across, for j before the sub-chunk
+    starting at step r that holds i, as (left_i ∘ e^{γ_i − γ_r}) · (right_j ∘ e^{γ_r − γ_j}), both
+    exponents at most 0 (a matmul instead of a [Q, Q, k] tensor)."""
+    Q, width = left.shape[-2:]
+    S = SUBCHUNK if Q % SUBCHUNK == 0 else Q
+    M = Q // S
+    subchunks = cumulative64.unflatten(-2, (M, S))  # [..., M, S, k]
+    inside = torch.ones(S, S, dtype=torch.bool, device=left.device).tril(-1 if strict else 0)
+    differences = (subchunks[..., :, None, :] - subchunks[..., None, :, :]).float()  # [..., M, S, S, k]
+    within = (left.unflatten(-2, (M, S))[..., :, None, :] * right.unflatten(-2, (M, S))[..., None, :, :]
+              * torch.exp(differences.masked_fill(~inside[..., None], float("-inf")))).sum(-1)  # [..., M, S, S]
+    same_subchunk = torch.eye(M, dtype=left.dtype, device=left.device)[:, None, :, None]  # [M, 1, M, 1]
+    pairs = (within[..., :, :, None, :] * same_subchunk).flatten(-2, -1).flatten(-3, -2)  # block diagonal [..., Q, Q]
+    if M == 1:
+        return pairs
+    reference = subchunks[..., :, :1, :]  # γ_r [..., M, 1, k]
+    left_scaled = left.unflatten(-2, (M, S)) * torch.exp((subchunks - reference).float())  # [..., M, S, k]
+    before = torch.arange(Q, device=left.device)[None, :] < (torch.arange(M, device=left.device) * S)[:, None]  # [M, Q]
+    exponent = (reference - cumulative64[..., None, :, :]).float()  # γ_r − γ_j [..., M, Q, k]
+    right_scaled = right[..., None, :, :] * torch.exp(exponent.masked_fill(~before[..., None], float("-inf")))
+    across = left_scaled @ right_scaled.transpose(-1, -2)  # [..., M, S, Q]
+    return pairs + across.flatten(-3, -2)
 
 
 def gated_delta_chunked(
@@ -77,11 +118,13 @@ def gated_delta_chunked(
     resets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked gated delta rule for training and prefill; returns (o [b, t, h, v], final state
-    [b, h, k, v]). ``resets`` [b, t] (bool): steps that start a new segment."""
+    [b, h, k, v]). ``resets`` [b, t] (bool): steps that start a new segment. ``g`` [b, t, h, k]:
+    a decay per key channel."""
     batch, length, heads, key_width = k.shape
     value_width, dtype = v.shape[-1], v.dtype
     Q, pad = chunk_size, (-length) % chunk_size
-    if _triton_applies(v, chunk_size):
+    channelwise = g.dim() == 4
+    if not channelwise and _triton_applies(v, chunk_size):
         from strata.nn.delta_rule_triton import triton_gated_delta_chunked  # imports triton: only when chosen
         o, state = triton_gated_delta_chunked(q, k, v, _reset_log_decay(g, resets), beta, chunk_size, initial_state)
         return o.to(dtype).contiguous(), state
@@ -90,30 +133,38 @@ def gated_delta_chunked(
     if pad:
         # Padded steps write nothing (β = 0) and do not decay (g = 0): the final state is unaffected.
         q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
-        g, beta = F.pad(g, (0, 0, 0, pad)), F.pad(beta, (0, 0, 0, pad))
+        g, beta = F.pad(g, (0, 0) * (g.dim() - 2) + (0, pad)), F.pad(beta, (0, 0, 0, pad))
     chunks = (length + pad) // Q
 
     def per_chunk(x):  # [b, t, h, ...] -> [b, h, c, Q, ...], contiguous so matmuls batch over b, h, c at once
         return x.unflatten(1, (chunks, Q)).movedim(3, 1).contiguous()
 
     q, k, v, g, beta = per_chunk(q), per_chunk(k), per_chunk(v), per_chunk(g), per_chunk(beta)
-    cumulative64 = g.double().cumsum(-1)  # [b, h, c, Q]
-    below = torch.ones(Q, Q, dtype=torch.bool, device=k.device).tril()
-    Gamma = torch.exp((cumulative64[..., :, None] - cumulative64[..., None, :]).float().masked_fill(~below, float("-inf")))
-    decay_in = torch.exp(cumulative64.float())[..., None]  # e^{γ_i}: from the chunk's start to step i
-    decay_out = torch.exp((cumulative64[..., -1:] - cumulative64).float())[..., None]  # e^{γ_Q − γ_i}: from i to the end
+    cumulative64 = g.double().cumsum(3)  # γ [b, h, c, Q], or [b, h, c, Q, k] per channel
+
+    def per_key(decay):  # a decay [b, h, c, Q(, k)] as a factor of [b, h, c, Q, k] rows
+        return decay if channelwise else decay[..., None]
+
+    decay_in = per_key(torch.exp(cumulative64.float()))  # e^{γ_i}: from the chunk's start to step i
+    decay_out = per_key(torch.exp((cumulative64.narrow(3, Q - 1, 1) - cumulative64).float()))  # e^{γ_Q − γ_i}
 
     k_beta = k * beta[..., None]
     # The UT transform: T = (I + tril₋₁(diag(β) K Kᵀ ∘ Γ))⁻¹, then the corrections of the values
     # (U) and of the entering state (W).
-    T = _UnitLowerInverse.apply(((k_beta @ k.transpose(-1, -2)) * Gamma).tril_(-1))
+    if channelwise:
+        T = _UnitLowerInverse.apply(_channel_pairs(k_beta, k, cumulative64, strict=True))
+        scores = _channel_pairs(q, k, cumulative64, strict=False)  # [b, h, c, Q, Q]
+    else:
+        below = torch.ones(Q, Q, dtype=torch.bool, device=k.device).tril()
+        Gamma = torch.exp((cumulative64[..., :, None] - cumulative64[..., None, :]).float().masked_fill(~below, float("-inf")))
+        T = _UnitLowerInverse.apply(((k_beta @ k.transpose(-1, -2)) * Gamma).tril_(-1))
+        scores = (q @ k.transpose(-1, -2)) * Gamma  # [b, h, c, Q, Q]
     values = T @ (v * beta[..., None])  # U [b, h, c, Q, v]
     state_reads = T @ (k_beta * decay_in)  # W [b, h, c, Q, k]
-    scores = (q @ k.transpose(-1, -2)) * Gamma  # [b, h, c, Q, Q]
     k_out = k * decay_out
     # The chunk's affine maps of its entering state S₀, for all chunks at once:
-    # S_end = (e^{γ_Q} I − K_outᵀ W) S₀ + K_outᵀ U and O = (Q ∘ e^γ − scores W) S₀ + scores U.
-    chunk_decay = decay_in[..., -1:, :]  # e^{γ_Q} [b, h, c, 1, 1]
+    # S_end = (Diag(e^{γ_Q}) − K_outᵀ W) S₀ + K_outᵀ U and O = (Q ∘ e^γ − scores W) S₀ + scores U.
+    chunk_decay = decay_in[..., -1:, :]  # e^{γ_Q} [b, h, c, 1, 1 or k]: I times it is Diag(e^{γ_Q})
     identity = torch.eye(key_width, device=k.device)
     transition = identity * chunk_decay - k_out.transpose(-1, -2) @ state_reads  # [b, h, c, k, k]
     written = k_out.transpose(-1, -2) @ values  # [b, h, c, k, v]
@@ -147,15 +198,18 @@ def gated_delta_step(
     beta: torch.Tensor,
     in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One recurrence step: q, k [b, h, k], v [b, h, v], g, beta [b, h], state [b, h, k, v];
-    returns (o [b, h, v], the new fp32 state). ``in_place``: written over ``state`` (fp32) and
-    returned, as ``ssd_step`` does for decoding; not for autograd."""
+    """One recurrence step: q, k [b, h, k], v [b, h, v], g [b, h] (or [b, h, k], per key
+    channel), beta [b, h], state [b, h, k, v]; returns (o [b, h, v], the new fp32 state).
+    ``in_place``: written over ``state`` (fp32) and returned, as ``ssd_step`` does for decoding;
+    not for autograd."""
+    decay = torch.exp(g.float())
+    decay = decay[..., None] if g.dim() == 3 else decay[..., None, None]  # over a key channel's row, or all
     if in_place:
         if state.dtype != torch.float32:
             raise ValueError(f"gated_delta_step(in_place=True) updates an fp32 state, not {state.dtype}")
-        state.mul_(torch.exp(g.float())[..., None, None])
+        state.mul_(decay)
     else:
-        state = state.float() * torch.exp(g.float())[..., None, None]
+        state = state.float() * decay
     k32 = k.float()
     remembered = (k32[..., None, :] @ state).squeeze(-2)  # Sᵀk [b, h, v]
     delta = beta.float()[..., None] * (v.float() - remembered)

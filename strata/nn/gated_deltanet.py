@@ -28,11 +28,14 @@ def l2_normalized(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return rms_norm(x, scale * width**-0.5, L2_NORM_EPS / width)
 
 
-class GatedDeltaNet(nn.Module):
-    """Gated DeltaNet with the in-projection laid out as [q, k, v, z, b, a]: the conv's input
-    (q, k, v), the output gate z, β's logits b and the decay's input a (one of each per value head).
+class DeltaRuleMixer(nn.Module):
+    """What Gated DeltaNet and Kimi Delta Attention (``strata.nn.kimi_delta``) share: short causal
+    convs on q, k and v, the gated delta rule over a state of ``state_shape``, and the cached,
+    carried and packed-document paths. A subclass lays out its in-projection (``_project``: the
+    conv's input and the rest it reads, its "gates"), turns conv output and gates into the rule's
+    inputs (``_rule_inputs``) and gates the rule's output (``_gated_output``).
 
-    ``mix`` returns the gated, normalised output [B, T, n_v_heads · v_head_dim] before the
+    ``mix`` returns the gated, normalised output [B, T, n_heads · v_head_dim] before the
     out-projection (the intra-layer hybrid fuses it with another branch). ``n_heads`` counts the
     value heads: those of the state and of the output.
 
@@ -40,6 +43,103 @@ class GatedDeltaNet(nn.Module):
     continues from the cached conv inputs and the rule from the cached state (one recurrence step
     for a single new step, the chunked form for a prompt), and both are stored back.
     """
+
+    n_heads: int
+    head_dim: int
+    v_head_dim: int
+    conv_dim: int
+    chunk_size: int
+    conv1d: nn.Conv1d
+    A_log: nn.Parameter
+    dt_bias: nn.Parameter
+
+    @property
+    def state_shape(self) -> tuple[int, int, int]:
+        """The recurrent state of one sequence: value heads × key width × value width."""
+        return (self.n_heads, self.head_dim, self.v_head_dim)
+
+    @torch.no_grad()
+    def _init_decay(self, a_init_range: tuple[float, float], dt_min: float, dt_max: float, dt_floor: float) -> None:
+        """A ~ U[a_init_range] per head, stored as its log; each step softplus(a + dt_bias) starts
+        log-uniform in [dt_min, dt_max] (dt_bias through the inverse softplus), as fla draws them."""
+        device, low, high = self.A_log.device, *a_init_range
+        self.A_log.copy_(torch.empty(self.A_log.shape, device=device).uniform_(low, high).log())
+        dt = torch.exp(torch.rand(self.dt_bias.shape, device=device) * (math.log(dt_max) - math.log(dt_min))
+                       + math.log(dt_min)).clamp(min=dt_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def step_weights(self) -> dict[str, torch.Tensor]:
+        """Parameters in the form the cached path uses, computed once per cache."""
+        return {
+            "A": -torch.exp(self.A_log.float()),
+            "dt_bias": self.dt_bias.float(),
+            "conv_weight": self.conv1d.weight[:, 0],  # [C, K]
+            "conv_weight_by_tap": self.conv1d.weight[:, 0].t().contiguous(),  # [K, C]
+        }
+
+    def _qk(self, conv: torch.Tensor, heads: int):
+        """q, k [B, T, heads, head_dim] (L2-normalised, q also scaled by 1/sqrt(head_dim), each
+        head repeated for its n_heads / heads value heads) and v [B, T, n_heads, v_head_dim]."""
+        key_width = heads * self.head_dim
+        qk, v = F.silu(conv).split_with_sizes([2 * key_width, conv.shape[-1] - 2 * key_width], dim=-1)
+        # q and k normalised in one call; q also takes the 1/sqrt(head_dim) of the scores.
+        scale = qk.new_tensor([self.head_dim**-0.5, 1.0], dtype=torch.float32).repeat_interleave(heads)[:, None]
+        q, k = l2_normalized(qk.unflatten(-1, (2 * heads, self.head_dim)).float(), scale).split([heads, heads], dim=2)
+        if self.n_heads != heads:
+            repeats = self.n_heads // heads
+            q, k = q.repeat_interleave(repeats, dim=2), k.repeat_interleave(repeats, dim=2)
+        return q, k, v.unflatten(-1, (self.n_heads, self.v_head_dim))
+
+    def mix(self, u: torch.Tensor, cache=None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``segment_ids`` [B, T]: packed documents; the conv and the rule start afresh at each."""
+        qkv, gates = self._project(u)
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids apply to a whole-sequence forward, not to a cached one")
+        if cache is None:
+            conv = causal_conv1d(qkv, self.conv1d.weight[:, 0], self.conv1d.bias, segment_ids)
+            q, k, v, g, beta = self._rule_inputs(conv, gates, -torch.exp(self.A_log.float()), self.dt_bias.float())
+            resets = None if segment_ids is None else F.pad(segment_ids[:, 1:] != segment_ids[:, :-1], (1, 0))
+            o, _ = gated_delta_chunked(q, k, v, g, beta, self.chunk_size, resets=resets)
+        elif getattr(cache, "carried", False):
+            conv, cache.conv = carried_causal_conv1d(cache.conv, qkv, self.conv1d.weight[:, 0], self.conv1d.bias)
+            q, k, v, g, beta = self._rule_inputs(conv, gates, -torch.exp(self.A_log.float()), self.dt_bias.float())
+            o, cache.ssm = gated_delta_chunked(q, k, v, g, beta, self.chunk_size, initial_state=cache.ssm)
+        else:
+            o = self._advance(cache, qkv, gates)
+        return self._gated_output(o, gates)
+
+    def _advance(self, cache, qkv: torch.Tensor, gates: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Conv and rule of the new steps continued from ``cache``, which is updated in place."""
+        weights = cache.step_weights(self)
+        pad = cache.sequence.pad
+        if pad is not None:
+            # Padded steps: a zero conv input, and β = 0 with no decay, leave the conv window and
+            # the state as the real steps left them (left and trailing padding alike).
+            qkv = qkv.masked_fill(pad[..., None], 0)
+        conv = cached_causal_conv1d(cache.conv, qkv, weights["conv_weight"], weights["conv_weight_by_tap"],
+                                    self.conv1d.bias, cache.sequence.lengths)
+        q, k, v, g, beta = self._rule_inputs(conv.to(qkv.dtype), gates, weights["A"], weights["dt_bias"])
+        if pad is not None:
+            g = g.masked_fill(pad.view(*pad.shape, *(1,) * (g.dim() - 2)), 0)
+            beta = beta.masked_fill(pad[..., None], 0)
+        in_place = qkv.shape[1] == 1 and cache.ssm.dtype == torch.float32
+        if qkv.shape[1] == 1:
+            o, state = gated_delta_step(cache.ssm, q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], in_place)
+            o = o[:, None]
+        else:
+            o, state = gated_delta_chunked(q, k, v, g, beta, self.chunk_size, initial_state=cache.ssm)
+        if not in_place:
+            cache.ssm.copy_(state)
+        return o
+
+    def forward(self, u: torch.Tensor, cache=None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return project(self.out_proj, self.mix(u, cache=cache, segment_ids=segment_ids))
+
+
+class GatedDeltaNet(DeltaRuleMixer):
+    """Gated DeltaNet with the in-projection laid out as [q, k, v, z, b, a]: the conv's input
+    (q, k, v), the output gate z, β's logits b and the decay's input a (one of each per value head).
+    A q/k head serves n_v_heads / n_heads consecutive value heads."""
 
     def __init__(self, d_model: int, config: GatedDeltaNetConfig, norm_eps: float = 1e-5,
                  output_projection: bool = True):
@@ -62,89 +162,26 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = nn.Linear(self.value_width, d_model, bias=False) if output_projection else None
         self.reset_parameters()  # after every child: the order construction draws in (strata.models.init)
 
-    @property
-    def state_shape(self) -> tuple[int, int, int]:
-        """The recurrent state of one sequence: value heads × key width × value width."""
-        return (self.n_heads, self.head_dim, self.v_head_dim)
-
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """A ~ U[a_init_range] stored as its log; the step softplus(a + dt_bias) starts log-uniform
-        in [dt_min, dt_max] (dt_bias through the inverse softplus), as fla and OLMo Hybrid draw them."""
-        config, device = self.config, self.A_log.device
-        low, high = config.a_init_range
-        self.A_log.copy_(torch.empty(self.n_heads, device=device).uniform_(low, high).log())
-        dt = torch.exp(torch.rand(self.n_heads, device=device) * (math.log(config.dt_max) - math.log(config.dt_min))
-                       + math.log(config.dt_min)).clamp(min=config.dt_init_floor)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        """A ~ U[a_init_range] and the step softplus(dt_bias) log-uniform in [dt_min, dt_max], as
+        fla and OLMo Hybrid draw them."""
+        config = self.config
+        self._init_decay(config.a_init_range, config.dt_min, config.dt_max, config.dt_init_floor)
 
-    def step_weights(self) -> dict[str, torch.Tensor]:
-        """Parameters in the form the cached path uses, computed once per cache."""
-        return {
-            "A": -torch.exp(self.A_log.float()),
-            "dt_bias": self.dt_bias.float(),
-            "conv_weight": self.conv1d.weight[:, 0],  # [C, K]
-            "conv_weight_by_tap": self.conv1d.weight[:, 0].t().contiguous(),  # [K, C]
-        }
+    def _project(self, u: torch.Tensor):
+        qkv, z, b, a = project(self.in_proj, u).split_with_sizes(self.projection_widths, dim=-1)
+        return qkv, (z, b, a)
 
-    def _rule_inputs(self, conv: torch.Tensor, b: torch.Tensor, a: torch.Tensor, A: torch.Tensor,
-                     dt_bias: torch.Tensor):
-        """q, k [B, T, n_heads, head_dim] (normalised, q scaled, each q/k head repeated for its
-        value heads), v [B, T, n_heads, v_head_dim], log-decay g and β [B, T, n_heads]."""
-        qk, v = F.silu(conv).split_with_sizes([2 * self.key_width, self.value_width], dim=-1)
-        # q and k normalised in one call; q also takes the 1/sqrt(head_dim) of the scores.
-        heads = self.n_qk_heads
-        scale = qk.new_tensor([self.head_dim**-0.5, 1.0], dtype=torch.float32).repeat_interleave(heads)[:, None]
-        q, k = l2_normalized(qk.unflatten(-1, (2 * heads, self.head_dim)).float(), scale).split([heads, heads], dim=2)
-        if self.n_heads != self.n_qk_heads:
-            repeats = self.n_heads // self.n_qk_heads
-            q, k = q.repeat_interleave(repeats, dim=2), k.repeat_interleave(repeats, dim=2)
+    def _rule_inputs(self, conv: torch.Tensor, gates, A: torch.Tensor, dt_bias: torch.Tensor):
+        """q, k [B, T, n_heads, head_dim], v [B, T, n_heads, v_head_dim], log-decay g and β [B, T, n_heads]."""
+        _, b, a = gates
+        q, k, v = self._qk(conv, self.n_qk_heads)
         beta = torch.sigmoid(b.float())
         if self.config.allow_neg_eigval:
             beta = beta * 2
         g = A * F.softplus(a.float() + dt_bias)
-        return q, k, v.unflatten(-1, (self.n_heads, self.v_head_dim)), g, beta
+        return q, k, v, g, beta
 
-    def mix(self, u: torch.Tensor, cache=None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """``segment_ids`` [B, T]: packed documents; the conv and the rule start afresh at each."""
-        qkv, z, b, a = project(self.in_proj, u).split_with_sizes(self.projection_widths, dim=-1)
-        if segment_ids is not None and cache is not None:
-            raise ValueError("segment_ids apply to a whole-sequence forward, not to a cached one")
-        if cache is None:
-            conv = causal_conv1d(qkv, self.conv1d.weight[:, 0], self.conv1d.bias, segment_ids)
-            q, k, v, g, beta = self._rule_inputs(conv, b, a, -torch.exp(self.A_log.float()), self.dt_bias.float())
-            resets = None if segment_ids is None else F.pad(segment_ids[:, 1:] != segment_ids[:, :-1], (1, 0))
-            o, _ = gated_delta_chunked(q, k, v, g, beta, self.chunk_size, resets=resets)
-        elif getattr(cache, "carried", False):
-            conv, cache.conv = carried_causal_conv1d(cache.conv, qkv, self.conv1d.weight[:, 0], self.conv1d.bias)
-            q, k, v, g, beta = self._rule_inputs(conv, b, a, -torch.exp(self.A_log.float()), self.dt_bias.float())
-            o, cache.ssm = gated_delta_chunked(q, k, v, g, beta, self.chunk_size, initial_state=cache.ssm)
-        else:
-            o = self._advance(cache, qkv, b, a)
-        return self.norm(o, z.unflatten(-1, (self.n_heads, self.v_head_dim))).flatten(-2)
-
-    def _advance(self, cache, qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """Conv and rule of the new steps continued from ``cache``, which is updated in place."""
-        weights = cache.step_weights(self)
-        pad = cache.sequence.pad
-        if pad is not None:
-            # Padded steps: a zero conv input, and β = 0 with no decay, leave the conv window and
-            # the state as the real steps left them (left and trailing padding alike).
-            qkv = qkv.masked_fill(pad[..., None], 0)
-        conv = cached_causal_conv1d(cache.conv, qkv, weights["conv_weight"], weights["conv_weight_by_tap"],
-                                    self.conv1d.bias, cache.sequence.lengths)
-        q, k, v, g, beta = self._rule_inputs(conv.to(qkv.dtype), b, a, weights["A"], weights["dt_bias"])
-        if pad is not None:
-            g, beta = g.masked_fill(pad[..., None], 0), beta.masked_fill(pad[..., None], 0)
-        in_place = qkv.shape[1] == 1 and cache.ssm.dtype == torch.float32
-        if qkv.shape[1] == 1:
-            o, state = gated_delta_step(cache.ssm, q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], in_place)
-            o = o[:, None]
-        else:
-            o, state = gated_delta_chunked(q, k, v, g, beta, self.chunk_size, initial_state=cache.ssm)
-        if not in_place:
-            cache.ssm.copy_(state)
-        return o
-
-    def forward(self, u: torch.Tensor, cache=None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return project(self.out_proj, self.mix(u, cache=cache, segment_ids=segment_ids))
+    def _gated_output(self, o: torch.Tensor, gates) -> torch.Tensor:
+        return self.norm(o, gates[0].unflatten(-1, (self.n_heads, self.v_head_dim))).flatten(-2)

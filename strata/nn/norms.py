@@ -96,13 +96,18 @@ class GatedRMSNorm(nn.Module):
                               self.eps).flatten(-2)
 
 
+GATE_ACTIVATIONS = {"silu": F.silu, "sigmoid": torch.sigmoid}
+
+
 class HeadGatedRMSNorm(nn.Module):
     """``RMSNorm(y) * silu(z)`` over each head's channels of y, z [..., heads, head_dim], one weight
-    of ``head_dim`` shared by the heads (Gated DeltaNet's output norm)."""
+    of ``head_dim`` shared by the heads (Gated DeltaNet's output norm; Kimi Delta Attention's with
+    ``gate="sigmoid"``)."""
 
-    def __init__(self, head_dim: int, eps: float = 1e-5):
+    def __init__(self, head_dim: int, eps: float = 1e-5, gate: str = "silu"):
         super().__init__()
         self.eps = eps
+        self.gate = GATE_ACTIVATIONS[gate]
         self.weight = nn.Parameter(torch.empty(head_dim))
         self.reset_parameters()
 
@@ -110,7 +115,7 @@ class HeadGatedRMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return (_rms_norm_fp32(y.float(), self.weight.float(), self.eps) * F.silu(z.float())).to(y.dtype)
+        return (_rms_norm_fp32(y.float(), self.weight.float(), self.eps) * self.gate(z.float())).to(y.dtype)
 
 
 class HeadGroupNorm(nn.Module):
