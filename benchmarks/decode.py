@@ -38,7 +38,7 @@ from strata.inference.generate import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/tiny"
-FAMILIES = ("transformer", "mamba2", "inter", "intra", "gdn", "inter-gdn")
+FAMILIES = ("transformer", "mamba2", "inter", "intra", "gdn", "inter-gdn", "kda")
 NO_FFN = "mamba2 (no FFN)"
 PEERS = (("transformer", "HF Llama"), (NO_FFN, "HF Mamba2"))
 
@@ -170,7 +170,7 @@ def main() -> None:
     first, last = args.contexts[0], args.contexts[-1]
     print("\ntargets")
     for batch in args.batches:
-        for name in ("mamba2", "gdn"):
+        for name in ("mamba2", "gdn", "kda"):
             flat = rate(samples[name, batch, last]) / rate(samples[name, batch, first])
             print(f"  batch {batch}: {name} at {last} / at {first}: {flat:.2f} (target >= 0.9)")
         for name in ("inter", "intra"):

@@ -9,8 +9,10 @@
 A step is forward + cross-entropy + backward + AdamW. Each pair (strata, HF) is timed in
 alternation, repeat after repeat, and the median of each is compared, so machine noise hits both
 sides alike; the figure to read is the ratio, not the absolute time. The SSD scan is timed alone
-(forward + backward) against HF's pure-PyTorch ``mamba2_chunk_scan``, and the gated delta rule
-against transformers' ``torch_chunk_gated_delta_rule`` (their CPU path: fla's kernels are Triton).
+(forward + backward) against HF's pure-PyTorch ``mamba2_chunk_scan``, the gated delta rule
+against transformers' ``torch_chunk_gated_delta_rule`` and the rule with a decay per key channel
+(Kimi Delta Attention's) against its ``chunk_kimi_delta_attention`` (their CPU paths: fla's
+kernels are Triton).
 The tiny ``gdn`` preset's step is timed against the tiny ``mamba2`` preset's, of equal parameters
 (target: at least 0.8x its speed). CPU runs use float32.
 """
@@ -90,8 +92,11 @@ def scan_case(batch: int, seq: int, repeats: int) -> dict[str, float]:
     return time_alternating({"strata": strata_scan, "hf": hf_scan}, repeats)
 
 
-def delta_rule_case(batch: int, seq: int, repeats: int) -> dict[str, float]:
-    """The tiny ``gdn`` preset's rule (4 heads, key 32, value 48, chunks of 32), forward + backward."""
+def delta_rule_case(batch: int, seq: int, repeats: int, channelwise: bool = False) -> dict[str, float]:
+    """The tiny ``gdn`` preset's rule (4 heads, key 32, value 48, chunks of 32), forward + backward,
+    against transformers' Qwen3-Next rule; ``channelwise``: with a decay per key channel (Kimi
+    Delta Attention's), against transformers' Kimi Linear rule."""
+    from transformers.models.kimi_linear.modeling_kimi_linear import chunk_kimi_delta_attention
     from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
 
     heads, key_width, value_width, chunk = 4, 32, 48, 32
@@ -99,15 +104,17 @@ def delta_rule_case(batch: int, seq: int, repeats: int) -> dict[str, float]:
     q = F.normalize(torch.randn(batch, seq, heads, key_width, generator=generator), dim=-1).requires_grad_()
     k = F.normalize(torch.randn(batch, seq, heads, key_width, generator=generator), dim=-1).requires_grad_()
     v = torch.randn(batch, seq, heads, value_width, generator=generator, requires_grad=True)
-    g = (-torch.rand(batch, seq, heads, generator=generator)).requires_grad_()
+    decays = (batch, seq, heads, key_width) if channelwise else (batch, seq, heads)
+    g = (-torch.rand(*decays, generator=generator)).requires_grad_()
     beta = torch.rand(batch, seq, heads, generator=generator, requires_grad=True)
+    theirs = chunk_kimi_delta_attention if channelwise else torch_chunk_gated_delta_rule
 
     def strata_rule():
         o, _ = gated_delta_chunked(q * key_width**-0.5, k, v, g, beta, chunk)
         o.sum().backward()
 
     def hf_rule():
-        o, _ = torch_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=chunk)  # scales q itself
+        o, _ = theirs(q, k, v, g, beta, chunk_size=chunk)  # scales q itself
         o.sum().backward()
 
     return time_alternating({"strata": strata_rule, "hf": hf_rule}, repeats)
@@ -212,9 +219,10 @@ def main() -> None:
         {"case": "SSD scan fwd+bwd vs HF", "strata_s": seconds["strata"], "hf_s": seconds["hf"], "speedup": seconds["hf"] / seconds["strata"]}
     )
 
-    seconds = delta_rule_case(args.batch, args.seq, args.repeats)
-    results.append({"case": "gated delta rule fwd+bwd vs HF", "strata_s": seconds["strata"], "hf_s": seconds["hf"],
-                    "speedup": seconds["hf"] / seconds["strata"]})
+    for case, channelwise in (("gated delta rule fwd+bwd vs HF", False), ("Kimi delta rule fwd+bwd vs HF", True)):
+        seconds = delta_rule_case(args.batch, args.seq, args.repeats, channelwise)
+        results.append({"case": case, "strata_s": seconds["strata"], "hf_s": seconds["hf"],
+                        "speedup": seconds["hf"] / seconds["strata"]})
 
     gdn, mamba = (build_model(load_config(ROOT / f"configs/tiny/{name}.yaml")) for name in ("gdn", "mamba2"))
     tokens = torch.randint(0, gdn.config.vocab_size, (args.batch, args.seq + 1))

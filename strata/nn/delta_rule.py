@@ -70,7 +70,7 @@ class _UnitLowerInverse(torch.autograd.Function):
 
 
 # Steps per sub-chunk of the per-channel pairwise decays (``_channel_pairs``).
-SUBCHUNK = 16
+SUBCHUNK = 8
 
 
 def _reset_log_decay(g: torch.Tensor, resets: torch.Tensor | None) -> torch.Tensor:
@@ -80,31 +80,38 @@ def _reset_log_decay(g: torch.Tensor, resets: torch.Tensor | None) -> torch.Tens
     return g - RESET_LOG_DECAY * resets.view(*resets.shape, *(1,) * (g.dim() - 2)).float()
 
 
-def _channel_pairs(left: torch.Tensor, right: torch.Tensor, cumulative64: torch.Tensor, strict: bool) -> torch.Tensor:
-    """P[i, j] = Σ_c left_i[c] right_j[c] exp(γ_i[c] − γ_j[c]) for j < i (``strict``) or j <= i,
-    0 above: left, right [..., Q, k] fp32, cumulative64 γ [..., Q, k] (float64, non-increasing in
-    i). Within a sub-chunk from the differences ([.., S, S, k]); across, for j before the sub-chunk
-    starting at step r that holds i, as (left_i ∘ e^{γ_i − γ_r}) · (right_j ∘ e^{γ_r − γ_j}), both
-    exponents at most 0 (a matmul instead of a [Q, Q, k] tensor)."""
-    Q, width = left.shape[-2:]
+def _channel_pairs(lefts: tuple[torch.Tensor, ...], right: torch.Tensor, cumulative64: torch.Tensor) -> list[torch.Tensor]:
+    """For each ``left``: P[i, j] = Σ_c left_i[c] right_j[c] exp(γ_i[c] − γ_j[c]) for j <= i, 0
+    above; left, right [..., Q, k] fp32, cumulative64 γ [..., Q, k] (float64, non-increasing in
+    i). Within a sub-chunk of S steps from the differences ([.., S, S, k], their exponentials shared
+    by the lefts); across, for j before the sub-chunk starting at step r that holds i, as
+    (left_i ∘ e^{γ_i − γ_r}) · (right_j ∘ e^{γ_r − γ_j}), both exponents at most 0: a matmul
+    instead of a [Q, Q, k] tensor. S = 8 keeps the two parts' sizes (Q·S·k and Q·(Q/S)·k) small
+    for chunks of 16 to 128 steps."""
+    Q = right.shape[-2]
     S = SUBCHUNK if Q % SUBCHUNK == 0 else Q
     M = Q // S
     subchunks = cumulative64.unflatten(-2, (M, S))  # [..., M, S, k]
-    inside = torch.ones(S, S, dtype=torch.bool, device=left.device).tril(-1 if strict else 0)
+    inside = torch.ones(S, S, dtype=torch.bool, device=right.device).tril()
     differences = (subchunks[..., :, None, :] - subchunks[..., None, :, :]).float()  # [..., M, S, S, k]
-    within = (left.unflatten(-2, (M, S))[..., :, None, :] * right.unflatten(-2, (M, S))[..., None, :, :]
-              * torch.exp(differences.masked_fill(~inside[..., None], float("-inf")))).sum(-1)  # [..., M, S, S]
-    same_subchunk = torch.eye(M, dtype=left.dtype, device=left.device)[:, None, :, None]  # [M, 1, M, 1]
-    pairs = (within[..., :, :, None, :] * same_subchunk).flatten(-2, -1).flatten(-3, -2)  # block diagonal [..., Q, Q]
-    if M == 1:
-        return pairs
-    reference = subchunks[..., :, :1, :]  # γ_r [..., M, 1, k]
-    left_scaled = left.unflatten(-2, (M, S)) * torch.exp((subchunks - reference).float())  # [..., M, S, k]
-    before = torch.arange(Q, device=left.device)[None, :] < (torch.arange(M, device=left.device) * S)[:, None]  # [M, Q]
-    exponent = (reference - cumulative64[..., None, :, :]).float()  # γ_r − γ_j [..., M, Q, k]
-    right_scaled = right[..., None, :, :] * torch.exp(exponent.masked_fill(~before[..., None], float("-inf")))
-    across = left_scaled @ right_scaled.transpose(-1, -2)  # [..., M, S, Q]
-    return pairs + across.flatten(-3, -2)
+    decays = torch.exp(differences.masked_fill(~inside[..., None], float("-inf")))
+    right_by_decay = right.unflatten(-2, (M, S))[..., None, :, :] * decays  # [..., M, S(i), S(j), k]
+    same_subchunk = torch.eye(M, dtype=right.dtype, device=right.device)[:, None, :, None]  # [M, 1, M, 1]
+    if M > 1:
+        reference = subchunks[..., :, :1, :]  # γ_r [..., M, 1, k]
+        towards_reference = torch.exp((subchunks - reference).float())  # e^{γ_i − γ_r} [..., M, S, k]
+        before = torch.arange(Q, device=right.device)[None, :] < (torch.arange(M, device=right.device) * S)[:, None]
+        exponent = (reference - cumulative64[..., None, :, :]).float()  # γ_r − γ_j [..., M, Q, k]
+        right_scaled = right[..., None, :, :] * torch.exp(exponent.masked_fill(~before[..., None], float("-inf")))
+    pairs = []
+    for left in lefts:
+        blocks = left.unflatten(-2, (M, S))  # [..., M, S, k]
+        within = (blocks[..., :, None, :] * right_by_decay).sum(-1)  # [..., M, S, S]
+        pair = (within[..., :, :, None, :] * same_subchunk).flatten(-2, -1).flatten(-3, -2)  # block diagonal [..., Q, Q]
+        if M > 1:
+            pair = pair + ((blocks * towards_reference) @ right_scaled.transpose(-1, -2)).flatten(-3, -2)
+        pairs.append(pair)
+    return pairs
 
 
 def gated_delta_chunked(
@@ -152,8 +159,8 @@ def gated_delta_chunked(
     # The UT transform: T = (I + tril₋₁(diag(β) K Kᵀ ∘ Γ))⁻¹, then the corrections of the values
     # (U) and of the entering state (W).
     if channelwise:
-        T = _UnitLowerInverse.apply(_channel_pairs(k_beta, k, cumulative64, strict=True))
-        scores = _channel_pairs(q, k, cumulative64, strict=False)  # [b, h, c, Q, Q]
+        key_pairs, scores = _channel_pairs((k_beta, q), k, cumulative64)  # [b, h, c, Q, Q] each
+        T = _UnitLowerInverse.apply(key_pairs.tril(-1))
     else:
         below = torch.ones(Q, Q, dtype=torch.bool, device=k.device).tril()
         Gamma = torch.exp((cumulative64[..., :, None] - cumulative64[..., None, :]).float().masked_fill(~below, float("-inf")))
