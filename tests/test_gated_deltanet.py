@@ -15,9 +15,10 @@ from strata.nn.gated_deltanet import GatedDeltaNet
 
 
 def rule_inputs(length, heads=3, key_width=16, value_width=24, max_beta=1.0, seed=0, log_decay=(0.0, 3.0),
-                requires_grad=True):
+                requires_grad=True, per_channel=False):
     """As the Gated DeltaNet mixer makes them: q, k L2-normalised (q scaled), β in (0, max_beta),
-    log-decays g from -log_decay[0] down to -log_decay[1] a step, and an initial state."""
+    log-decays g from -log_decay[0] down to -log_decay[1] a step (``per_channel``: one for each
+    key channel, as Kimi Delta Attention's), and an initial state."""
     generator = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
@@ -27,7 +28,7 @@ def rule_inputs(length, heads=3, key_width=16, value_width=24, max_beta=1.0, see
     k = F.normalize(rand(2, length, heads, key_width), dim=-1)
     v = rand(2, length, heads, value_width)
     low, high = log_decay
-    g = -(low + (high - low) * torch.rand(2, length, heads, generator=generator))
+    g = -(low + (high - low) * torch.rand(2, length, heads, *([key_width] if per_channel else []), generator=generator))
     beta = torch.rand(2, length, heads, generator=generator) * max_beta
     state = rand(2, heads, key_width, value_width)
     return [x.requires_grad_(requires_grad) for x in (q, k, v, g, beta, state)]

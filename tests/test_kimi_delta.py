@@ -4,9 +4,10 @@ its exact recurrence (outputs, states and gradients), and the mixer against tran
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers.models.kimi_linear.configuration_kimi_linear import KimiLinearConfig
 from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearDeltaAttention
+
+from test_gated_deltanet import rule_inputs
 
 from strata.config import KimiDeltaConfig, validate_config
 from strata.cost.model import model_cost
@@ -16,21 +17,9 @@ from strata.nn.delta_rule import gated_delta_chunked, gated_delta_recurrent
 from strata.nn.kimi_delta import KimiDeltaAttention
 
 
-def channel_rule_inputs(length, heads=3, key_width=16, value_width=24, log_decay=3.0, seed=0):
-    """q, k L2-normalised (q scaled), β in (0, 1), a log-decay per key channel in (−log_decay, 0],
-    and an initial state; all requiring gradients."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=generator)
-
-    q = F.normalize(rand(2, length, heads, key_width), dim=-1) * key_width**-0.5
-    k = F.normalize(rand(2, length, heads, key_width), dim=-1)
-    v = rand(2, length, heads, value_width)
-    g = -log_decay * torch.rand(2, length, heads, key_width, generator=generator)
-    beta = torch.rand(2, length, heads, generator=generator)
-    state = rand(2, heads, key_width, value_width)
-    return [x.requires_grad_() for x in (q, k, v, g, beta, state)]
+def channel_rule_inputs(length, log_decay=3.0, seed=0):
+    """``rule_inputs`` with a log-decay per key channel in (−log_decay, 0]."""
+    return rule_inputs(length, seed=seed, log_decay=(0.0, log_decay), per_channel=True)
 
 
 @pytest.mark.parametrize("chunk", [16, 20, 64])  # 20: not a multiple of the sub-chunk, one sub-chunk of all

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from strata.config import GatedDeltaNetConfig
+from strata.config import GatedDeltaNetConfig, KimiDeltaConfig
 from strata.nn.conv import cached_causal_conv1d, carried_causal_conv1d, causal_conv1d
 from strata.nn.delta_rule import gated_delta_chunked, gated_delta_step
 from strata.nn.linear import project
@@ -44,6 +44,7 @@ class DeltaRuleMixer(nn.Module):
     for a single new step, the chunked form for a prompt), and both are stored back.
     """
 
+    config: GatedDeltaNetConfig | KimiDeltaConfig
     n_heads: int
     head_dim: int
     v_head_dim: int
@@ -59,13 +60,15 @@ class DeltaRuleMixer(nn.Module):
         return (self.n_heads, self.head_dim, self.v_head_dim)
 
     @torch.no_grad()
-    def _init_decay(self, a_init_range: tuple[float, float], dt_min: float, dt_max: float, dt_floor: float) -> None:
-        """A ~ U[a_init_range] per head, stored as its log; each step softplus(a + dt_bias) starts
-        log-uniform in [dt_min, dt_max] (dt_bias through the inverse softplus), as fla draws them."""
-        device, low, high = self.A_log.device, *a_init_range
+    def reset_parameters(self) -> None:
+        """A ~ U[a_init_range] per head, stored as its log; each step softplus(a + dt_bias) (one
+        dt_bias a head, or a channel) starts log-uniform in [dt_min, dt_max] (dt_bias through the
+        inverse softplus), as fla, transformers and OLMo Hybrid draw them."""
+        config, device = self.config, self.A_log.device
+        low, high = config.a_init_range
         self.A_log.copy_(torch.empty(self.A_log.shape, device=device).uniform_(low, high).log())
-        dt = torch.exp(torch.rand(self.dt_bias.shape, device=device) * (math.log(dt_max) - math.log(dt_min))
-                       + math.log(dt_min)).clamp(min=dt_floor)
+        dt = torch.exp(torch.rand(self.dt_bias.shape, device=device) * (math.log(config.dt_max) - math.log(config.dt_min))
+                       + math.log(config.dt_min)).clamp(min=config.dt_init_floor)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def step_weights(self) -> dict[str, torch.Tensor]:
@@ -161,13 +164,6 @@ class GatedDeltaNet(DeltaRuleMixer):
         self.norm = HeadGatedRMSNorm(self.v_head_dim, config.norm_eps or norm_eps)
         self.out_proj = nn.Linear(self.value_width, d_model, bias=False) if output_projection else None
         self.reset_parameters()  # after every child: the order construction draws in (strata.models.init)
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """A ~ U[a_init_range] and the step softplus(dt_bias) log-uniform in [dt_min, dt_max], as
-        fla and OLMo Hybrid draw them."""
-        config = self.config
-        self._init_decay(config.a_init_range, config.dt_min, config.dt_max, config.dt_init_floor)
 
     def _project(self, u: torch.Tensor):
         qkv, z, b, a = project(self.in_proj, u).split_with_sizes(self.projection_widths, dim=-1)

@@ -45,13 +45,6 @@ class KimiDeltaAttention(DeltaRuleMixer):
         self.out_proj = nn.Linear(self.width, d_model, bias=False) if output_projection else None
         self.reset_parameters()  # after every child: the order construction draws in (strata.models.init)
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """A ~ U[a_init_range] per head and each channel's step softplus(dt_bias) log-uniform in
-        [dt_min, dt_max], as fla and transformers draw them."""
-        config = self.config
-        self._init_decay(config.a_init_range, config.dt_min, config.dt_max, config.dt_init_floor)
-
     def _project(self, u: torch.Tensor):
         qkv, f, o_gate, b = project(self.in_proj, u).split_with_sizes(self.projection_widths, dim=-1)
         return qkv, (f, o_gate, b)
