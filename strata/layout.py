@@ -17,7 +17,7 @@ BLOCK_SYMBOLS = {
     "W": "sliding-window attention",
     "M": "Mamba-2",
     "G": "Gated DeltaNet",
-    "K": "Kimi Delta Attention (Gated DeltaNet with a decay per key channel)",
+    "K": "Kimi Delta Attention",
     "H": "intra-layer hybrid (attention + Mamba-2 or Gated DeltaNet heads)",
     "F": "feed-forward only (then no other block has a feed-forward half)",
 }
