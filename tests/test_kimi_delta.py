@@ -98,6 +98,24 @@ def test_a_k_mixer_equals_transformers_kimi_delta_attention(length):
         torch.testing.assert_close(ours(x), theirs(x), atol=1e-4, rtol=1e-4)
 
 
+def test_a_k_mixer_has_transformers_gradients():
+    """Training sees the same mixer: every weight's gradient of a random projection of the output,
+    through strata's chunked rule and through transformers' torch path, within 1e-4 of its scale."""
+    theirs, ours = hf_pair(seed=1)
+    x, probe = torch.randn(2, 70, 64), torch.randn(2, 70, 64)
+    (ours(x) * probe).sum().backward()
+    (theirs(x) * probe).sum().backward()
+    gate = theirs.forget_gate
+    in_proj = [theirs.q_proj, theirs.k_proj, theirs.v_proj, gate.f_a_proj, theirs.g_a_proj, theirs.b_proj]
+    pairs = [(ours.in_proj.weight, torch.cat([linear.weight.grad for linear in in_proj])),
+             (ours.f_b_proj.weight, gate.f_b_proj.weight.grad), (ours.g_b_proj.weight, theirs.g_b_proj.weight.grad),
+             (ours.conv1d.weight, theirs.conv1d.weight.grad), (ours.A_log, gate.A_log.grad.flatten()),
+             (ours.dt_bias, gate.dt_bias.grad), (ours.norm.weight, theirs.o_norm.weight.grad),
+             (ours.out_proj.weight, theirs.o_proj.weight.grad)]
+    for parameter, expected in pairs:
+        torch.testing.assert_close(parameter.grad, expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
+
+
 def stack(layout="KK", **kda):
     return validate_config({"model": {
         "vocab_size": 64, "d_model": 32, "layout": layout, "context_length": 128,
