@@ -24,7 +24,7 @@ class KimiDeltaAttention(DeltaRuleMixer):
     output is RMSNorm(o_t) · sigmoid(g_b(o-gate_t)) per head, then out-projected.
     """
 
-    def __init__(self, d_model: int, config: KimiDeltaConfig, norm_eps: float = 1e-5, output_projection: bool = True):
+    def __init__(self, d_model: int, config: KimiDeltaConfig, norm_eps: float = 1e-5):
         super().__init__()
         self.config = config
         self.n_heads, self.head_dim, self.v_head_dim = config.n_heads, config.head_dim, config.head_dim
@@ -42,7 +42,7 @@ class KimiDeltaAttention(DeltaRuleMixer):
         self.A_log = nn.Parameter(torch.empty(self.n_heads))
         self.dt_bias = nn.Parameter(torch.empty(self.width))
         self.norm = HeadGatedRMSNorm(self.head_dim, config.norm_eps or norm_eps, gate="sigmoid")
-        self.out_proj = nn.Linear(self.width, d_model, bias=False) if output_projection else None
+        self.out_proj = nn.Linear(self.width, d_model, bias=False)
         self.reset_parameters()  # after every child: the order construction draws in (strata.models.init)
 
     def _project(self, u: torch.Tensor):
